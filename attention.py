@@ -1,0 +1,96 @@
+"""Multi-head self-attention for PoorViTs: full projections, or low-rank "latent" ones.
+
+Low-rank projections are the paper's Multi-Head Latent Attention (arXiv 2501.06220, Sec. 3): every projection named
+in `latent` becomes down (dim -> r, no bias) then up (r -> dim, with bias), each with its own latent. DeepSeek-V2
+(arXiv 2405.04434) instead shares one latent between K and V; `shared_kv_latent=True` offers that.
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+LATENT_LETTERS = "qkv"
+
+
+def parse_latent(latent: str) -> set[str]:
+    """Which of q, k, v are low-rank, from a string such as "", "q", "kv" or "vqk"."""
+    letters = set(latent)
+    if not letters <= set(LATENT_LETTERS) or len(letters) != len(latent):
+        raise ValueError(f"latent={latent!r}: use each of the letters q, k, v at most once (e.g. '', 'q', 'kv', 'qkv')")
+    return letters
+
+
+class LowRankLinear(nn.Module):
+    """x -> up(down(x)): a rank-r factorisation of a dim x dim projection."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class SharedKVLatent(nn.Module):
+    """DeepSeek-V2's joint compression: c_kv = W_dkv x; k = W_uk c_kv; v = W_uv c_kv."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up_k = nn.Linear(rank, dim)
+        self.up_v = nn.Linear(rank, dim)
+
+    def forward(self, x):
+        c_kv = self.down(x)
+        return self.up_k(c_kv), self.up_v(c_kv)
+
+
+def plain_attention(q, k, v):
+    """Softmax attention written out; the oracle for F.scaled_dot_product_attention."""
+    scale = q.shape[-1] ** -0.5
+    attn = torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale
+    return torch.einsum("b h i j, b h j d -> b h i d", attn.softmax(dim=-1), v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; `latent` names the projections (q, k, v) that are low-rank with rank `latent_dim`."""
+
+    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False):
+        super().__init__()
+        if heads <= 0 or dim % heads:
+            raise ValueError(f"heads={heads} must be a positive divisor of dim={dim}")
+        letters = parse_latent(latent)
+        if not 0 < latent_dim < dim:
+            raise ValueError(f"latent_dim={latent_dim} must be in 1..{dim - 1} (below dim={dim})")
+        self.heads = heads
+        self.fused_qkv = not letters
+        self.shared_kv = shared_kv_latent and {"k", "v"} <= letters
+
+        def projection(letter):
+            return LowRankLinear(dim, latent_dim) if letter in letters else nn.Linear(dim, dim)
+
+        if self.fused_qkv:
+            # One fused matmul for q, k and v: the fast path of the full-rank baseline.
+            self.to_qkv = nn.Linear(dim, 3 * dim)
+        elif self.shared_kv:
+            self.to_q = projection("q")
+            self.to_kv = SharedKVLatent(dim, latent_dim)
+        else:
+            self.to_q, self.to_k, self.to_v = projection("q"), projection("k"), projection("v")
+        self.to_out = nn.Linear(dim, dim)
+
+    def project_qkv(self, x):
+        if self.fused_qkv:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        elif self.shared_kv:
+            q, (k, v) = self.to_q(x), self.to_kv(x)
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+
+    def forward(self, x, fused: bool = True):
+        q, k, v = self.project_qkv(x)
+        # SDPA's default scale is 1/sqrt(head dim), the same as plain_attention's.
+        out = F.scaled_dot_product_attention(q, k, v) if fused else plain_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))

@@ -1,0 +1,197 @@
+"""PoorViTs: a small pre-norm Vision Transformer with several CLS tokens (arXiv 2501.06220).
+
+Baseline (the paper's Table 1): patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12 heads, MLP ratio 2,
+stochastic depth 0 -> 0.1, ~2.70 M parameters. Options: low-rank latent attention (attention.py), k CLS tokens
+pooled by concatenation or mean, fixed 2-D sin-cos positions, and whitening init of the patch embedding.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import pack, rearrange, repeat, unpack
+from einops.layers.torch import Rearrange
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from attention import Attention, parse_latent
+
+CLS_POOLS = ("concat", "mean")
+POS_EMBEDS = ("learned", "sincos")
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10
+    dim: int = 192
+    depth: int = 9
+    heads: int = 12
+    mlp_ratio: float = 2.0
+    num_cls: int = 1
+    cls_pool: str = "concat"
+    pos_embed: str = "learned"
+    latent: str = ""
+    latent_dim: int = 64
+    shared_kv_latent: bool = False
+    drop_path: float = 0.1
+
+    def __post_init__(self):
+        positive = ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads", "num_cls")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide img_size={self.img_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
+        if self.cls_pool not in CLS_POOLS:
+            raise ValueError(f"cls_pool={self.cls_pool!r} must be one of {', '.join(CLS_POOLS)}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed={self.pos_embed!r} must be one of {', '.join(POS_EMBEDS)}")
+        if self.pos_embed == "sincos" and self.dim % 4:
+            raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got dim={self.dim}")
+        parse_latent(self.latent)
+        if not 0 < self.latent_dim < self.dim:
+            raise ValueError(f"latent_dim={self.latent_dim} must be in 1..{self.dim - 1} (below dim={self.dim})")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions (grid*grid, dim): a quarter of dim each for sin(x), cos(x), sin(y), cos(y)."""
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    x = rearrange(x, "h w -> (h w) 1") * omega
+    y = rearrange(y, "h w -> (h w) 1") * omega
+    return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).float()
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; stochastic depth drops each residual branch per sample."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.latent, cfg.latent_dim, cfg.shared_kv_latent)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.mlp = FeedForward(cfg.dim, cfg.mlp_dim)
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+
+    def forward(self, x, fused_attn: bool = True):
+        x = x + self.drop_path(self.attn(self.norm1(x), fused=fused_attn))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p),
+            nn.Linear(cfg.in_chans * p * p, cfg.dim),
+        )
+        self.cls_tokens = nn.Parameter(torch.zeros(1, cfg.num_cls, cfg.dim))
+        num_tokens = cfg.num_cls + cfg.num_patches
+        if cfg.pos_embed == "learned":
+            self.pos_embedding = nn.Parameter(torch.zeros(1, num_tokens, cfg.dim))
+        else:
+            # CLS positions stay zero: a learned one would only duplicate the learnable CLS token itself.
+            table = torch.zeros(1, num_tokens, cfg.dim)
+            table[0, cfg.num_cls :] = sincos_2d(cfg.grid, cfg.dim)
+            self.register_buffer("pos_embedding", table, persistent=False)
+        drop_rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in drop_rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        head_dim = cfg.num_cls * cfg.dim if cfg.cls_pool == "concat" else cfg.dim
+        self.head = nn.Linear(head_dim, cfg.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_tokens, std=0.02)
+        if isinstance(self.pos_embedding, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+
+    def forward(self, images, fused_attn: bool = True):
+        patches = self.to_patch_embedding(images)
+        cls = repeat(self.cls_tokens, "1 k d -> b k d", b=patches.shape[0])
+        x, ps = pack([cls, patches], "b * d")
+        x = x + self.pos_embedding
+        for block in self.blocks:
+            x = block(x, fused_attn=fused_attn)
+        cls, _ = unpack(self.norm(x), ps, "b * d")
+        pooled = rearrange(cls, "b k d -> b (k d)") if self.cfg.cls_pool == "concat" else cls.mean(dim=1)
+        return self.head(pooled)
+
+    @torch.no_grad()
+    def whiten_patch_embedding(self, images, eps: float = 5e-4, chunk: int = 256):
+        """Whitening init: the first C*p*p output channels of the patch embedding become the PCA-whitening filters
+        eigvec_i / sqrt(lambda_i + eps) of the uncentred second moment of every stride-1 patch of `images`
+        (normalised, as fed to the model), largest eigenvalue first. The other channels keep their init.
+        Returns the eigenvalues, largest first."""
+        p = self.cfg.patch_size
+        linear = self.to_patch_embedding[1]
+        k = linear.in_features
+        if k > self.cfg.dim:
+            raise ValueError(f"whitening needs dim >= in_chans*patch_size**2 = {k}, got dim={self.cfg.dim}")
+        moment = torch.zeros(k, k, dtype=torch.float64, device=images.device)
+        count = 0
+        for batch in images.split(chunk):
+            patches = rearrange(F.unfold(batch.double(), p), "b k l -> (b l) k")
+            moment += patches.T @ patches
+            count += len(patches)
+        # eigh in float64 on the CPU: the same moment gives the same filters on every rank and device.
+        eigvals, eigvecs = torch.linalg.eigh(moment.cpu() / count)
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+        # An eigenvector's sign is arbitrary; fix it so that its largest entry is positive.
+        signs = eigvecs.gather(0, eigvecs.abs().argmax(0, keepdim=True)).sign()
+        filters = (eigvecs * signs).T / (eigvals + eps).sqrt()[:, None]
+        linear.weight[:k] = filters.to(linear.weight)
+        return eigvals
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_macs(cfg: ViTConfig) -> int:
+    """Multiply-accumulates of one image's forward pass (matmuls only; norms, GELU and softmax are negligible)."""
+    n, d, r = cfg.num_cls + cfg.num_patches, cfg.dim, cfg.latent_dim
+    letters = parse_latent(cfg.latent)
+    full, low_rank = n * d * d, n * 2 * d * r
+    projections = sum(low_rank if letter in letters else full for letter in "qkv")
+    if cfg.shared_kv_latent and {"k", "v"} <= letters:
+        projections -= n * d * r  # K and V share one down-projection
+    per_block = projections + 2 * n * n * d + n * d * d + 2 * n * d * cfg.mlp_dim
+    head_in = cfg.num_cls * d if cfg.cls_pool == "concat" else d
+    return cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * d + cfg.depth * per_block + head_in * cfg.num_classes

@@ -1,0 +1,120 @@
+import io
+
+import pytest
+import torch
+
+from lion import Lion
+
+
+def test_two_steps_match_hand_computation():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    p.grad = torch.tensor([0.3, -0.1, 0.0])
+    opt.step()
+    # m = 0: update = sign(0.1 * g) = [1, -1, 0]; p = p * (1 - 0.1 * 0.5) - 0.1 * update; m = 0.01 * g.
+    torch.testing.assert_close(p.data, torch.tensor([0.95 - 0.1, -1.9 + 0.1, 0.475]))
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([0.003, -0.001, 0.0]))
+    p.grad = torch.tensor([-0.001, 0.2, -0.5])
+    opt.step()
+    # beta1 * m + 0.1 * g = [0.0027 - 0.0001, -0.0009 + 0.02, -0.05] -> [1, 1, -1].
+    torch.testing.assert_close(p.data, torch.tensor([0.85 * 0.95 - 0.1, -1.8 * 0.95 - 0.1, 0.475 * 0.95 + 0.1]))
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([0.99 * 0.003 - 1e-5, -0.00099 + 0.002, -0.005]))
+
+
+def run_two_groups(foreach, steps=6):
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    groups = [{"params": [a], "weight_decay": 0.1}, {"params": [b], "lr": 3e-3, "betas": (0.8, 0.95)}]
+    opt = Lion(groups, lr=1e-2, weight_decay=0.5, foreach=foreach)
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        a.grad, b.grad = torch.randn(4, 3), torch.randn(5)
+        opt.step()
+    return a.detach(), b.detach()
+
+
+def test_foreach_equals_single_tensor_with_weight_decay_and_two_groups():
+    for x, y in zip(run_two_groups(foreach=True), run_two_groups(foreach=False)):
+        torch.testing.assert_close(x, y, atol=1e-7, rtol=0)
+    assert not torch.equal(run_two_groups(True, steps=2)[0], run_two_groups(True, steps=3)[0])
+
+
+def test_groups_keep_their_own_hyperparameters():
+    a, b = run_two_groups(foreach=True, steps=1)
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(4, 3), torch.randn(5)
+    torch.manual_seed(100)
+    ga, gb = torch.randn(4, 3), torch.randn(5)
+    torch.testing.assert_close(a, a0 * (1 - 1e-2 * 0.1) - 1e-2 * ga.sign())
+    torch.testing.assert_close(b, b0 * (1 - 3e-3 * 0.5) - 3e-3 * gb.sign())
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lion_decreases_loss_of_least_squares(foreach):
+    torch.manual_seed(0)
+    x, w_true = torch.randn(64, 8), torch.randn(8, 1)
+    y = x @ w_true
+    w = torch.nn.Parameter(torch.zeros(8, 1))
+    opt = Lion([w], lr=0.02, foreach=foreach)
+
+    def loss_fn():
+        return (x @ w - y).square().mean()
+
+    start = loss_fn().item()
+    for _ in range(200):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    assert loss_fn().item() < 0.01 * start
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1)
+    data = [torch.randn(8, 6) for _ in range(6)]
+
+    def train(model, opt, batches):
+        for x in batches:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    train(model, opt, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, data[3:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = torch.nn.Linear(6, 3)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = Lion(resumed.parameters(), lr=1.0)
+    resumed_opt.load_state_dict(saved["opt"])
+    assert resumed_opt.param_groups[0]["lr"] == 1e-2
+    train(resumed, resumed_opt, data[3:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_parameters_without_grad_are_left_alone():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = Lion([a, b], lr=0.1, weight_decay=1.0)
+    a.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(b.data, torch.ones(2)) and b not in opt.state
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0.0), "lr=0.0"),
+        (dict(lr=-1e-4), "lr=-0.0001"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(betas=(-0.1, 0.99)), "betas"),
+        (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+    ],
+)
+def test_invalid_hyperparameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Lion([torch.nn.Parameter(torch.zeros(1))], **kwargs)

@@ -1,0 +1,194 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ViT, ViTConfig, count_parameters, forward_macs, sincos_2d
+
+TINY = dict(dim=32, depth=2, heads=4, latent_dim=8, mlp_ratio=2.0)
+LATENTS = ["", "q", "k", "v", "kv", "qk", "qkv"]
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return ViT(ViTConfig(**{**TINY, **overrides}))
+
+
+def plain_vit_params(dim=192, depth=9, mlp=384, patch_in=48, tokens=65, classes=10, head_in=192):
+    """Parameter count of a plain pre-norm ViT of this shape, from the formula."""
+    block = 2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * mlp + mlp) + (mlp * dim + dim)
+    return (patch_in * dim + dim) + dim + tokens * dim + depth * block + 2 * dim + head_in * classes + classes
+
+
+def test_default_config_matches_plain_vit_parameter_count():
+    count = count_parameters(ViT(ViTConfig()))
+    assert count == plain_vit_params() == 2_697_610
+
+
+def test_multi_cls_concat_adds_tokens_positions_and_head_inputs():
+    count = count_parameters(ViT(ViTConfig(num_cls=4)))
+    assert count == plain_vit_params(tokens=68, head_in=4 * 192) + 3 * 192
+
+
+@pytest.mark.parametrize("latent", LATENTS[1:])
+def test_latent_variant_saves_12288_per_projection_per_block(latent):
+    count = count_parameters(ViT(ViTConfig(latent=latent)))
+    assert plain_vit_params() - count == 12_288 * 9 * len(latent)
+
+
+def test_shared_kv_latent_saves_three_projections_worth():
+    count = count_parameters(ViT(ViTConfig(latent="kv", shared_kv_latent=True)))
+    assert plain_vit_params() - count == 3 * 12_288 * 9
+
+
+@pytest.mark.parametrize(
+    "latent, shared, num_cls, pool, pos",
+    [
+        (latent, shared, num_cls, pool, pos)
+        for latent, num_cls, pool, pos in itertools.product(LATENTS, [1, 4], ["concat", "mean"], ["learned", "sincos"])
+        for shared in ([False, True] if latent == "kv" else [False])
+    ],
+)
+def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos):
+    model = tiny(latent=latent, shared_kv_latent=shared, num_cls=num_cls, cls_pool=pool, pos_embed=pos).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = model(x)
+    assert fused.shape == (2, 10)
+    torch.testing.assert_close(fused, model(x, fused_attn=False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["learned", "sincos"])
+@pytest.mark.parametrize("latent", ["", "q", "kv"])
+def test_every_parameter_gets_a_gradient(latent, pos):
+    model = tiny(latent=latent, pos_embed=pos, num_cls=2)
+    model(torch.randn(4, 3, 32, 32)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        # A key bias adds the same q.b_k to every logit of a row, which softmax ignores: its gradient is zero.
+        if not name.endswith("to_k.up.bias"):
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_sincos_table_is_fixed_and_not_a_parameter():
+    model = tiny(pos_embed="sincos", num_cls=3)
+    assert "pos_embedding" not in dict(model.named_parameters())
+    assert "pos_embedding" not in model.state_dict()
+    table = model.pos_embedding[0]
+    assert table.shape == (3 + 64, 32)
+    assert not table[:3].any()
+    torch.testing.assert_close(table[3:], sincos_2d(8, 32))
+
+
+def test_sincos_table_encodes_x_then_y():
+    table = rearrange(sincos_2d(8, 32), "(h w) d -> h w d", h=8)
+    x_half, y_half = table[..., :16], table[..., 16:]
+    # The x half is constant down a column, the y half along a row; position (0, 0) gives sin 0 and cos 0.
+    assert torch.equal(x_half[0], x_half[5]) and torch.equal(y_half[:, 0], y_half[:, 5])
+    assert not torch.equal(x_half[:, 0], x_half[:, 5])
+    assert torch.equal(table[0, 0], torch.tensor([0.0] * 8 + [1.0] * 8 + [0.0] * 8 + [1.0] * 8))
+
+
+def test_mean_pool_averages_cls_outputs_and_concat_reads_each():
+    model = tiny(num_cls=4, cls_pool="mean")
+    assert model.head.in_features == 32
+    assert tiny(num_cls=4, cls_pool="concat").head.in_features == 4 * 32
+
+
+def test_num_cls_changes_the_output():
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(tiny(num_cls=1).eval()(x), tiny(num_cls=2).eval()(x))
+
+
+def test_stochastic_depth_rises_linearly_to_drop_path():
+    model = tiny(depth=5, drop_path=0.2)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_init_follows_recipe():
+    model = ViT(ViTConfig())
+    qkv = model.blocks[0].attn.to_qkv
+    assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert not qkv.bias.any()
+    assert model.blocks[0].norm1.eps == 1e-6
+    assert model.cls_tokens.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def smooth_images(n=32, seed=0):
+    """Normalised-looking images with strongly correlated neighbouring pixels, so whitening has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 3, 36, 36, generator=g)
+    return F.avg_pool2d(noise, 5, stride=1) * 3 + 0.3 * torch.randn(n, 3, 32, 32, generator=g)
+
+
+def stride1_patches(images, p=4):
+    patches = images.unfold(2, p, 1).unfold(3, p, 1)
+    return rearrange(patches, "b c h w p1 p2 -> (b h w) (c p1 p2)")
+
+
+def test_whitening_makes_patch_features_second_moment_identity():
+    model, images, eps = tiny(dim=64), smooth_images(), 5e-4
+    before = model.to_patch_embedding[1].weight.detach().clone()
+    eigvals = model.whiten_patch_embedding(images, eps=eps)
+    assert torch.all(eigvals[:-1] >= eigvals[1:])
+    linear = model.to_patch_embedding[1]
+    features = linear(stride1_patches(images))[:, :48].double()
+    moment = features.T @ features / len(features)
+    # Exactly diag(lambda / (lambda + eps)): identity up to eps / lambda_min.
+    torch.testing.assert_close(moment, torch.diag(eigvals / (eigvals + eps)), atol=1e-4, rtol=1e-4)
+    assert (moment - torch.eye(48, dtype=moment.dtype)).abs().max() <= eps / eigvals.min() + 1e-4
+    assert torch.equal(linear.weight[48:], before[48:])
+
+
+def test_whitening_needs_room_for_every_filter():
+    with pytest.raises(ValueError, match="dim=32"):
+        tiny(dim=32).whiten_patch_embedding(smooth_images(2))
+
+
+def test_whitening_is_deterministic_and_independent_of_init():
+    a, b = tiny(dim=64), ViT(ViTConfig(**{**TINY, "dim": 64}))
+    images = smooth_images()
+    a.whiten_patch_embedding(images)
+    b.whiten_patch_embedding(images, chunk=5)
+    wa, wb = a.to_patch_embedding[1].weight, b.to_patch_embedding[1].weight
+    torch.testing.assert_close(wa[:48], wb[:48], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(wa[48:], wb[48:])
+    assert wa.requires_grad
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(latent="q"), dict(latent="qkv"), dict(latent="kv", shared_kv_latent=True), dict(num_cls=4),
+     dict(num_cls=3, cls_pool="mean", latent="k")],
+)
+def test_forward_macs_match_torch_flop_counter(overrides):
+    model = tiny(**overrides).eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randn(2, 3, 32, 32), fused_attn=False)
+    assert counter.get_total_flops() == 2 * 2 * forward_macs(model.cfg)
+
+
+def test_paper_config_costs_about_019_gmac():
+    assert forward_macs(ViTConfig()) == pytest.approx(0.19e9, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        (dict(dim=30, heads=4), "heads=4"),
+        (dict(latent_dim=0), "latent_dim=0"),
+        (dict(latent_dim=192), "latent_dim=192"),
+        (dict(latent="qa"), "latent='qa'"),
+        (dict(cls_pool="max"), "cls_pool='max'"),
+        (dict(pos_embed="rope"), "pos_embed='rope'"),
+        (dict(num_cls=0), "num_cls=0"),
+        (dict(patch_size=5), "patch_size=5"),
+        (dict(drop_path=1.0), "drop_path=1.0"),
+    ],
+)
+def test_invalid_config_raises_value_error_naming_the_field(overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        ViTConfig(**overrides)
