@@ -154,6 +154,9 @@ def test_whitening_is_deterministic_and_independent_of_init():
     b.whiten_patch_embedding(images, chunk=5)
     wa, wb = a.to_patch_embedding[1].weight, b.to_patch_embedding[1].weight
     torch.testing.assert_close(wa[:48], wb[:48], atol=1e-6, rtol=1e-6)
+    # Eigenvector signs are pinned (largest entry positive), so another device's eigh cannot flip a filter.
+    filters = wa[:48].detach()
+    assert (filters.gather(1, filters.abs().argmax(1, keepdim=True)) > 0).all()
     assert not torch.equal(wa[48:], wb[48:])
     assert wa.requires_grad
 
