@@ -61,7 +61,7 @@ class Attention(nn.Module):
         if heads <= 0 or dim % heads:
             raise ValueError(f"heads={heads} must be a positive divisor of dim={dim}")
         letters = parse_latent(latent)
-        if not 0 < latent_dim < dim:
+        if letters and not 0 < latent_dim < dim:
             raise ValueError(f"latent_dim={latent_dim} must be in 1..{dim - 1} (below dim={dim})")
         self.heads = heads
         self.fused_qkv = not letters

@@ -55,8 +55,7 @@ class ViTConfig:
             raise ValueError(f"pos_embed={self.pos_embed!r} must be one of {', '.join(POS_EMBEDS)}")
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got dim={self.dim}")
-        parse_latent(self.latent)
-        if not 0 < self.latent_dim < self.dim:
+        if parse_latent(self.latent) and not 0 < self.latent_dim < self.dim:
             raise ValueError(f"latent_dim={self.latent_dim} must be in 1..{self.dim - 1} (below dim={self.dim})")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")

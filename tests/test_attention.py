@@ -55,6 +55,10 @@ def test_latent_projections_have_rank_r(latent):
         assert torch.linalg.matrix_rank(proj.up.weight @ proj.down.weight) == 5
 
 
+def test_rank_is_ignored_without_latent_projections():
+    assert n_params(Attention(32, 4, latent="", latent_dim=64)) == n_params(Attention(32, 4))
+
+
 def test_letter_order_does_not_matter():
     a, b = make_attention("qv"), make_attention("vq")
     assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]

@@ -178,12 +178,16 @@ def test_paper_config_costs_about_019_gmac():
     assert forward_macs(ViTConfig()) == pytest.approx(0.19e9, rel=0.02)
 
 
+def test_rank_is_only_checked_when_a_projection_is_latent():
+    assert ViTConfig(dim=64, heads=4).latent_dim == 64
+
+
 @pytest.mark.parametrize(
     "overrides, flag",
     [
         (dict(dim=30, heads=4), "heads=4"),
-        (dict(latent_dim=0), "latent_dim=0"),
-        (dict(latent_dim=192), "latent_dim=192"),
+        (dict(latent="q", latent_dim=0), "latent_dim=0"),
+        (dict(latent="kv", latent_dim=192), "latent_dim=192"),
         (dict(latent="qa"), "latent='qa'"),
         (dict(cls_pool="max"), "cls_pool='max'"),
         (dict(pos_embed="rope"), "pos_embed='rope'"),
