@@ -285,7 +285,7 @@ def main(args):
     workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
     loader = DataLoader(data.AugmentedImages(dataset.train_images, dataset.train_labels, transform),
                         batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
 
     cfg = model_config(args, len(dataset.classes))

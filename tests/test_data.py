@@ -1,0 +1,313 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+import data
+from conftest import write_cifar
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+# ---- CIFAR from its on-disk format
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_reads_the_real_file_format(tmp_path, name):
+    folder, written = write_cifar(tmp_path, name)
+    ds = data.load_dataset(name, tmp_path)
+    train_files = [f for f in written if f not in ("test_batch", "test")]
+    assert ds.train_images.shape == (6 * len(train_files), 3, 32, 32) and ds.train_images.dtype == torch.uint8
+    assert ds.test_images.shape == (6, 3, 32, 32)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    assert ds.train_labels.tolist() == sum((written[f][label_key] for f in train_files), [])
+    # Row layout: 1024 red values, then green, then blue, each row-major.
+    row = written[train_files[0]]["data"][2]
+    assert ds.train_images[2, 1, 3, 5] == row[1024 + 3 * 32 + 5]
+    assert len(ds.classes) == (10 if name == "cifar10" else 100)
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--download"):
+        data.load_dataset("cifar10", tmp_path)
+
+
+def test_missing_cifar_batch_is_named(cifar_root):
+    os.remove(cifar_root / "cifar-10-batches-py" / "data_batch_3")
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        data.load_dataset("cifar10", cifar_root)
+
+
+def test_corrupt_cifar_batch_is_named(cifar_root):
+    (cifar_root / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x02 not a pickle")
+    with pytest.raises(ValueError, match="test_batch"):
+        data.load_dataset("cifar10", cifar_root)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(cifar_root / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": RunsCode(), "labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match="data_batch_1.*refusing"):
+        data.load_dataset("cifar10", cifar_root)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_unknown_dataset_lists_the_choices():
+    with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagefolder"):
+        data.load_dataset("mnist")
+
+
+# ---- digits, the offline demo set
+def test_digits_are_real_images_split_deterministically():
+    a, b = data.load_digits(), data.load_digits()
+    assert len(a.train_images) + len(a.test_images) == 1797 and len(a.test_images) == 359
+    assert a.train_images.shape[1:] == (3, 32, 32) and a.train_images.dtype == torch.uint8
+    assert torch.equal(a.test_images, b.test_images) and torch.equal(a.train_labels, b.train_labels)
+    assert set(a.test_labels.tolist()) == set(range(10))
+    # Real digits: dark background, bright strokes.
+    assert a.train_images.float().mean() < 100 and a.train_images.max() == 255
+    flat = a.train_images.double().div(255)
+    assert a.mean[0] == pytest.approx(flat.mean().item()) and a.std[0] == pytest.approx(flat.std().item())
+
+
+# ---- imagefolder
+def write_folder(root, spec, size=(40, 24)):
+    """spec: {"train/cat": n, ...} -> PNG files of n images each."""
+    rng = np.random.default_rng(0)
+    for sub, n in spec.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / sub / f"{i}.png")
+
+
+def test_imagefolder_resizes_any_size_to_32_rgb(tmp_path):
+    write_folder(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2})
+    (tmp_path / "train/cat/notes.txt").write_text("not an image")
+    ds = data.load_dataset("imagefolder", tmp_path)
+    assert ds.classes == ["cat", "dog"]
+    assert ds.train_images.shape == (5, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1]
+    assert ds.test_labels.tolist() == [0, 1, 1]
+    assert ds.mean == pytest.approx(tuple(ds.train_images.double().div(255).mean((0, 2, 3)).tolist()))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"train/cat": 2, "val/cat": 1}, "1 class"),
+        ({"train/cat": 0, "train/dog": 0, "val/cat": 0}, "no images"),
+        ({"train/cat": 1, "train/dog": 1, "val/cow": 1}, "cow"),
+        ({"train/cat": 1, "train/dog": 1}, "val"),
+    ],
+)
+def test_imagefolder_bad_layouts_are_explained(tmp_path, spec, message):
+    write_folder(tmp_path, spec)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        data.load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_unreadable_image_is_named(tmp_path):
+    write_folder(tmp_path, {"train/cat": 1, "train/dog": 1, "val/cat": 1})
+    (tmp_path / "train/dog/broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.load_dataset("imagefolder", tmp_path)
+
+
+# ---- per-image augmentation
+def images(n=16, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def augment(transform, batch, seed=0):
+    ds = data.AugmentedImages(batch, torch.zeros(len(batch), dtype=torch.long), transform)
+    return torch.stack([ds[(i, seed * 1000 + i)][0] for i in range(len(batch))])
+
+
+OFF = dict(hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
+
+
+def test_without_augmentation_only_normalises():
+    batch = images()
+    out = augment(data.train_transform(MEAN, STD, **OFF), batch)
+    torch.testing.assert_close(out, data.normalize(batch, MEAN, STD))
+
+
+@pytest.mark.parametrize("flag, on", [("hflip", True), ("crop_padding", 4), ("auto_augment", "cifar10"),
+                                      ("random_erase", 1.0)])
+def test_each_augmentation_flag_changes_the_output(flag, on):
+    batch = images()
+    plain = augment(data.train_transform(MEAN, STD, **OFF), batch)
+    augmented = augment(data.train_transform(MEAN, STD, **{**OFF, flag: on}), batch)
+    changed = [not torch.equal(a, b) for a, b in zip(plain, augmented)]
+    assert any(changed)
+    if flag != "random_erase":  # the others leave some images untouched (flip p=0.5, zero shift, identity ops)
+        assert not all(changed) or flag == "auto_augment"
+
+
+def test_hflip_outputs_are_the_image_or_its_mirror():
+    batch = images(32)
+    out = augment(data.train_transform(MEAN, STD, **{**OFF, "hflip": True}), batch)
+    plain = data.normalize(batch, MEAN, STD)
+    flipped = [torch.allclose(o, p.flip(-1), atol=1e-5) for o, p in zip(out, plain)]
+    assert all(f or torch.allclose(o, p, atol=1e-5) for f, o, p in zip(flipped, out, plain))
+    assert 4 <= sum(flipped) <= 28
+
+
+def test_crop_is_a_shift_of_the_zero_padded_image():
+    batch = images(8)
+    out = augment(data.train_transform((0, 0, 0), (1, 1, 1), **{**OFF, "crop_padding": 4}), batch)
+    padded = torch.nn.functional.pad(batch.float() / 255, (4, 4, 4, 4))
+    for o, p in zip(out, padded):
+        assert any(torch.allclose(o, p[:, dy:dy + 32, dx:dx + 32], atol=1e-6) for dy in range(9) for dx in range(9))
+
+
+def test_default_pipeline_is_the_papers_recipe():
+    steps = data.train_transform(MEAN, STD).transforms
+    kinds = [type(t) for t in steps]
+    assert kinds == [v2.RandomHorizontalFlip, v2.RandomCrop, v2.AutoAugment, v2.ToDtype, v2.Normalize,
+                     v2.RandomErasing]
+    assert steps[1].padding == [4, 4, 4, 4] and steps[2].policy == v2.AutoAugmentPolicy.CIFAR10
+    assert (steps[5].p, steps[5].scale, steps[5].ratio) == (0.25, (0.02, 0.4), (0.3, 3.3))
+
+
+def test_sample_augmentation_depends_only_on_its_seed():
+    transform = data.train_transform(MEAN, STD)
+    ds = data.AugmentedImages(images(2), torch.zeros(2, dtype=torch.long), transform)
+    first = ds[(1, 42)][0]
+    torch.manual_seed(123)
+    torch.rand(7)
+    assert torch.equal(ds[(1, 42)][0], first)
+    assert not torch.equal(ds[(1, 43)][0], first)
+    state = torch.get_rng_state()
+    ds[(0, 5)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+
+
+@pytest.mark.parametrize("kwargs, flag", [(dict(auto_augment="randaug"), "--auto-augment"),
+                                          (dict(random_erase=1.5), "--random-erase"),
+                                          (dict(crop_padding=-1), "--crop-padding")])
+def test_bad_augmentation_settings_name_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        data.train_transform(MEAN, STD, **kwargs)
+
+
+# ---- batch mixing
+def test_mix_prob_zero_only_one_hot_encodes():
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    mixed, targets = data.BatchMix(10, prob=0.0)(x, y)
+    assert torch.equal(mixed, x) and torch.equal(targets, torch.nn.functional.one_hot(y, 10).float())
+
+
+def classify_mixing(mix, trials=600):
+    """Counts of batches left alone, cut-mixed (pixels copied) and mixed-up (pixels blended)."""
+    torch.manual_seed(0)
+    counts = {"none": 0, "cutmix": 0, "mixup": 0}
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    for _ in range(trials):
+        out, targets = mix(x, y)
+        assert torch.allclose(targets.sum(1), torch.ones(4))
+        if torch.equal(out, x):
+            counts["none"] += 1
+        elif torch.isin(out, x).all():
+            counts["cutmix"] += 1
+        else:
+            counts["mixup"] += 1
+    return counts
+
+
+def test_half_the_batches_are_mixed_split_evenly_between_cutmix_and_mixup():
+    counts = classify_mixing(data.BatchMix(10))
+    # 600 trials: each expected count has a standard deviation below 15; allow 4 of them.
+    assert abs(counts["none"] - 300) < 60
+    assert abs(counts["cutmix"] - 150) < 60 and abs(counts["mixup"] - 150) < 60
+
+
+@pytest.mark.parametrize("off, left", [("mixup_alpha", "cutmix"), ("cutmix_alpha", "mixup")])
+def test_turning_one_mixer_off_leaves_the_other_on_half_the_batches(off, left):
+    counts = classify_mixing(data.BatchMix(10, **{off: 0.0}))
+    assert abs(counts[left] - 300) < 60 and counts["none"] + counts[left] == 600
+
+
+def test_mixup_targets_are_the_blend_of_the_labels():
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    out, targets = data.BatchMix(4, cutmix_alpha=0.0, prob=1.0)(x, y)
+    lam = targets[0, 0].item()
+    # torchvision mixes each image with its neighbour in the batch (a roll by one).
+    torch.testing.assert_close(out, lam * x + (1 - lam) * x.roll(1, 0))
+
+
+# ---- repeated-augmentation sampler
+def epoch_slots(num_images, batch, reps, world_size, epoch=0, start_step=0):
+    per_rank = []
+    for rank in range(world_size):
+        sampler = data.RepeatedAugmentationSampler(num_images, batch, reps, rank, world_size, seed=3)
+        sampler.set_epoch(epoch, start_step)
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler)
+    return per_rank
+
+
+def interleave(per_rank):
+    return [item for group in zip(*per_rank) for item in group]
+
+
+def test_every_image_is_seen_reps_times_per_epoch():
+    (single,) = epoch_slots(30, batch=10, reps=3, world_size=1)
+    counts = np.bincount([i for i, _ in single], minlength=30)
+    assert (counts == 3).all()
+    assert len({seed for _, seed in single}) == 90  # every copy is augmented independently
+
+
+def test_ranks_split_the_single_process_order_without_overlap():
+    (single,) = epoch_slots(50, batch=8, reps=3, world_size=1)
+    ranks = epoch_slots(50, batch=8, reps=3, world_size=2)
+    assert interleave(ranks) == single
+    seeds = [set(s for _, s in r) for r in ranks]
+    assert not seeds[0] & seeds[1]
+    # The global batch of each step holds the same samples on 1 and 2 processes.
+    per_rank = 4
+    for step in range(len(single) // 8):
+        both = ranks[0][step * per_rank:(step + 1) * per_rank] + ranks[1][step * per_rank:(step + 1) * per_rank]
+        assert sorted(both) == sorted(single[step * 8:(step + 1) * 8])
+
+
+def test_epochs_differ_and_start_step_skips_whole_batches():
+    (e0,), (e1,) = epoch_slots(40, 8, 2, 1, epoch=0), epoch_slots(40, 8, 2, 1, epoch=1)
+    assert [i for i, _ in e0] != [i for i, _ in e1]
+    (resumed,) = epoch_slots(40, 8, 2, 1, epoch=1, start_step=3)
+    assert resumed == e1[24:]
+
+
+def test_incomplete_last_batch_is_dropped():
+    (single,) = epoch_slots(25, batch=8, reps=1, world_size=1)
+    assert len(single) == 24
+
+
+@pytest.mark.parametrize("kwargs, flag", [(dict(global_batch=9, world_size=2), "--batch-size 9"),
+                                          (dict(global_batch=100), "--batch-size 100"),
+                                          (dict(global_batch=8, reps=0), "--ra-reps 0")])
+def test_sampler_errors_name_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        data.RepeatedAugmentationSampler(num_images=20, **kwargs)
+
+
+def test_derive_seed_is_a_pure_function_of_its_parts():
+    assert data.derive_seed(0, "step", 1, 5) == data.derive_seed(0, "step", 1, 5)
+    assert len({data.derive_seed(0, "step", r, s) for r in range(4) for s in range(1000)}) == 4000
+    assert 0 <= data.derive_seed("x") < 2**63
+
+
+def test_normalize_matches_torchvision():
+    batch = images(4)
+    expected = TF.normalize(batch.float() / 255, MEAN, STD)
+    torch.testing.assert_close(data.normalize(batch, MEAN, STD), expected)
