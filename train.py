@@ -211,7 +211,7 @@ def run_info(device):
     import torchvision
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"git_commit": commit, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"git_commit": commit, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": name, "hostname": platform.node()}
 

@@ -1,0 +1,151 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
+        "--batch-size", "64", "--warmup-epochs", "1", "--eval-every", "1", "--log-every", "5", "--workers", "0"]
+NO_AUGMENT = ["--no-hflip", "--crop-padding", "0", "--auto-augment", "none", "--random-erase", "0",
+              "--mixup-alpha", "0", "--cutmix-alpha", "0", "--drop-path", "0", "--ra-reps", "1"]
+
+
+def run(out, *flags):
+    args = train.get_args_parser().parse_args([*TINY, "--output-dir", str(out), *flags])
+    return train.main(args)
+
+
+def records(out, kind):
+    """metrics.jsonl records of one kind, without the wall-clock fields."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "img_s"} for r in lines if r["kind"] == kind]
+
+
+def final_weights(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
+    summary = run(tmp_path, "--epochs", "2")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("final_acc", "best_acc", "best_epoch", "train_seconds", "params", "epochs", "args", "torch",
+                "device_name", "git_commit"):
+        assert key in saved, key
+    assert saved["complete"] and saved["final_acc"] == summary["final_acc"] and saved["epochs"] == 2
+    assert saved["params"] == sum(p.numel() for p in final_weights(tmp_path).values())
+    evals = records(tmp_path, "eval")
+    assert [r["epoch"] for r in evals] == [1, 2] and evals[-1]["acc"] == saved["final_acc"]
+    assert saved["best_acc"] == max(r["acc"] for r in evals)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "args", "config"} <= ckpt.keys()
+    assert ckpt["epoch"] == 2 and ckpt["step"] == saved["steps"] == 2 * (3 * 1438 // 64)  # --ra-reps 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_last_epoch_is_evaluated_even_off_the_eval_interval(tmp_path):
+    run(tmp_path, "--epochs", "3", "--eval-every", "2")
+    assert [r["epoch"] for r in records(tmp_path, "eval")] == [2, 3]
+
+
+def test_schedule_warms_up_linearly_then_follows_the_cosine():
+    args = train.get_args_parser().parse_args(["--epochs", "10", "--warmup-epochs", "2", "--lr", "1e-3"])
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-3) and lrs[50] == pytest.approx(1e-6)
+    assert lrs[5] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 5 / 10)
+    assert lrs[30] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + torch.cos(torch.tensor(20 / 40 * torch.pi))).item())
+
+
+def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path):
+    # Full recipe on: flip, crop, AutoAugment, erasing, Mixup/CutMix, stochastic depth, 2 repeats.
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(full, "--epochs", "4", "--eval-every", "2")
+    stopped = run(split, "--epochs", "4", "--eval-every", "2", "--stop-after-epochs", "2")
+    assert not stopped["complete"] and stopped["final_acc"] is None
+    # Resumed with a loader worker process: a sample's augmentation does not depend on who computes it.
+    run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), "--workers", "1")
+    a, b = final_weights(full), final_weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(full, "eval") == records(split, "eval")
+    assert records(full, "train") == records(split, "train")
+    assert json.loads((split / "summary.json").read_text())["final_acc"] == records(full, "eval")[-1]["acc"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    run(tmp_path, "--epochs", "1")
+    with pytest.raises(ValueError, match="depth"):
+        run(tmp_path, "--epochs", "1", "--depth", "3", "--resume", str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(ValueError, match="--lr"):
+        run(tmp_path, "--epochs", "1", "--lr", "0.01", "--resume", str(tmp_path / "checkpoint.pt"))
+
+
+def torchrun(out, nproc, *flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           *TINY, "--output-dir", str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("augment", [NO_AUGMENT, [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--ra-reps", "2"]],
+                         ids=["augmentations-off", "per-image-augmentations-on"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
+    run(tmp_path / "one", "--epochs", "1", *augment)
+    torchrun(tmp_path / "two", 2, "--epochs", "1", *augment)
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    # Only the order of floating-point sums differs (gradients are averaged across ranks). Tolerance: 1e-4, a tenth
+    # of what one AdamW step at lr 1e-3 moves a weight; measured here 2.5e-6 (off) and 5e-5 (on, 44 steps), with
+    # relative L2 differences of 7e-7 and 6e-6.
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+    flat_one, flat_two = (torch.cat([v.flatten() for v in w.values()]) for w in (one, two))
+    assert (flat_one - flat_two).norm() < 1e-4 * flat_one.norm()
+    assert not all(torch.equal(one[k], two[k]) for k in one)  # it really ran on two processes
+    evals_one, evals_two = records(tmp_path / "one", "eval"), records(tmp_path / "two", "eval")
+    assert [r["acc"] for r in evals_one] == [r["acc"] for r in evals_two]  # counts gathered from both ranks
+    assert evals_one[-1]["loss"] == pytest.approx(evals_two[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "mnist"], "--dataset 'mnist'"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--lr", "-1"], "--lr -1.0"),
+        (["--opt", "sgd"], "--opt 'sgd'"),
+        (["--heads", "5"], "--heads 5"),
+        (["--latent", "qx"], "--latent 'qx'"),
+        (["--latent", "q", "--latent-dim", "0"], "--latent-dim 0"),
+        (["--batch-size", "5000"], "--batch-size 5000"),
+        (["--warmup-epochs", "20"], "--warmup-epochs 20"),
+        (["--resume", "nowhere/checkpoint.pt"], "--resume nowhere"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, "--epochs", "2", "--output-dir", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    run(tmp_path, "--epochs", "1")
+    before = (tmp_path / "metrics.jsonl").read_bytes(), (tmp_path / "checkpoint.pt").read_bytes()
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--epochs", "1", "--output-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert ((tmp_path / "metrics.jsonl").read_bytes(), (tmp_path / "checkpoint.pt").read_bytes()) == before
