@@ -322,7 +322,7 @@ def main(args):
     end_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     run_start = time.perf_counter()
-    timed_images, timed_seconds, first_interval = 0, 0.0, True
+    timed_steps, timed_seconds, first_interval = 0, 0.0, True
     acc = None
     for epoch in range(start_epoch, end_epoch):
         model.train()
@@ -349,10 +349,11 @@ def main(args):
                 img_s = interval_steps * args.batch_size / seconds
                 train_seconds += seconds
                 if not first_interval:  # the first interval holds warm-up (and compilation): not timed
-                    timed_images, timed_seconds = timed_images + interval_steps * args.batch_size, timed_seconds + seconds
+                    timed_steps, timed_seconds = timed_steps + interval_steps, timed_seconds + seconds
                 first_interval = False
                 lr = optimizer.param_groups[0]["lr"]
-                log.write(kind="train", epoch=epoch + 1, step=step, lr=lr, loss=mean_loss, img_s=img_s)
+                log.write(kind="train", epoch=epoch + 1, step=step, lr=lr, loss=mean_loss, img_s=img_s,
+                          ms_per_step=1000 * seconds / interval_steps)
                 progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                 progress.update(interval_steps)
                 loss_sum.zero_()
@@ -363,7 +364,8 @@ def main(args):
             if best_acc is None or acc > best_acc:
                 best_acc, best_epoch = acc, epoch + 1
             log.write(kind="eval", epoch=epoch + 1, step=step, acc=acc, loss=test_loss)
-            progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {best_acc:.2f}% at epoch {best_epoch})")
+            if is_main:
+                progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {best_acc:.2f}% at epoch {best_epoch})")
         if is_main:
             state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "best_acc": best_acc,
@@ -377,7 +379,8 @@ def main(args):
         "complete": complete, "final_acc": acc if complete else None, "best_acc": best_acc, "best_epoch": best_epoch,
         "epochs": args.epochs, "epochs_done": step // sampler.steps_per_epoch, "steps": step,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - run_start,
-        "img_per_s": timed_images / timed_seconds if timed_seconds else None, "params": params,
+        "img_per_s": timed_steps * args.batch_size / timed_seconds if timed_seconds else None,
+        "ms_per_step": 1000 * timed_seconds / timed_steps if timed_steps else None, "params": params,
         "forward_macs": forward_macs(cfg), "world_size": world_size, "dataset": args.dataset,
         "config": asdict(cfg), "args": vars(args), **info,
     }

@@ -24,7 +24,7 @@ def run(out, *flags):
 def records(out, kind):
     """metrics.jsonl records of one kind, without the wall-clock fields."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "img_s"} for r in lines if r["kind"] == kind]
+    return [{k: v for k, v in r.items() if k not in ("img_s", "ms_per_step")} for r in lines if r["kind"] == kind]
 
 
 def final_weights(out):
@@ -149,3 +149,52 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
     assert ((tmp_path / "metrics.jsonl").read_bytes(), (tmp_path / "checkpoint.pt").read_bytes()) == before
+
+
+COLUMNS = {
+    "baseline": {},
+    "no-aa": {"auto_augment": "none"},
+    "no-mixup": {"mixup_alpha": 0.0},
+    "no-cutmix": {"cutmix_alpha": 0.0},
+    "sin": {"pos_embed": "sincos"},
+    "whiten": {"whiten": True},
+    "mla-qkv": {"latent": "qkv"},
+    "mla-kv": {"latent": "kv"},
+    "mla-qk": {"latent": "qk"},
+    "mla-q": {"latent": "q"},
+    "mla-k": {"latent": "k"},
+    "ddp-bs256": {},
+    "ddp-bs1024": {"batch_size": 1024},
+    "lion-bs1024": {"batch_size": 1024, "opt": "lion", "lr": 1e-4, "weight_decay": 0.5},
+    "cls-2": {"num_cls": 2},
+    "cls-4": {"num_cls": 4},
+}
+
+
+@pytest.mark.parametrize("target", COLUMNS)
+def test_each_make_target_changes_only_its_columns_flags(target):
+    dry = subprocess.run(["make", "-n", target, "EPOCHS=7", "SEED=3", "NPROC=2", "DATA=/d", "OUT=/o"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    (command,) = [line.split() for line in dry.splitlines() if "train.py" in line]
+    assert ("--nproc_per_node=2" in command) == target.startswith(("ddp", "lion"))
+    args = vars(train.get_args_parser().parse_args(command[command.index("train.py") + 1:]))
+    defaults = vars(train.get_args_parser().parse_args([]))
+    base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3"}
+    assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
+
+
+def test_makefile_has_a_target_for_every_column():
+    dry = subprocess.run(["make", "-pn"], cwd=ROOT, capture_output=True, text=True).stdout
+    (columns,) = [line for line in dry.splitlines() if line.startswith("COLUMNS :=")]
+    assert set(columns.split(":=")[1].split()) == set(COLUMNS)
+
+
+def test_variant_flags_train_end_to_end(tmp_path):
+    summary = run(tmp_path, "--epochs", "1", "--patch-size", "4", "--dim", "48", "--opt", "lion", "--lr", "1e-4",
+                  "--weight-decay", "0.5", "--latent", "kv", "--latent-dim", "16", "--shared-kv-latent", "--num-cls", "2",
+                  "--cls-pool", "mean", "--pos-embed", "sincos", "--whiten", "--whiten-images", "200", "--ra-reps", "1")
+    assert summary["complete"] and summary["config"]["latent"] == "kv"
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = next(iter(ckpt["optimizer"]["state"].values()))
+    assert set(state) == {"exp_avg"}  # Lion keeps one moment; AdamW would add exp_avg_sq and step
+    assert "blocks.0.attn.to_kv.down.weight" in ckpt["model"] and "pos_embedding" not in ckpt["model"]
