@@ -303,14 +303,14 @@ def main(args):
         # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start_epoch, step, best_acc, best_epoch, train_seconds = 0, 0, None, None, 0.0
+    start_epoch, step, acc, best_acc, best_epoch, train_seconds = 0, 0, None, None, None, 0.0
     if args.resume:
         ckpt = load_checkpoint(args, cfg)
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, step, best_acc, best_epoch = ckpt["epoch"], ckpt["step"], ckpt["best_acc"], ckpt["best_epoch"]
-        train_seconds = ckpt["train_seconds"]
+        start_epoch, step, acc = ckpt["epoch"], ckpt["step"], ckpt["last_acc"]
+        best_acc, best_epoch, train_seconds = ckpt["best_acc"], ckpt["best_epoch"], ckpt["train_seconds"]
     info = run_info(device)
     params = count_parameters(model_without_ddp)
     log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=step if args.resume else None)
@@ -323,7 +323,6 @@ def main(args):
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     run_start = time.perf_counter()
     timed_steps, timed_seconds, first_interval = 0, 0.0, True
-    acc = None
     for epoch in range(start_epoch, end_epoch):
         model.train()
         sampler.set_epoch(epoch)
@@ -368,7 +367,7 @@ def main(args):
                 progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {best_acc:.2f}% at epoch {best_epoch})")
         if is_main:
             state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "best_acc": best_acc,
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "last_acc": acc, "best_acc": best_acc,
                      "best_epoch": best_epoch, "train_seconds": train_seconds, "args": vars(args),
                      "config": asdict(cfg), "run": info}
             atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))

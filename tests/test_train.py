@@ -81,6 +81,10 @@ def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path):
     assert records(full, "eval") == records(split, "eval")
     assert records(full, "train") == records(split, "train")
     assert json.loads((split / "summary.json").read_text())["final_acc"] == records(full, "eval")[-1]["acc"]
+    # Resuming a finished run trains nothing and reports the same result.
+    again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"))
+    assert again["complete"] and again["final_acc"] == records(full, "eval")[-1]["acc"]
+    assert all(torch.equal(a[k], final_weights(split)[k]) for k in a)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
