@@ -21,15 +21,12 @@ def parse_latent(latent: str) -> set[str]:
 
 
 class LowRankLinear(nn.Module):
-    """x -> up(down(x)): a rank-r factorisation of a dim x dim projection."""
+    """A rank-r factorisation of a dim x dim projection: x -> up(down(x))."""
 
     def __init__(self, dim: int, rank: int):
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim)
-
-    def forward(self, x):
-        return self.up(self.down(x))
 
 
 class SharedKVLatent(nn.Module):
@@ -40,10 +37,6 @@ class SharedKVLatent(nn.Module):
         self.down = nn.Linear(dim, rank, bias=False)
         self.up_k = nn.Linear(rank, dim)
         self.up_v = nn.Linear(rank, dim)
-
-    def forward(self, x):
-        c_kv = self.down(x)
-        return self.up_k(c_kv), self.up_v(c_kv)
 
 
 def plain_attention(q, k, v):
@@ -80,17 +73,36 @@ class Attention(nn.Module):
             self.to_q, self.to_k, self.to_v = projection("q"), projection("k"), projection("v")
         self.to_out = nn.Linear(dim, dim)
 
-    def project_qkv(self, x):
+    def projection_groups(self):
+        """(reader, ups) pairs in q, k, v order: `reader` is the linear that reads x (a full projection or a
+        down-projection); each up-projection in `ups` (None: none) turns its output into one of q, k, v."""
+        if self.shared_kv:
+            return [self._group(self.to_q), (self.to_kv.down, [self.to_kv.up_k, self.to_kv.up_v])]
+        return [self._group(p) for p in (self.to_q, self.to_k, self.to_v)]
+
+    @staticmethod
+    def _group(projection):
+        return (projection.down, [projection.up]) if isinstance(projection, LowRankLinear) else (projection, [None])
+
+    def project_qkv(self, x, fused: bool = True):
         if self.fused_qkv:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        elif self.shared_kv:
-            q, (k, v) = self.to_q(x), self.to_kv(x)
         else:
-            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+            groups = self.projection_groups()
+            readers = [reader for reader, _ in groups]
+            if fused:
+                # One matmul for every linear that reads x, instead of up to three small ones.
+                weight = torch.cat([r.weight for r in readers])
+                bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
+                codes = F.linear(x, weight, bias).split([r.out_features for r in readers], dim=-1)
+            else:
+                codes = [reader(x) for reader in readers]
+            q, k, v = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
         return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
 
     def forward(self, x, fused: bool = True):
-        q, k, v = self.project_qkv(x)
+        """fused=False computes the same function the plain way (separate matmuls, written-out softmax): a test oracle."""
+        q, k, v = self.project_qkv(x, fused)
         # SDPA's default scale is 1/sqrt(head dim), the same as plain_attention's.
         out = F.scaled_dot_product_attention(q, k, v) if fused else plain_attention(q, k, v)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))

@@ -8,6 +8,7 @@ run gives the same batches on any number of processes or loader workers, and aft
 """
 import codecs
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,14 +180,18 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
     raise ValueError(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
 
 
-def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
-    """The per-image training pipeline on a uint8 (3, 32, 32) tensor; each step can be switched off."""
+def _check_augmentation(crop_padding, auto_augment, random_erase):
     if auto_augment not in AUTO_AUGMENT_POLICIES:
         raise ValueError(f"--auto-augment {auto_augment!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
     if not 0 <= random_erase <= 1:
         raise ValueError(f"--random-erase {random_erase} must be a probability in [0, 1]")
     if crop_padding < 0:
         raise ValueError(f"--crop-padding {crop_padding} must be >= 0")
+
+
+def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
+    """The per-image training pipeline on a uint8 (3, 32, 32) tensor; each step can be switched off."""
+    _check_augmentation(crop_padding, auto_augment, random_erase)
     steps = []
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
@@ -240,12 +245,166 @@ class RepeatedAugmentationSampler(Sampler):
     def __len__(self):
         return (self.steps_per_epoch - self.start_step) * self.global_batch // self.world_size
 
-    def __iter__(self):
+    def epoch_order(self) -> torch.Tensor:
+        """This rank's image indices for the whole epoch (from step 0), in order."""
         order_rng = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
         order = torch.randperm(self.num_images * self.reps, generator=order_rng) % self.num_images
-        begin, end = self.start_step * self.global_batch, self.steps_per_epoch * self.global_batch
-        for slot in range(begin + self.rank, end, self.world_size):
-            yield int(order[slot]), derive_seed(self.seed, "augment", self.epoch, slot)
+        return order[self.rank : self.steps_per_epoch * self.global_batch : self.world_size]
+
+    def __iter__(self):
+        order = self.epoch_order().tolist()
+        for k in range(self.start_step * self.global_batch // self.world_size, len(order)):
+            slot = k * self.world_size + self.rank  # position in the epoch's global order
+            yield order[k], derive_seed(self.seed, "augment", self.epoch, slot)
+
+
+class BatchAutoAugment:
+    """torchvision's AutoAugment with the sub-policy drawn for each image, not once per batch: images are grouped by
+    the (op, signed magnitude) they drew and every group goes through torchvision's own op in one call."""
+
+    def __init__(self, policy: str = "cifar10", size: int = IMAGE_SIZE):
+        # The policy table, magnitude bins and op implementations are torchvision's (private, pinned version).
+        self.tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy))
+        self.variants = []  # (op, magnitude) pairs, each applied by one call
+        table = []  # [sub-policy][slot] -> (probability, index of the variant if positive, if negative)
+        for sub_policy in self.tv._policies:
+            slots = []
+            for op, probability, bin_index in sub_policy:
+                bins_fn, signed = self.tv._AUGMENTATION_SPACE[op]
+                bins = bins_fn(10, size, size)
+                magnitude = 0.0 if bins is None else float(bins[bin_index])
+                signs = (magnitude, -magnitude if signed else magnitude)
+                slots.append((probability, *(self._variant(op, m) for m in signs)))
+            table.append(slots)
+        self.probability = torch.tensor([[slot[0] for slot in sub] for sub in table])  # (policies, 2)
+        self.variant_of = torch.tensor([[slot[1:] for slot in sub] for sub in table])  # (policies, 2, sign)
+
+    def _variant(self, op, magnitude):
+        if (op, magnitude) not in self.variants:
+            self.variants.append((op, magnitude))
+        return self.variants.index((op, magnitude))
+
+    def draw(self, n: int, generator) -> torch.Tensor:
+        """(n, 2) variant index of each image's two ops, -1 where the op is skipped (drawn on the CPU)."""
+        sub_policy = torch.randint(len(self.probability), (n,), generator=generator)
+        applied = torch.rand(n, 2, generator=generator) <= self.probability[sub_policy]
+        negative = (torch.rand(n, 2, generator=generator) <= 0.5).long()
+        variant = self.variant_of[sub_policy[:, None], torch.arange(2), negative]
+        return torch.where(applied, variant, -1)
+
+    def apply_variant(self, images, variant: int):
+        op, magnitude = self.variants[variant]
+        return self.tv._apply_image_or_video_transform(images, op, magnitude, self.tv.interpolation, self.tv._fill)
+
+    def __call__(self, images, variants):
+        """images: uint8 (B, C, H, W) on any device; variants: from draw(B). The grouping is planned on the CPU and
+        reaches the device as one permutation per op slot, so the device is never waited for."""
+        for slot in range(variants.shape[1]):
+            group = variants[:, slot]
+            order = torch.argsort(group, stable=True)
+            keys, counts = torch.unique_consecutive(group[order], return_counts=True)
+            order = order.to(images.device, non_blocking=True)
+            sorted_images = images[order]
+            pieces = [chunk if key < 0 else self.apply_variant(chunk, key)
+                      for key, chunk in zip(keys.tolist(), sorted_images.split(counts.tolist()))]
+            images = torch.empty_like(images).index_copy_(0, order, torch.cat(pieces))
+        return images
+
+
+class BatchAugment:
+    """The pipeline of train_transform for a whole uint8 batch on its device (GPU or CPU), with every random choice
+    made per image: flip, crop offsets, AutoAugment sub-policy and signs, erasing box. The choices are drawn on the
+    CPU from `generator`, so a batch's augmentation depends only on that generator, not on the device."""
+
+    def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
+        _check_augmentation(crop_padding, auto_augment, random_erase)
+        self.mean, self.std = mean, std
+        self.hflip, self.padding, self.random_erase = hflip, crop_padding, random_erase
+        self.auto_augment = BatchAutoAugment(auto_augment) if auto_augment != "none" else None
+
+    def __call__(self, images, generator):
+        n, _, h, w = images.shape
+        if self.hflip or self.padding:
+            flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+            top, left = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
+            images = flip_crop(images, flip, top, left, self.padding)
+        if self.auto_augment is not None:
+            images = self.auto_augment(images, self.auto_augment.draw(n, generator))
+        images = normalize(images, self.mean, self.std)
+        if self.random_erase:
+            images = erase(images, erasing_boxes(n, h, w, self.random_erase, generator))
+        return images
+
+
+def flip_crop(images, flip, top, left, padding):
+    """Per image: horizontal flip (where `flip`), then the HxW crop at (top, left) of the zero-padded image."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4)
+    rows = top.to(device, non_blocking=True)[:, None] + torch.arange(h, device=device)  # (n, h)
+    cols = left.to(device, non_blocking=True)[:, None] + torch.arange(w, device=device)  # (n, w)
+    # A crop of the flipped padded image reads the mirrored columns of the unflipped one.
+    cols = torch.where(flip.to(device, non_blocking=True)[:, None], w + 2 * padding - 1 - cols, cols)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def erasing_boxes(n, h, w, p, generator, scale=(0.02, 0.4), ratio=(0.3, 3.3), attempts=10):
+    """torchvision's RandomErasing draw for n images at once: with probability p, up to 10 tries of an area and a
+    log-uniform aspect ratio, the first box that fits is placed uniformly. (n, 4) top, left, height, width; height 0
+    where nothing is erased."""
+    area = h * w * torch.empty(n, attempts).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    box_h = (area * log_ratio.exp()).sqrt().round().long()
+    box_w = (area / log_ratio.exp()).sqrt().round().long()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 if none does)
+    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
+    erased = (torch.rand(n, generator=generator) < p) & fits.any(1)
+    top = (torch.rand(n, generator=generator) * (h - box_h + 1)).long()
+    left = (torch.rand(n, generator=generator) * (w - box_w + 1)).long()
+    return torch.stack([top, left, box_h * erased, box_w * erased], dim=1)
+
+
+def erase(images, boxes):
+    """Zero (the mean colour, after normalisation) each image's box (top, left, height, width)."""
+    _, _, h, w = images.shape
+    top, left, box_h, box_w = boxes.to(images.device, non_blocking=True).unbind(1)
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (n, h)
+    inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (n, w)
+    inside = inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
+    return images.masked_fill(inside, 0.0)
+
+
+class DeviceLoader:
+    """The training set held once on `device` as uint8; every epoch (set on the sampler) the sampler's order for this
+    rank is cut into batches, augmented on the device a chunk of batches at a time. A chunk's randomness is seeded by (seed, epoch,
+    rank, chunk), chunks sit at fixed steps of the epoch, so a resume at any step replays the same batches."""
+
+    def __init__(self, images, labels, sampler: RepeatedAugmentationSampler, augment: BatchAugment, device,
+                 chunk_images: int = 4096):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.sampler, self.augment, self.device = sampler, augment, device
+        self.batch = sampler.global_batch // sampler.world_size
+        self.batches_per_chunk = max(1, chunk_images // self.batch)
+
+    def __len__(self):
+        return self.sampler.steps_per_epoch - self.sampler.start_step
+
+    def __iter__(self):
+        s = self.sampler
+        order = s.epoch_order().view(s.steps_per_epoch, self.batch)
+        for first in range(s.start_step // self.batches_per_chunk * self.batches_per_chunk, s.steps_per_epoch,
+                           self.batches_per_chunk):
+            steps = range(first, min(first + self.batches_per_chunk, s.steps_per_epoch))
+            indices = order[steps.start : steps.stop].flatten().to(self.device, non_blocking=True)
+            generator = torch.Generator().manual_seed(derive_seed(s.seed, "augment", s.epoch, s.rank, first))
+            images = self.augment(self.images[indices], generator)
+            batches = zip(steps, images.split(self.batch), self.labels[indices].split(self.batch))
+            yield from ((x, y) for step, x, y in batches if step >= s.start_step)
 
 
 class BatchMix:

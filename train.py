@@ -42,8 +42,11 @@ def get_args_parser():
     parser.add_argument("--data-dir", default="data", type=str,
                         help="dataset root (CIFAR: holds cifar-10-batches-py; imagefolder: holds train/ and val/)")
     parser.add_argument("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
+    parser.add_argument("--data-loader", default="device", type=str,
+                        help="device: dataset and batched per-image augmentation on the training device (fast); "
+                             "workers: torchvision's per-image pipeline in DataLoader worker processes")
     parser.add_argument("-j", "--workers", default=None, type=int,
-                        help="data loader worker processes per rank (default: CPU cores per rank, at most 8)")
+                        help="--data-loader workers: processes per rank (default: CPU cores per rank, at most 8)")
     # Augmentation (defaults: the paper's baseline)
     parser.add_argument("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
     parser.add_argument("--crop-padding", default=4, type=int, help="random 32x32 crop after zero padding (pixels; 0: off)")
@@ -102,6 +105,8 @@ def check_args(args):
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{flag} {value} must be positive")
+    if args.data_loader not in ("device", "workers"):
+        raise ValueError(f"--data-loader {args.data_loader!r} is not one of device, workers")
     if args.opt not in ("adamw", "lion"):
         raise ValueError(f"--opt {args.opt!r} is not one of adamw, lion")
     if args.weight_decay < 0 or args.min_lr < 0:
@@ -280,12 +285,18 @@ def main(args):
     dataset = data.load_dataset(args.dataset, args.data_dir)
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
                                                world_size, args.seed)
-    transform = data.train_transform(dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment,
-                                     args.random_erase)
-    workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
-    loader = DataLoader(data.AugmentedImages(dataset.train_images, dataset.train_labels, transform),
-                        batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase)
+    workers = 0
+    if args.data_loader == "device":
+        loader = data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,
+                                   data.BatchAugment(*augmentation), device)
+    else:
+        workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
+        loader = DataLoader(
+            data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(*augmentation)),
+            batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        )
     mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
 
     cfg = model_config(args, len(dataset.classes))

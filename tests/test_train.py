@@ -68,21 +68,23 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine():
     assert lrs[30] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + torch.cos(torch.tensor(20 / 40 * torch.pi))).item())
 
 
-def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path):
-    # Full recipe on: flip, crop, AutoAugment, erasing, Mixup/CutMix, stochastic depth, 2 repeats.
+@pytest.mark.parametrize("loader", [["--data-loader", "device"], ["--data-loader", "workers"]], ids=["device", "workers"])
+def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, loader):
+    # Full recipe on: flip, crop, AutoAugment, erasing, Mixup/CutMix, stochastic depth, 3 repeats.
     full, split = tmp_path / "full", tmp_path / "split"
-    run(full, "--epochs", "4", "--eval-every", "2")
-    stopped = run(split, "--epochs", "4", "--eval-every", "2", "--stop-after-epochs", "2")
+    run(full, "--epochs", "4", "--eval-every", "2", *loader)
+    stopped = run(split, "--epochs", "4", "--eval-every", "2", "--stop-after-epochs", "2", *loader)
     assert not stopped["complete"] and stopped["final_acc"] is None
-    # Resumed with a loader worker process: a sample's augmentation does not depend on who computes it.
-    run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), "--workers", "1")
+    # The worker loader resumes with a worker process: a sample's augmentation does not depend on who computes it.
+    run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), "--workers", "1",
+        *loader)
     a, b = final_weights(full), final_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert records(full, "eval") == records(split, "eval")
     assert records(full, "train") == records(split, "train")
     assert json.loads((split / "summary.json").read_text())["final_acc"] == records(full, "eval")[-1]["acc"]
     # Resuming a finished run trains nothing and reports the same result.
-    again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"))
+    again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), *loader)
     assert again["complete"] and again["final_acc"] == records(full, "eval")[-1]["acc"]
     assert all(torch.equal(a[k], final_weights(split)[k]) for k in a)
 
@@ -103,8 +105,14 @@ def torchrun(out, nproc, *flags):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("augment", [NO_AUGMENT, [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--ra-reps", "2"]],
-                         ids=["augmentations-off", "per-image-augmentations-on"])
+@pytest.mark.parametrize(
+    "augment",
+    [NO_AUGMENT,
+     # The worker loader seeds each sample by its place in the epoch, so even its augmentations match; the device
+     # loader draws them per rank's chunk, so it matches with augmentations off.
+     [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--ra-reps", "2", "--data-loader", "workers"]],
+    ids=["augmentations-off", "per-image-augmentations-on-worker-loader"],
+)
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
     run(tmp_path / "one", "--epochs", "1", *augment)
     torchrun(tmp_path / "two", 2, "--epochs", "1", *augment)
