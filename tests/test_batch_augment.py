@@ -1,0 +1,214 @@
+"""The device pipeline (data.BatchAugment, data.DeviceLoader) against torchvision's per-image ops."""
+import math
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+import data
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def images(n=16, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_flip_crop_equals_torchvision_flip_pad_crop():
+    batch, g = images(24), torch.Generator().manual_seed(1)
+    flip = torch.rand(24, generator=g) < 0.5
+    top, left = torch.randint(0, 9, (2, 24), generator=g)
+    out = data.flip_crop(batch, flip, top, left, padding=4)
+    for i in range(24):
+        img = TF.horizontal_flip(batch[i]) if flip[i] else batch[i]
+        expected = TF.crop(TF.pad(img, [4]), int(top[i]), int(left[i]), 32, 32)
+        assert torch.equal(out[i], expected), i
+
+
+def test_erase_equals_torchvision_erase():
+    batch = torch.randn(6, 3, 32, 32)
+    boxes = torch.tensor([[0, 0, 5, 7], [3, 10, 20, 4], [31, 31, 1, 1], [5, 5, 0, 0], [0, 0, 31, 31], [2, 9, 30, 1]])
+    out = data.erase(batch, boxes)
+    for img, o, (i, j, h, w) in zip(batch, out, boxes.tolist()):
+        assert torch.equal(o, TF.erase(img, i, j, h, w, torch.tensor(0.0)))
+
+
+def test_erasing_boxes_follow_torchvision_random_erasing():
+    n, g = 20000, torch.Generator().manual_seed(0)
+    ours = data.erasing_boxes(n, 32, 32, 0.25, g)
+    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
+    erased = ours[:, 2] > 0
+    torch.manual_seed(0)
+    transform = v2.RandomErasing(p=1.0, scale=(0.02, 0.4), ratio=(0.3, 3.3))
+    theirs = torch.tensor([[p["h"], p["w"]] for p in (transform.make_params([torch.zeros(3, 32, 32)])
+                                                        for _ in range(4000)) if p["v"] is not None])
+    # p = 0.25 per image; box area and shape distributed as torchvision's (5-sigma bounds).
+    assert abs(erased.float().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n)
+    area_ours, area_theirs = (ours[erased, 2] * ours[erased, 3]).float(), (theirs[:, 0] * theirs[:, 1]).float()
+    assert abs(area_ours.mean() - area_theirs.mean()) < 5 * area_theirs.std() / math.sqrt(len(theirs))
+    ratio_ours = (ours[erased, 2].float() / ours[erased, 3]).log()
+    ratio_theirs = (theirs[:, 0].float() / theirs[:, 1]).log()
+    assert abs(ratio_ours.mean() - ratio_theirs.mean()) < 5 * ratio_theirs.std() / math.sqrt(len(theirs))
+
+
+def reference_op(img, op, magnitude):
+    """Each AutoAugment op written as the torchvision functional call with its parameters."""
+    nearest = InterpolationMode.NEAREST
+    shear = math.degrees(math.atan(magnitude))
+    calls = {
+        "ShearX": lambda: TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
+                                    interpolation=nearest, center=[0, 0]),
+        "ShearY": lambda: TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, shear],
+                                    interpolation=nearest, center=[0, 0]),
+        "TranslateX": lambda: TF.affine(img, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0],
+                                        interpolation=nearest),
+        "TranslateY": lambda: TF.affine(img, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0],
+                                        interpolation=nearest),
+        "Rotate": lambda: TF.rotate(img, angle=magnitude, interpolation=nearest),
+        "Brightness": lambda: TF.adjust_brightness(img, 1.0 + magnitude),
+        "Color": lambda: TF.adjust_saturation(img, 1.0 + magnitude),
+        "Contrast": lambda: TF.adjust_contrast(img, 1.0 + magnitude),
+        "Sharpness": lambda: TF.adjust_sharpness(img, 1.0 + magnitude),
+        "Posterize": lambda: TF.posterize(img, int(magnitude)),
+        "Solarize": lambda: TF.solarize(img, 255.0 * magnitude),
+        "AutoContrast": lambda: TF.autocontrast(img),
+        "Equalize": lambda: TF.equalize(img),
+        "Invert": lambda: TF.invert(img),
+    }
+    return calls[op]()
+
+
+def test_every_autoaugment_op_on_a_group_equals_torchvision_on_each_image():
+    aa = data.BatchAutoAugment("cifar10")
+    batch = images(5)
+    ops = {op for op, _ in aa.variants}
+    assert ops == {"Invert", "Contrast", "Rotate", "TranslateX", "Sharpness", "ShearY", "TranslateY", "AutoContrast",
+                   "Equalize", "Solarize", "Posterize", "Color", "Brightness"}
+    for index, (op, magnitude) in enumerate(aa.variants):
+        out = aa.apply_variant(batch, index)
+        for i in range(len(batch)):
+            assert torch.equal(out[i], reference_op(batch[i], op, magnitude)), (op, magnitude, i)
+
+
+def test_signed_ops_come_in_both_signs_with_the_policy_magnitudes():
+    aa = data.BatchAutoAugment("cifar10")
+    assert ("Rotate", pytest.approx(30 * 2 / 9)) in aa.variants and ("Rotate", pytest.approx(-30 * 2 / 9)) in aa.variants
+    assert ("Solarize", pytest.approx(1 - 5 / 9)) in aa.variants  # unsigned: one sign only
+    assert not any(op == "Solarize" and m < 0 for op, m in aa.variants)
+
+
+def test_grouped_application_equals_applying_each_images_ops_in_order():
+    aa, batch = data.BatchAutoAugment("cifar10"), images(40)
+    variants = aa.draw(40, torch.Generator().manual_seed(3))
+    out = aa(batch, variants)
+    for i in range(40):
+        expected = batch[i : i + 1]
+        for v in variants[i].tolist():
+            if v >= 0:
+                expected = aa.apply_variant(expected, v)
+        assert torch.equal(out[i], expected[0]), i
+
+
+def expected_variant_frequencies(aa, slot):
+    """P(variant) for one op slot, from torchvision's policy table: sub-policy 1/25, op probability, sign 1/2."""
+    expected = torch.zeros(len(aa.variants) + 1)  # last entry: op skipped
+    bins = {op: fn for op, (fn, _) in aa.tv._AUGMENTATION_SPACE.items()}
+    for sub_policy in aa.tv._policies:
+        op, probability, bin_index = sub_policy[slot]
+        magnitudes = bins[op](10, 32, 32)
+        magnitude = 0.0 if magnitudes is None else float(magnitudes[bin_index])
+        signed = aa.tv._AUGMENTATION_SPACE[op][1]
+        for m in ((magnitude, -magnitude) if signed else (magnitude,)):
+            expected[aa.variants.index((op, m))] += probability / len(aa.tv._policies) / (2 if signed else 1)
+        expected[-1] += (1 - probability) / len(aa.tv._policies)
+    return expected
+
+
+@pytest.mark.parametrize("slot", [0, 1])
+def test_sub_policy_and_ops_are_drawn_per_image(slot):
+    aa, n = data.BatchAutoAugment("cifar10"), 50000
+    variants = aa.draw(n, torch.Generator().manual_seed(0))
+    counts = torch.bincount(variants[:, slot] + 1, minlength=len(aa.variants) + 1).roll(-1).float()
+    expected = expected_variant_frequencies(aa, slot) * n
+    # Each count within 5 sigma of its binomial expectation.
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - expected / n)).sqrt() + 1).all()
+    # Within one batch of 128, many different sub-policies are used (a per-batch choice would give one).
+    small = aa.draw(128, torch.Generator().manual_seed(1))
+    assert len({tuple(v) for v in small.tolist()}) > 20
+
+
+def test_without_augmentation_the_batch_is_only_normalised():
+    batch = images()
+    aug = data.BatchAugment(MEAN, STD, hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
+    torch.testing.assert_close(aug(batch, torch.Generator()), data.normalize(batch, MEAN, STD))
+
+
+OFF = dict(hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
+
+
+@pytest.mark.parametrize("flag, on", [("hflip", True), ("crop_padding", 4), ("auto_augment", "cifar10"),
+                                      ("random_erase", 1.0)])
+def test_each_flag_changes_the_batch(flag, on):
+    batch = images(32)
+    plain = data.BatchAugment(MEAN, STD, **OFF)(batch, torch.Generator().manual_seed(0))
+    augmented = data.BatchAugment(MEAN, STD, **{**OFF, flag: on})(batch, torch.Generator().manual_seed(0))
+    changed = [not torch.equal(a, b) for a, b in zip(plain, augmented)]
+    assert 0 < sum(changed) <= 32
+
+
+def test_flip_rate_and_crop_offsets_are_per_image_and_uniform():
+    n = 4000
+    batch = torch.arange(32, dtype=torch.uint8).repeat(n, 3, 32, 1)  # each row 0..31: a flip reverses it
+    out = data.BatchAugment((0, 0, 0), (1, 1, 1), hflip=True, crop_padding=0, auto_augment="none",
+                            random_erase=0.0)(batch, torch.Generator().manual_seed(0))
+    flipped = out[:, 0, 0, 0] > out[:, 0, 0, 1]
+    assert abs(flipped.float().mean() - 0.5) < 5 * math.sqrt(0.25 / n)
+
+
+def test_a_batch_depends_only_on_its_generator():
+    batch, aug = images(), data.BatchAugment(MEAN, STD)
+    a = aug(batch, torch.Generator().manual_seed(5))
+    torch.manual_seed(99)
+    assert torch.equal(aug(batch, torch.Generator().manual_seed(5)), a)
+    assert not torch.equal(aug(batch, torch.Generator().manual_seed(6)), a)
+
+
+def loader(num_images=100, batch=8, reps=2, rank=0, world_size=1, chunk_images=24, **augment):
+    imgs, labels = images(num_images), torch.arange(num_images)
+    sampler = data.RepeatedAugmentationSampler(num_images, batch * world_size, reps, rank, world_size, seed=7)
+    aug = data.BatchAugment(MEAN, STD, **(augment or OFF))
+    return data.DeviceLoader(imgs, labels, sampler, aug, torch.device("cpu"), chunk_images=chunk_images), imgs
+
+
+def test_device_loader_yields_the_samplers_order_in_batches():
+    dl, imgs = loader()
+    dl.sampler.set_epoch(1)
+    batches = list(dl)
+    assert len(batches) == len(dl) == 200 // 8
+    labels = torch.cat([y for _, y in batches])
+    assert torch.equal(labels, dl.sampler.epoch_order())
+    assert torch.equal(torch.cat([x for x, _ in batches]), data.normalize(imgs[labels], MEAN, STD))
+
+
+def test_device_loader_resumes_mid_chunk_with_the_same_batches():
+    dl, _ = loader(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.5)
+    dl.sampler.set_epoch(2)
+    full = list(dl)
+    dl.sampler.set_epoch(2, start_step=7)  # chunks hold 3 batches: step 7 is inside the third
+    resumed = list(dl)
+    assert len(resumed) == len(full) - 7
+    for (x, y), (x2, y2) in zip(full[7:], resumed):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_device_loader_ranks_see_disjoint_samples():
+    per_rank = []
+    for rank in range(2):
+        dl, _ = loader(rank=rank, world_size=2)
+        per_rank.append(torch.cat([y for _, y in dl]))
+    single, _ = loader(batch=16)
+    # Together the two ranks see exactly the samples of the 1-process epoch (global batch 16 in both).
+    assert sorted(torch.cat(per_rank).tolist()) == sorted(torch.cat([y for _, y in single]).tolist())
+    assert len(per_rank[0]) == len(per_rank[1]) == 96
