@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -50,10 +51,10 @@ def channel_stats(images: torch.Tensor):
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32, standardised per channel."""
+    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift."""
     mean = torch.tensor(mean, device=images.device).view(-1, 1, 1)
     std = torch.tensor(std, device=images.device).view(-1, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return images.float().mul_(1 / (255 * std)).sub_(mean / std)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -339,15 +340,15 @@ class BatchAugment:
 def flip_crop(images, flip, top, left, padding):
     """Per image: horizontal flip (where `flip`), then the HxW crop at (top, left) of the zero-padded image."""
     n, c, h, w = images.shape
-    device = images.device
-    padded = F.pad(images, (padding,) * 4)
-    rows = top.to(device, non_blocking=True)[:, None] + torch.arange(h, device=device)  # (n, h)
-    cols = left.to(device, non_blocking=True)[:, None] + torch.arange(w, device=device)  # (n, w)
+    padded_w = w + 2 * padding
+    rows = top[:, None] + torch.arange(h)  # (n, h)
+    cols = left[:, None] + torch.arange(w)  # (n, w)
     # A crop of the flipped padded image reads the mirrored columns of the unflipped one.
-    cols = torch.where(flip.to(device, non_blocking=True)[:, None], w + 2 * padding - 1 - cols, cols)
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    cols = torch.where(flip[:, None], padded_w - 1 - cols, cols)
+    pixel = rearrange(rows[:, :, None] * padded_w + cols[:, None, :], "n h w -> n 1 (h w)")
+    padded = rearrange(F.pad(images, (padding,) * 4), "n c h w -> n c (h w)")
+    crops = padded.gather(2, pixel.to(images.device, non_blocking=True).expand(n, c, h * w))
+    return rearrange(crops, "n c (h w) -> n c h w", h=h)
 
 
 def erasing_boxes(n, h, w, p, generator, scale=(0.02, 0.4), ratio=(0.3, 3.3), attempts=10):
@@ -368,15 +369,17 @@ def erasing_boxes(n, h, w, p, generator, scale=(0.02, 0.4), ratio=(0.3, 3.3), at
 
 
 def erase(images, boxes):
-    """Zero (the mean colour, after normalisation) each image's box (top, left, height, width)."""
+    """Zero (the mean colour, after normalisation) each image's box (top, left, height, width), in place; only the
+    images with a box are touched, and which they are is known on the CPU."""
     _, _, h, w = images.shape
-    top, left, box_h, box_w = boxes.to(images.device, non_blocking=True).unbind(1)
-    rows = torch.arange(h, device=images.device)
-    cols = torch.arange(w, device=images.device)
-    inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (n, h)
-    inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (n, w)
-    inside = inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
-    return images.masked_fill(inside, 0.0)
+    chosen = (boxes[:, 2] > 0).nonzero()[:, 0]
+    top, left, box_h, box_w = boxes[chosen].T[:, :, None]
+    inside_rows = (torch.arange(h) >= top) & (torch.arange(h) < top + box_h)  # (k, h)
+    inside_cols = (torch.arange(w) >= left) & (torch.arange(w) < left + box_w)  # (k, w)
+    inside = (inside_rows[:, None, :, None] & inside_cols[:, None, None, :]).to(images.device, non_blocking=True)
+    chosen = chosen.to(images.device, non_blocking=True)
+    images[chosen] = images[chosen].masked_fill(inside, 0.0)
+    return images
 
 
 class DeviceLoader:

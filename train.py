@@ -172,6 +172,18 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
+def train_step(model, optimizer, scheduler, images, labels, mix, autocast, label_smoothing):
+    """Mix the batch, one forward/backward/update, one scheduler step; returns the loss on the device (no sync)."""
+    images, targets = mix(images, labels)
+    with autocast:
+        loss = F.cross_entropy(model(images), targets, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model, images, labels, mean, std, device, rank, world_size, autocast):
     """Top-1 accuracy (%) and mean cross-entropy on the test set; each rank takes every world_size-th image."""
@@ -343,15 +355,8 @@ def main(args):
             # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
             torch.manual_seed(data.derive_seed(args.seed, "step", rank, step))
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            images, targets = mix(images, labels)
-            with autocast:
-                loss = F.cross_entropy(model(images), targets, label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loss_sum += train_step(model, optimizer, scheduler, images, labels, mix, autocast, args.label_smoothing)
             step += 1
-            loss_sum += loss.detach()
             interval_steps += 1
             if step % args.log_every == 0 or batch_index + 1 == len(loader):
                 mean_loss = loss_sum.item() / interval_steps  # the only host-device sync of the step loop

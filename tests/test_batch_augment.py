@@ -30,7 +30,7 @@ def test_flip_crop_equals_torchvision_flip_pad_crop():
 def test_erase_equals_torchvision_erase():
     batch = torch.randn(6, 3, 32, 32)
     boxes = torch.tensor([[0, 0, 5, 7], [3, 10, 20, 4], [31, 31, 1, 1], [5, 5, 0, 0], [0, 0, 31, 31], [2, 9, 30, 1]])
-    out = data.erase(batch, boxes)
+    out = data.erase(batch.clone(), boxes)
     for img, o, (i, j, h, w) in zip(batch, out, boxes.tolist()):
         assert torch.equal(o, TF.erase(img, i, j, h, w, torch.tensor(0.0)))
 

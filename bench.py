@@ -1,0 +1,216 @@
+"""Throughput of PoorViTs on this machine: it prints figures and asserts nothing.
+
+    python bench.py                      # or: make bench
+    python bench.py --sections step --rounds 5
+
+Sections:
+  step      train-step img/s (forward + backward + AdamW) per variant at the paper's config: fp32 on CPU, bf16 on GPU
+  augment   img/s of the full training augmentation: the batched device pipeline vs torchvision's per-image PIL one
+  pipeline  the training loop (device loader + augmentation + mixing + step) vs the bare step on a fixed batch; on a GPU
+            also the projected time of the 100-epoch baseline (15 M samples) and the peak memory
+Timings cover only the timed steps: warm-up (and compilation) is excluded, the device is synchronised around them.
+"""
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import data
+import train
+from model import ViT, ViTConfig, count_parameters, forward_macs
+
+VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"}, "cls-4": {"num_cls": 4}}
+RECIPE = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25)
+BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 training set
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="PoorViTs throughput benchmarks.")
+    parser.add_argument("--sections", default="step,augment,pipeline", type=str, help="comma-separated sections")
+    parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", default=128, type=int, help="images per step")
+    parser.add_argument("--steps", default=None, type=int, help="timed steps per measurement (default: 4 CPU, 100 GPU)")
+    parser.add_argument("--warmup", default=None, type=int, help="untimed steps first (default: 2 CPU, 20 GPU)")
+    parser.add_argument("--rounds", default=3, type=int, help="repeat each measurement, variants interleaved; median")
+    parser.add_argument("--aug-images", default=4096, type=int, help="images per augmentation measurement")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return parser
+
+
+def machine(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps, warmup, device):
+    """Seconds per call of fn, over `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def make_trainer(overrides, device, opts):
+    """A model with the paper's AdamW and schedule, and a step function train.py's loop would run."""
+    cfg = ViTConfig(**overrides)
+    model = ViT(cfg).to(device)
+    defaults = train.get_args_parser().parse_args([])
+    optimizer = train.build_optimizer(defaults, model.parameters(), device)
+    scheduler = train.build_scheduler(optimizer, defaults, steps_per_epoch=10_000)
+    compiled = torch.compile(model) if opts.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(images, labels, mix):
+        return train.train_step(compiled, optimizer, scheduler, images, labels, mix, autocast, 0.1)
+
+    return cfg, model, step
+
+
+def random_batch(n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return images.to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def bench_step(device, opts):
+    print(f"\n(a) train step, batch {opts.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+          f"{opts.steps} timed steps after {opts.warmup}, median of {opts.rounds} interleaved rounds")
+    images, labels = random_batch(opts.batch_size, device)
+    images = data.normalize(images, *data.CIFAR10_STATS)
+    no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
+    trainers = {name: make_trainer(overrides, device, opts) for name, overrides in VARIANTS.items()}
+    seconds = {name: [] for name in VARIANTS}
+    for _ in range(opts.rounds):
+        for name, (_, _, step) in trainers.items():
+            seconds[name].append(timed(lambda: step(images, labels, no_mix), opts.steps, opts.warmup, device))
+    base = statistics.median(seconds["baseline"])
+    print("| variant | params | forward GMAC/img | img/s | ms/step | vs baseline |\n|---|---|---|---|---|---|")
+    for name, (cfg, model, _) in trainers.items():
+        s = statistics.median(seconds[name])
+        print(f"| {name} | {count_parameters(model):,} | {forward_macs(cfg) / 1e9:.3f} | {opts.batch_size / s:,.0f} "
+              f"| {1000 * s:.1f} | {base / s:.3f}x |")
+
+
+def pil_pipeline(mean, std):
+    """torchvision's per-image recipe on PIL images, as a DataLoader worker would run it."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(), v2.RandomCrop(32, padding=4), v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+        v2.RandomErasing(p=0.25, scale=(0.02, 0.4), ratio=(0.3, 3.3)),
+    ])
+
+
+def bench_augment(device, opts):
+    print(f"\n(b) full training augmentation (flip, crop, AutoAugment, normalise, erasing, Mixup/CutMix), one process, "
+          f"batches of {opts.batch_size}")
+    n, batch = opts.aug_images, opts.batch_size
+    images, labels = random_batch(n, device)
+    mix = data.BatchMix(10)
+    augment = data.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
+    generator = torch.Generator().manual_seed(0)
+
+    def batched():
+        out = augment(images, generator)
+        for x, y in zip(out.split(batch), labels.split(batch)):
+            mix(x, y)
+
+    rows = []
+    threads = torch.get_num_threads()
+    rows.append((f"batched, on {device.type}" + (f", {threads} threads" if device.type == "cpu" else ""),
+                 n / timed(batched, 3, 1, device)))
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+        rows.append(("batched, on cpu, 1 thread", n / timed(batched, 3, 1, device)))
+        torch.set_num_threads(threads)
+
+    pil_images = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images[:1024]]
+    cpu_labels = labels[:1024].cpu()
+    transform = pil_pipeline(*data.CIFAR10_STATS)
+
+    def per_image():
+        for start in range(0, len(pil_images), batch):
+            x = torch.stack([transform(img) for img in pil_images[start:start + batch]])
+            mix(x, cpu_labels[start:start + batch])
+
+    torch.set_num_threads(1)  # PIL works on one core; a DataLoader worker runs one thread
+    rows.append(("torchvision per-image PIL, 1 process", len(pil_images) / timed(per_image, 2, 0, torch.device("cpu"))))
+    torch.set_num_threads(threads)
+    pil = rows[-1][1]
+    print("| pipeline | img/s | vs per-image PIL |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} | {rate / pil:.1f}x |")
+
+
+def bench_pipeline(device, opts):
+    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe")
+    _, _, step = make_trainer({}, device, opts)
+    n = opts.batch_size * (opts.steps + opts.warmup) * 2
+    images, labels = random_batch(max(n, 4096), device)
+    sampler = data.RepeatedAugmentationSampler(len(images), opts.batch_size, reps=3)
+    loader = data.DeviceLoader(images, labels, sampler, data.BatchAugment(*data.CIFAR10_STATS, **RECIPE), device)
+    mix = data.BatchMix(10)
+    fixed_images = data.normalize(images[: opts.batch_size], *data.CIFAR10_STATS)
+    fixed_labels = labels[: opts.batch_size]
+    no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
+    batches = iter(())
+    step_count = 0
+
+    def loop_step():
+        nonlocal batches, step_count
+        batch = next(batches, None)
+        if batch is None:
+            sampler.set_epoch(sampler.epoch + 1)
+            batches = iter(loader)
+            batch = next(batches)
+        torch.manual_seed(data.derive_seed(0, "step", 0, step_count))  # as train.py does every step
+        step_count += 1
+        step(*batch, mix)
+
+    bare, loop = [], []
+    for _ in range(opts.rounds):
+        bare.append(timed(lambda: step(fixed_images, fixed_labels, no_mix), opts.steps, opts.warmup, device))
+        loop.append(timed(loop_step, opts.steps, opts.warmup, device))
+    bare_rate, loop_rate = opts.batch_size / statistics.median(bare), opts.batch_size / statistics.median(loop)
+    print("| measurement | img/s | ms/step |\n|---|---|---|")
+    print(f"| bare step (fixed batch, no mixing) | {bare_rate:,.0f} | {1000 * statistics.median(bare):.1f} |")
+    print(f"| training loop (device loader, augmentation, mixing, step) | {loop_rate:,.0f} "
+          f"| {1000 * statistics.median(loop):.1f} |")
+    print(f"loop / bare = {loop_rate / bare_rate:.3f}")
+    print(f"projected baseline (100 epochs x 150k samples, no evaluation): {BASELINE_SAMPLES / loop_rate:,.0f} s")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
+def main(opts):
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    opts.steps = opts.steps or (100 if gpu else 4)
+    opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
+    sections = {"step": bench_step, "augment": bench_augment, "pipeline": bench_pipeline}
+    chosen = opts.sections.split(",")
+    unknown = [s for s in chosen if s not in sections]
+    if unknown:
+        raise SystemExit(f"bench.py: error: --sections {','.join(unknown)}: choose from {', '.join(sections)}")
+    print(f"machine: {machine(device)}")
+    for name in chosen:
+        sections[name](device, opts)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
