@@ -21,7 +21,7 @@ TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py 
 
 COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk mla-q mla-k \
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
-.PHONY: test demo $(COLUMNS)
+.PHONY: test demo bench $(COLUMNS)
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q
@@ -31,6 +31,10 @@ demo: $(VENV)/installed
 	$(PY) train.py --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 --lr 2e-3 \
 		--epochs 60 --warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 \
 		--cutmix-alpha 0 --ra-reps 1 --eval-every 10 --seed $(SEED) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S)
+
+# Throughput figures for this machine (README, Performance).
+bench: $(VENV)/installed
+	$(PY) bench.py
 
 $(COLUMNS): $(VENV)/installed
 

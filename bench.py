@@ -33,9 +33,10 @@ def get_args_parser():
     parser.add_argument("--sections", default="step,augment,pipeline", type=str, help="comma-separated sections")
     parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", default=128, type=int, help="images per step")
-    parser.add_argument("--steps", default=None, type=int, help="timed steps per measurement (default: 4 CPU, 100 GPU)")
+    parser.add_argument("--steps", default=None, type=int, help="timed steps per round (default: 1 CPU, 50 GPU)")
     parser.add_argument("--warmup", default=None, type=int, help="untimed steps first (default: 2 CPU, 20 GPU)")
-    parser.add_argument("--rounds", default=3, type=int, help="repeat each measurement, variants interleaved; median")
+    parser.add_argument("--rounds", default=None, type=int,
+                        help="rounds, variants interleaved; the median round counts (default: 12 CPU, 5 GPU)")
     parser.add_argument("--aug-images", default=4096, type=int, help="images per augmentation measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser
@@ -54,7 +55,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, steps, warmup, device):
+def timed(fn, steps, device, warmup=0):
     """Seconds per call of fn, over `steps` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
@@ -64,6 +65,19 @@ def timed(fn, steps, warmup, device):
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / steps
+
+
+def interleaved(fns, steps, warmup, rounds, device, average=statistics.median):
+    """Seconds per call of each fn: all warmed up first, then `rounds` rounds that time `steps` calls of each in
+    turn, so that drift in the machine's speed hits every fn alike; `average` over the rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    seconds = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            seconds[name].append(timed(fn, steps, device))
+    return {name: average(values) for name, values in seconds.items()}
 
 
 def make_trainer(overrides, device, opts):
@@ -90,19 +104,17 @@ def random_batch(n, device, seed=0):
 
 def bench_step(device, opts):
     print(f"\n(a) train step, batch {opts.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-          f"{opts.steps} timed steps after {opts.warmup}, median of {opts.rounds} interleaved rounds")
+          f"median of {opts.rounds} interleaved rounds of {opts.steps} timed steps, after {opts.warmup} warm-up steps")
     images, labels = random_batch(opts.batch_size, device)
     images = data.normalize(images, *data.CIFAR10_STATS)
     no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
     trainers = {name: make_trainer(overrides, device, opts) for name, overrides in VARIANTS.items()}
-    seconds = {name: [] for name in VARIANTS}
-    for _ in range(opts.rounds):
-        for name, (_, _, step) in trainers.items():
-            seconds[name].append(timed(lambda: step(images, labels, no_mix), opts.steps, opts.warmup, device))
-    base = statistics.median(seconds["baseline"])
+    steps = {name: (lambda step=step: step(images, labels, no_mix)) for name, (_, _, step) in trainers.items()}
+    seconds = interleaved(steps, opts.steps, opts.warmup, opts.rounds, device)
+    base = seconds["baseline"]
     print("| variant | params | forward GMAC/img | img/s | ms/step | vs baseline |\n|---|---|---|---|---|---|")
     for name, (cfg, model, _) in trainers.items():
-        s = statistics.median(seconds[name])
+        s = seconds[name]
         print(f"| {name} | {count_parameters(model):,} | {forward_macs(cfg) / 1e9:.3f} | {opts.batch_size / s:,.0f} "
               f"| {1000 * s:.1f} | {base / s:.3f}x |")
 
@@ -133,10 +145,10 @@ def bench_augment(device, opts):
     rows = []
     threads = torch.get_num_threads()
     rows.append((f"batched, on {device.type}" + (f", {threads} threads" if device.type == "cpu" else ""),
-                 n / timed(batched, 3, 1, device)))
+                 n / timed(batched, 3, device, warmup=1)))
     if device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)
-        rows.append(("batched, on cpu, 1 thread", n / timed(batched, 3, 1, device)))
+        rows.append(("batched, on cpu, 1 thread", n / timed(batched, 3, device, warmup=1)))
         torch.set_num_threads(threads)
 
     pil_images = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images[:1024]]
@@ -149,7 +161,7 @@ def bench_augment(device, opts):
             mix(x, cpu_labels[start:start + batch])
 
     torch.set_num_threads(1)  # PIL works on one core; a DataLoader worker runs one thread
-    rows.append(("torchvision per-image PIL, 1 process", len(pil_images) / timed(per_image, 2, 0, torch.device("cpu"))))
+    rows.append(("torchvision per-image PIL, 1 process", len(pil_images) / timed(per_image, 2, torch.device("cpu"))))
     torch.set_num_threads(threads)
     pil = rows[-1][1]
     print("| pipeline | img/s | vs per-image PIL |\n|---|---|---|")
@@ -158,12 +170,15 @@ def bench_augment(device, opts):
 
 
 def bench_pipeline(device, opts):
-    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe")
+    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe; mean over rounds of "
+          f"whole augmentation chunks")
     _, _, step = make_trainer({}, device, opts)
-    n = opts.batch_size * (opts.steps + opts.warmup) * 2
-    images, labels = random_batch(max(n, 4096), device)
+    images, labels = random_batch(10_000, device)
     sampler = data.RepeatedAugmentationSampler(len(images), opts.batch_size, reps=3)
-    loader = data.DeviceLoader(images, labels, sampler, data.BatchAugment(*data.CIFAR10_STATS, **RECIPE), device)
+    # On the CPU a chunk of 4 batches keeps the run short; every round times whole chunks, augmentation included.
+    chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size
+    loader = data.DeviceLoader(images, labels, sampler, data.BatchAugment(*data.CIFAR10_STATS, **RECIPE), device,
+                               chunk_images=chunk)
     mix = data.BatchMix(10)
     fixed_images = data.normalize(images[: opts.batch_size], *data.CIFAR10_STATS)
     fixed_labels = labels[: opts.batch_size]
@@ -182,15 +197,15 @@ def bench_pipeline(device, opts):
         step_count += 1
         step(*batch, mix)
 
-    bare, loop = [], []
-    for _ in range(opts.rounds):
-        bare.append(timed(lambda: step(fixed_images, fixed_labels, no_mix), opts.steps, opts.warmup, device))
-        loop.append(timed(loop_step, opts.steps, opts.warmup, device))
-    bare_rate, loop_rate = opts.batch_size / statistics.median(bare), opts.batch_size / statistics.median(loop)
+    per_round = loader.batches_per_chunk
+    rounds = max(2, opts.rounds * opts.steps // per_round)
+    seconds = interleaved({"bare": lambda: step(fixed_images, fixed_labels, no_mix), "loop": loop_step},
+                          per_round, per_round, rounds, device, average=statistics.mean)
+    bare_rate, loop_rate = opts.batch_size / seconds["bare"], opts.batch_size / seconds["loop"]
     print("| measurement | img/s | ms/step |\n|---|---|---|")
-    print(f"| bare step (fixed batch, no mixing) | {bare_rate:,.0f} | {1000 * statistics.median(bare):.1f} |")
+    print(f"| bare step (fixed batch, no mixing) | {bare_rate:,.0f} | {1000 * seconds['bare']:.1f} |")
     print(f"| training loop (device loader, augmentation, mixing, step) | {loop_rate:,.0f} "
-          f"| {1000 * statistics.median(loop):.1f} |")
+          f"| {1000 * seconds['loop']:.1f} |")
     print(f"loop / bare = {loop_rate / bare_rate:.3f}")
     print(f"projected baseline (100 epochs x 150k samples, no evaluation): {BASELINE_SAMPLES / loop_rate:,.0f} s")
     if device.type == "cuda":
@@ -200,8 +215,9 @@ def bench_pipeline(device, opts):
 def main(opts):
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    opts.steps = opts.steps or (100 if gpu else 4)
+    opts.steps = opts.steps or (50 if gpu else 1)
     opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
+    opts.rounds = opts.rounds or (5 if gpu else 12)
     sections = {"step": bench_step, "augment": bench_augment, "pipeline": bench_pipeline}
     chosen = opts.sections.split(",")
     unknown = [s for s in chosen if s not in sections]
