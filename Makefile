@@ -8,29 +8,69 @@ NPROC ?= 4
 SEED ?= 0
 DATA ?= data
 OUT ?= runs
-# RESUME=1 continues a target's run from its checkpoint; EXTRA adds flags to any target.
+# RESUME=1 continues a target's run from its checkpoint; EXTRA adds flags to any target; SEEDS: for the tables.
 RESUME ?=
 EXTRA ?=
+SEEDS ?= 3
 
 # The paper's baseline is train.py's defaults, so a column lists only what it changes.
 RUN_DIR = $(OUT)/$@-seed$(SEED)
-BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) --seed $(SEED) --amp \
+BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) --seed $(SEED) --amp --tag $@ \
 	--output-dir $(RUN_DIR) $(if $(RESUME),--resume $(RUN_DIR)/checkpoint.pt) $(EXTRA)
 TRAIN = $(PY) train.py $(BASE)
 TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(BASE)
 
 COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk mla-q mla-k \
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
-.PHONY: test demo bench $(COLUMNS)
+# The demo model on digits, and two ablations of it: the example table and plots of the README.
+DEMO_COLUMNS := demo-base demo-mla-qkv demo-cls-4
+.PHONY: test demo bench table plots table-runs demo-table $(COLUMNS) $(DEMO_COLUMNS)
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q
 
 # A small ViT on scikit-learn's bundled handwritten digits: offline, about a minute on a laptop CPU.
+DEMO_FLAGS = --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 --lr 2e-3 --epochs 60 \
+	--warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 \
+	--eval-every 10 --seed $(SEED)
 demo: $(VENV)/installed
-	$(PY) train.py --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 --lr 2e-3 \
-		--epochs 60 --warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 \
-		--cutmix-alpha 0 --ra-reps 1 --eval-every 10 --seed $(SEED) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) train.py $(DEMO_FLAGS) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S)
+
+# The table of every run under OUT (mean ± std over seeds, next to the paper), and its plots: OUT/report.
+table: $(VENV)/installed
+	$(PY) report.py $(OUT) --seeds $(SEEDS)
+plots: $(VENV)/installed
+	$(PY) report.py $(OUT) --seeds $(SEEDS) --plots
+
+# $(call run-all,COLUMNS,DIR): every column for seeds 0..SEEDS-1 into DIR, one run after another. A finished run is
+# skipped, a stopped one resumed; one that died before its first checkpoint is moved aside and started again.
+define run-all
+	@for seed in $$(seq 0 $$(($(SEEDS) - 1))); do for column in $(1); do \
+		dir=$(2)/$$column-seed$$seed; \
+		if grep -qs '"complete": true' $$dir/summary.json; then echo "done: $$dir"; continue; fi; \
+		if [ -d $$dir ] && [ ! -f $$dir/checkpoint.pt ]; then mv $$dir $$dir.failed-$$(date +%s); fi; \
+		resume=$$([ -f $$dir/checkpoint.pt ] && echo RESUME=1); \
+		$(MAKE) --no-print-directory $$column SEED=$$seed OUT=$(2) $$resume || exit 1; \
+	done; done
+endef
+
+table-runs: $(VENV)/installed
+	$(call run-all,$(COLUMNS),$(OUT))
+	$(PY) report.py $(OUT) --seeds $(SEEDS) --plots
+
+demo-table: $(VENV)/installed
+	$(call run-all,$(DEMO_COLUMNS),$(OUT)/demo-table)
+	$(PY) report.py $(OUT)/demo-table --seeds $(SEEDS) --plots --baseline demo-base
+
+DEMO_TRAIN = $(PY) train.py $(DEMO_FLAGS) --tag $@ --output-dir $(RUN_DIR) \
+	$(if $(RESUME),--resume $(RUN_DIR)/checkpoint.pt) $(EXTRA)
+$(DEMO_COLUMNS): $(VENV)/installed
+demo-base:
+	$(DEMO_TRAIN)
+demo-mla-qkv:
+	$(DEMO_TRAIN) --latent qkv --latent-dim 32
+demo-cls-4:
+	$(DEMO_TRAIN) --num-cls 4
 
 # Throughput figures for this machine (README, Performance).
 bench: $(VENV)/installed

@@ -89,6 +89,8 @@ def get_args_parser():
     parser.add_argument("--eval-every", default=5, type=int, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--log-every", default=50, type=int, help="log training loss every N steps")
     parser.add_argument("--seed", default=0, type=int, help="base seed; every random draw derives from it")
+    parser.add_argument("--tag", default=None, type=str,
+                        help="the table column this run belongs to (report.py groups runs by it; default: none)")
     parser.add_argument("--output-dir", default=None, type=str,
                         help="where metrics, checkpoint and summary go (default: runs/<dataset>-<time>)")
     parser.add_argument("--resume", default=None, type=str, help="checkpoint.pt to continue from")

@@ -191,7 +191,8 @@ def test_each_make_target_changes_only_its_columns_flags(target):
     assert ("--nproc_per_node=2" in command) == target.startswith(("ddp", "lion"))
     args = vars(train.get_args_parser().parse_args(command[command.index("train.py") + 1:]))
     defaults = vars(train.get_args_parser().parse_args([]))
-    base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3"}
+    base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3",
+            "tag": target}
     assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
 
 

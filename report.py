@@ -1,0 +1,263 @@
+"""The paper's table regenerated from runs, with training curves and plots.
+
+    python report.py runs                   # or: make table   -> runs/report/table.md
+    python report.py runs --plots           # or: make plots   -> also curves/<run>.png, accuracy_vs_time.png, ...
+
+Reads every sub-folder of the runs folder that holds a summary.json or a metrics.jsonl. Runs are grouped into
+table columns by their --tag (else by the folder name without "-seed<N>"); a column's numbers are the mean and
+standard deviation over its complete runs. "final" is the test accuracy after the last epoch, "best" the highest
+of the periodic evaluations. Missing, unfinished and unreadable runs are listed under the table, never fatal.
+"""
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# arXiv 2501.06220, Table 1 (CIFAR-10 top-1 %, one seed each; runtime in seconds, GPU not stated), in its layout.
+PAPER = [
+    ("Baseline", "baseline", "baseline", 4658, 93.65),
+    ("Augmentation", "-AutoAugment", "no-aa", 4684, 92.14),
+    ("Augmentation", "-Mixup", "no-mixup", 4656, 93.68),
+    ("Augmentation", "-CutMix", "no-cutmix", 4651, 92.77),
+    ("Patch", "sin-cos positions", "sin", 4687, 93.43),
+    ("Patch", "whitening init", "whiten", 4676, 93.28),
+    ("MLA", "qkv", "mla-qkv", 4805, 91.80),
+    ("MLA", "kv", "mla-kv", 4756, 92.43),
+    ("MLA", "qk", "mla-qk", 4785, 92.42),
+    ("MLA", "q", "mla-q", 4716, 93.32),
+    ("MLA", "k", "mla-k", 4711, 92.50),
+    ("DDP", "global batch 256", "ddp-bs256", 3582, 93.44),
+    ("DDP", "global batch 1024", "ddp-bs1024", 1371, 92.09),
+    ("DDP", "Lion, batch 1024", "lion-bs1024", 1545, 92.38),
+    ("Multi-CLS", "2 CLS tokens", "cls-2", None, None),
+    ("Multi-CLS", "4 CLS tokens", "cls-4", None, None),
+]
+
+
+@dataclass
+class Run:
+    folder: Path
+    column: str
+    seed: int
+    summary: dict
+    metrics: list = field(default_factory=list)
+
+
+@dataclass
+class Column:
+    target: str
+    runs: list
+
+    def values(self, key):
+        return [run.summary[key] for run in self.runs if run.summary.get(key) is not None]
+
+    def mean_std(self, key):
+        values = self.values(key)
+        if not values:
+            return None, None
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def column_of(folder: Path, summary: dict) -> str:
+    tag = summary.get("args", {}).get("tag")
+    return tag or re.sub(r"-seed\d+$", "", folder.name)
+
+
+def read_metrics(path: Path, problems: list) -> list:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            problems.append(f"{path}: line {number} is not JSON (skipped)")
+    return records
+
+
+def load_runs(root: Path):
+    """(complete runs, problems): each problem is one line naming the folder or file and what is wrong."""
+    runs, problems = [], []
+    folders = sorted(p.parent for p in root.glob("*/summary.json")) + sorted(
+        p.parent for p in root.glob("*/metrics.jsonl") if not (p.parent / "summary.json").exists())
+    for folder in folders:
+        summary_path = folder / "summary.json"
+        if not summary_path.exists():
+            problems.append(f"{folder}: no summary.json (still running, or stopped before its end)")
+            continue
+        try:
+            summary = json.loads(summary_path.read_text())
+            seed = summary["args"]["seed"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            problems.append(f"{summary_path}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if not summary.get("complete"):
+            problems.append(f"{folder}: incomplete ({summary.get('epochs_done')} of {summary.get('epochs')} epochs); "
+                            f"continue it with --resume {folder / 'checkpoint.pt'}")
+            continue
+        metrics_path = folder / "metrics.jsonl"
+        metrics = read_metrics(metrics_path, problems) if metrics_path.exists() else []
+        runs.append(Run(folder, column_of(folder, summary), seed, summary, metrics))
+    return runs, problems
+
+
+def group_columns(runs, problems):
+    columns = {}
+    for run in runs:
+        column = columns.setdefault(run.column, Column(run.column, []))
+        if any(other.seed == run.seed for other in column.runs):
+            problems.append(f"{run.folder}: a second run of {run.column!r} with seed {run.seed} (both counted)")
+        column.runs.append(run)
+    return columns
+
+
+def fmt(mean, std, digits=2):
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def table_rows(columns):
+    """(group, name, target, paper time, paper acc) for the paper's columns, then any other column found."""
+    rows = list(PAPER)
+    known = {target for *_, target, _, _ in PAPER}
+    rows += [("Other", target, target, None, None) for target in sorted(columns) if target not in known]
+    return rows
+
+
+def markdown_table(columns, expected_seeds=None):
+    lines = ["| group | column | target | final acc % | best acc % | seeds | train time s | device | paper acc % "
+             "| final − paper | paper time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    missing = []
+    for group, name, target, paper_time, paper_acc in table_rows(columns):
+        column = columns.get(target)
+        if column is None:
+            lines.append(f"| {group} | {name} | `{target}` | not run | | 0 | | | {fmt(paper_acc, None)} | "
+                         f"| {paper_time or '—'} |")
+            missing.append(target)
+            continue
+        final, final_std = column.mean_std("final_acc")
+        best, best_std = column.mean_std("best_acc")
+        seconds, _ = column.mean_std("train_seconds")
+        devices = ", ".join(sorted(set(column.values("device_name")))) or "—"
+        diff = fmt(final - paper_acc, None) if paper_acc is not None else "—"
+        lines.append(f"| {group} | {name} | `{target}` | {fmt(final, final_std)} | {fmt(best, best_std)} "
+                     f"| {len(column.runs)} | {fmt(seconds, None, 0)} | {devices} | {fmt(paper_acc, None)} | {diff} "
+                     f"| {paper_time or '—'} |")
+        if expected_seeds and len(column.runs) < expected_seeds:
+            missing.append(f"{target} ({len(column.runs)} of {expected_seeds} seeds)")
+    return "\n".join(lines), missing
+
+
+def epochs_axis(run, records):
+    """Fractional epoch of each record: steps / steps per epoch."""
+    steps_per_epoch = run.summary["steps"] / max(run.summary["epochs_done"], 1)
+    return [r["step"] / steps_per_epoch for r in records]
+
+
+def plot_curves(run, path):
+    import matplotlib.pyplot as plt
+
+    train = [r for r in run.metrics if r.get("kind") == "train"]
+    evals = [r for r in run.metrics if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    axes[0].plot(epochs_axis(run, train), [r["loss"] for r in train])
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].plot(epochs_axis(run, evals), [r["acc"] for r in evals], marker="o", markersize=3)
+    axes[1].set(title="test accuracy %", xlabel="epoch")
+    axes[2].plot(epochs_axis(run, train), [r["lr"] for r in train])
+    axes[2].set(title="learning rate", xlabel="epoch")
+    fig.suptitle(run.folder.name, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_time(columns, path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target, column in sorted(columns.items()):
+        final, std = column.mean_std("final_acc")
+        seconds, _ = column.mean_std("train_seconds")
+        ax.errorbar(seconds, final, yerr=std or 0, fmt="o", capsize=3)
+        ax.annotate(target, (seconds, final), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="training time per run (s)", ylabel="final test accuracy % (mean ± std over seeds)",
+           title="accuracy vs training time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def differences(columns, baseline):
+    """{target: (mean final − baseline mean final, error)}; the error adds the two standard errors in quadrature."""
+    base = columns[baseline]
+    base_mean, base_std = base.mean_std("final_acc")
+    result = {}
+    for target, column in sorted(columns.items()):
+        if target == baseline:
+            continue
+        mean, std = column.mean_std("final_acc")
+        error = math.sqrt((std or 0) ** 2 / len(column.runs) + (base_std or 0) ** 2 / len(base.runs))
+        result[target] = (mean - base_mean, error)
+    return result
+
+
+def plot_differences(columns, baseline, path):
+    import matplotlib.pyplot as plt
+
+    diffs = differences(columns, baseline)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(diffs) + 2), 3.5))
+    names = list(diffs)
+    ax.bar(names, [diffs[n][0] for n in names], yerr=[diffs[n][1] for n in names], capsize=4,
+           color=["tab:green" if diffs[n][0] >= 0 else "tab:red" for n in names])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(ylabel=f"final acc − {baseline} (points)", title=f"each column against {baseline} (± standard error)")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Regenerate the paper's table (and plots) from a folder of runs.")
+    parser.add_argument("runs", type=str, help="folder whose sub-folders are runs (summary.json + metrics.jsonl)")
+    parser.add_argument("--out", default=None, type=str, help="where table.md and plots go (default: <runs>/report)")
+    parser.add_argument("--plots", action="store_true", help="also write PNG plots")
+    parser.add_argument("--baseline", default="baseline", type=str, help="the column ablations are compared with")
+    parser.add_argument("--seeds", default=None, type=int, help="seeds each column should have (to list shortfalls)")
+    return parser
+
+
+def main(args):
+    root = Path(args.runs)
+    if not root.is_dir():
+        raise SystemExit(f"report.py: error: {root} is not a folder of runs")
+    out = Path(args.out) if args.out else root / "report"
+    runs, problems = load_runs(root)
+    columns = group_columns(runs, problems)
+    table, missing = markdown_table(columns, args.seeds)
+    notes = [f"- not run or short of seeds: {', '.join(missing)}"] if missing else []
+    notes += [f"- {problem}" for problem in problems]
+    text = table + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    print(text)
+    if args.plots and columns:
+        (out / "curves").mkdir(exist_ok=True)
+        for run in runs:
+            if run.metrics:
+                plot_curves(run, out / "curves" / f"{run.folder.name}.png")
+        plot_accuracy_vs_time(columns, out / "accuracy_vs_time.png")
+        if args.baseline in columns and len(columns) > 1:
+            plot_differences(columns, args.baseline, out / "differences.png")
+        else:
+            print(f"no {args.baseline!r} runs: differences.png not written", file=sys.stderr)
+    print(f"written to {out}", file=sys.stderr)
+    return columns, problems
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,144 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import report
+
+
+def write_run(root, name, column, seed, final, best, seconds=100.0, epochs=4, complete=True, device="Fake GPU"):
+    folder = root / name
+    folder.mkdir(parents=True)
+    summary = {"complete": complete, "final_acc": final if complete else None, "best_acc": best, "best_epoch": 3,
+               "epochs": epochs, "epochs_done": epochs if complete else 2, "steps": epochs * 10,
+               "train_seconds": seconds, "device_name": device, "args": {"seed": seed, "tag": column}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    records = [{"kind": "run", "epoch": 0, "step": 0}]
+    for epoch in range(1, epochs + 1):
+        records.append({"kind": "train", "epoch": epoch, "step": 10 * epoch, "lr": 1e-3 / epoch, "loss": 2.0 / epoch})
+        records.append({"kind": "eval", "epoch": epoch, "step": 10 * epoch, "acc": final - (epochs - epoch)})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed, final in enumerate([93.0, 94.0, 95.0]):
+        write_run(tmp_path, f"baseline-seed{seed}", "baseline", seed, final, final + 0.5, seconds=100 + seed)
+    for seed, final in enumerate([92.0, 92.5, 93.5]):
+        write_run(tmp_path, f"mla-q-seed{seed}", "mla-q", seed, final, final + 1)
+    # sin: seed 2 is missing; one of its folders has no tag and is grouped by its folder name.
+    write_run(tmp_path, "sin-seed0", "sin", 0, 93.4, 93.6)
+    write_run(tmp_path, "sin-seed1", None, 1, 93.2, 93.8)
+    corrupt = write_run(tmp_path, "no-aa-seed0", "no-aa", 0, 91.0, 92.0)
+    (corrupt / "summary.json").write_text('{"complete": true, "final_acc": 9')
+    write_run(tmp_path, "whiten-seed0", "whiten", 0, 90.0, 90.0, complete=False)
+    (tmp_path / "cls-2-seed0").mkdir()
+    (tmp_path / "cls-2-seed0" / "metrics.jsonl").write_text('{"kind": "run", "step": 0}\n')
+    return tmp_path
+
+
+def table_row(table, target):
+    (line,) = [line for line in table.splitlines() if f"| `{target}` |" in line]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_has_mean_and_std_over_seeds_next_to_the_paper(runs):
+    columns, problems = report.main(report.get_args_parser().parse_args([str(runs), "--seeds", "3"]))
+    table = (runs / "report" / "table.md").read_text()
+    group, name, target, final, best, seeds, seconds, device, paper, diff, paper_time = table_row(table, "baseline")
+    assert (group, final, best, seeds) == ("Baseline", "94.00 ± 1.00", "94.50 ± 1.00", "3")
+    assert (seconds, device, paper, paper_time) == ("101", "Fake GPU", "93.65", "4658")
+    assert diff == f"{94.0 - 93.65:.2f}"
+    mla = table_row(table, "mla-q")
+    expected_std = math.sqrt(((92 - 92.667) ** 2 + (92.5 - 92.667) ** 2 + (93.5 - 92.667) ** 2) / 2)
+    assert mla[3] == f"92.67 ± {expected_std:.2f}" and mla[8] == "93.32"
+    assert table_row(table, "sin")[3:6] == ["93.30 ± 0.14", "93.70 ± 0.14", "2"]
+    assert table_row(table, "mla-kv")[3] == "not run"
+    assert "sin (2 of 3 seeds)" in table and "mla-kv" in table.split("not run or short of seeds:")[1]
+
+
+def test_missing_corrupt_and_unfinished_runs_are_reported_not_fatal(runs):
+    columns, problems = report.main(report.get_args_parser().parse_args([str(runs)]))
+    assert set(columns) == {"baseline", "mla-q", "sin"}
+    text = "\n".join(problems)
+    assert "no-aa-seed0/summary.json: unreadable" in text
+    assert "whiten-seed0: incomplete (2 of 4 epochs)" in text and "--resume" in text
+    assert "cls-2-seed0: no summary.json" in text
+    table = (runs / "report" / "table.md").read_text()
+    assert table_row(table, "no-aa")[3] == "not run" and "unreadable" in table
+
+
+def test_unknown_columns_get_their_own_rows(tmp_path):
+    write_run(tmp_path, "demo-seed0", "demo", 0, 97.0, 97.5)
+    write_run(tmp_path, "demo-mla-q-seed0", "demo-mla-q", 0, 96.0, 96.0)
+    columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path), "--baseline", "demo"]))
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert table_row(table, "demo")[:4] == ["Other", "demo", "`demo`", "97.00"]
+    assert table_row(table, "demo-mla-q")[9] == "—"
+
+
+def test_differences_from_the_baseline_carry_standard_errors(runs):
+    columns, _ = report.main(report.get_args_parser().parse_args([str(runs)]))
+    diffs = report.differences(columns, "baseline")
+    mean, error = diffs["mla-q"]
+    assert mean == pytest.approx(92.6667 - 94.0, abs=1e-3)
+    mla_std = report.statistics.stdev([92.0, 92.5, 93.5])
+    assert error == pytest.approx(math.sqrt(mla_std**2 / 3 + 1.0**2 / 3))
+
+
+def test_plots_are_written_as_png(runs):
+    report.main(report.get_args_parser().parse_args([str(runs), "--plots"]))
+    out = runs / "report"
+    pngs = [out / "accuracy_vs_time.png", out / "differences.png"] + [
+        out / "curves" / f"{name}-seed{s}.png" for name in ("baseline", "mla-q") for s in range(3)]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not (out / "curves" / "whiten-seed0.png").exists()
+
+
+def test_a_missing_runs_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="not a folder of runs"):
+        report.main(report.get_args_parser().parse_args([str(tmp_path / "nowhere")]))
+
+
+STUB = '''#!{python}
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+if argv[0] == "train.py":
+    out = Path(argv[argv.index("--output-dir") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(argv[argv.index("--seed") + 1])
+    (out / "summary.json").write_text(json.dumps({{"complete": True, "final_acc": 90.0 + seed, "best_acc": 91.0,
+        "train_seconds": 1.0, "steps": 10, "epochs_done": 1, "epochs": 1, "args": {{"seed": seed,
+        "tag": argv[argv.index("--tag") + 1]}}}}, indent=2))
+'''
+
+
+def test_table_runs_skips_finished_runs_resumes_stopped_ones_and_restarts_dead_ones(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    stub = tmp_path / "python"
+    stub.write_text(STUB.format(python=sys.executable, log=str(log)))
+    stub.chmod(0o755)
+    out = tmp_path / "runs"
+    write_run(out, "baseline-seed0", "baseline", 0, 93.0, 93.0)  # finished: skipped
+    stopped = write_run(out, "sin-seed0", "sin", 0, 90.0, 90.0, complete=False)
+    (stopped / "checkpoint.pt").write_bytes(b"checkpoint")  # stopped: resumed
+    (out / "baseline-seed1").mkdir()
+    (out / "baseline-seed1" / "metrics.jsonl").write_text("{}\n")  # died before a checkpoint: moved aside
+    result = subprocess.run(["make", "-o", ".venv/installed", "table-runs", "SEEDS=2", f"OUT={out}",
+                             "COLUMNS=baseline sin", f"PY={stub}", "EPOCHS=1"], cwd=Path(__file__).parents[1],
+                            capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    trained = [(c[c.index("--output-dir") + 1].split("/")[-1], "--resume" in c) for c in calls if c[0] == "train.py"]
+    assert trained == [("sin-seed0", True), ("baseline-seed1", False), ("sin-seed1", False)]
+    assert calls[-1][:2] == ["report.py", str(out)]
+    assert len(list(out.glob("baseline-seed1.failed-*"))) == 1
