@@ -60,7 +60,7 @@ table-runs: $(VENV)/installed
 
 demo-table: $(VENV)/installed
 	$(call run-all,$(DEMO_COLUMNS),$(OUT)/demo-table)
-	$(PY) report.py $(OUT)/demo-table --seeds $(SEEDS) --plots --baseline demo-base
+	$(PY) report.py $(OUT)/demo-table --seeds $(SEEDS) --plots --baseline demo-base --only-run
 
 DEMO_TRAIN = $(PY) train.py $(DEMO_FLAGS) --tag $@ --output-dir $(RUN_DIR) \
 	$(if $(RESUME),--resume $(RUN_DIR)/checkpoint.pt) $(EXTRA)

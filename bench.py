@@ -11,7 +11,6 @@ Sections:
 Timings cover only the timed steps: warm-up (and compilation) is excluded, the device is synchronised around them.
 """
 import argparse
-import platform
 import statistics
 import time
 
@@ -45,9 +44,7 @@ def get_args_parser():
 def machine(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{train.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def synchronize(device):

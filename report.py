@@ -119,19 +119,19 @@ def fmt(mean, std, digits=2):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def table_rows(columns):
+def table_rows(columns, only_run=False):
     """(group, name, target, paper time, paper acc) for the paper's columns, then any other column found."""
-    rows = list(PAPER)
-    known = {target for *_, target, _, _ in PAPER}
+    rows = [row for row in PAPER if row[2] in columns or not only_run]
+    known = {target for _, _, target, _, _ in PAPER}
     rows += [("Other", target, target, None, None) for target in sorted(columns) if target not in known]
     return rows
 
 
-def markdown_table(columns, expected_seeds=None):
+def markdown_table(columns, expected_seeds=None, only_run=False):
     lines = ["| group | column | target | final acc % | best acc % | seeds | train time s | device | paper acc % "
              "| final − paper | paper time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     missing = []
-    for group, name, target, paper_time, paper_acc in table_rows(columns):
+    for group, name, target, paper_time, paper_acc in table_rows(columns, only_run):
         column = columns.get(target)
         if column is None:
             lines.append(f"| {group} | {name} | `{target}` | not run | | 0 | | | {fmt(paper_acc, None)} | "
@@ -209,12 +209,12 @@ def plot_differences(columns, baseline, path):
     import matplotlib.pyplot as plt
 
     diffs = differences(columns, baseline)
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(diffs) + 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(diffs) + 2), 3.5))
     names = list(diffs)
     ax.bar(names, [diffs[n][0] for n in names], yerr=[diffs[n][1] for n in names], capsize=4,
            color=["tab:green" if diffs[n][0] >= 0 else "tab:red" for n in names])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(ylabel=f"final acc − {baseline} (points)", title=f"each column against {baseline} (± standard error)")
+    ax.set(ylabel=f"final acc − {baseline} (points)", title=f"vs {baseline} (± standard error)")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -228,6 +228,7 @@ def get_args_parser():
     parser.add_argument("--plots", action="store_true", help="also write PNG plots")
     parser.add_argument("--baseline", default="baseline", type=str, help="the column ablations are compared with")
     parser.add_argument("--seeds", default=None, type=int, help="seeds each column should have (to list shortfalls)")
+    parser.add_argument("--only-run", action="store_true", help="leave out the paper's columns that have no runs")
     return parser
 
 
@@ -238,7 +239,7 @@ def main(args):
     out = Path(args.out) if args.out else root / "report"
     runs, problems = load_runs(root)
     columns = group_columns(runs, problems)
-    table, missing = markdown_table(columns, args.seeds)
+    table, missing = markdown_table(columns, args.seeds, args.only_run)
     notes = [f"- not run or short of seeds: {', '.join(missing)}"] if missing else []
     notes += [f"- {problem}" for problem in problems]
     text = table + ("\n\n" + "\n".join(notes) if notes else "") + "\n"

@@ -218,6 +218,14 @@ def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def run_info(device):
     try:
         root = Path(__file__).resolve().parent
@@ -229,7 +237,7 @@ def run_info(device):
     import einops
     import torchvision
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"git_commit": commit, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": name, "hostname": platform.node()}

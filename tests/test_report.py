@@ -142,3 +142,9 @@ def test_table_runs_skips_finished_runs_resumes_stopped_ones_and_restarts_dead_o
     assert trained == [("sin-seed0", True), ("baseline-seed1", False), ("sin-seed1", False)]
     assert calls[-1][:2] == ["report.py", str(out)]
     assert len(list(out.glob("baseline-seed1.failed-*"))) == 1
+
+
+def test_only_run_leaves_out_the_papers_empty_columns(runs):
+    report.main(report.get_args_parser().parse_args([str(runs), "--only-run"]))
+    table = (runs / "report" / "table.md").read_text()
+    assert "| `baseline` |" in table and "| `mla-kv` |" not in table and "not run" not in table.split("\n\n")[0]
