@@ -9,7 +9,9 @@ epoch, written atomically) and summary.json (at the end of every invocation).
 import argparse
 import json
 import os
+import pickle
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +34,7 @@ from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forwa
 EVAL_CHUNK = 1024
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
 RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "log_every",
-                     "stop_after_epochs"}
+                     "stop_after_epochs", "save_every"}
 
 
 def get_args_parser():
@@ -93,7 +95,10 @@ def get_args_parser():
                         help="the table column this run belongs to (report.py groups runs by it; default: none)")
     parser.add_argument("--output-dir", default=None, type=str,
                         help="where metrics, checkpoint and summary go (default: runs/<dataset>-<time>)")
-    parser.add_argument("--resume", default=None, type=str, help="checkpoint.pt to continue from")
+    parser.add_argument("--resume", default=None, type=str,
+                        help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
+    parser.add_argument("--save-every", default=0, type=int,
+                        help="also checkpoint every N steps (0: only after each epoch); a kill loses at most N steps")
     parser.add_argument("--stop-after-epochs", default=None, type=int,
                         help="end this invocation after N epochs, schedule unchanged; continue with --resume")
     parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
@@ -121,6 +126,8 @@ def check_args(args):
         raise ValueError(f"--label-smoothing {args.label_smoothing} must be in [0, 1)")
     if args.stop_after_epochs is not None and args.stop_after_epochs <= 0:
         raise ValueError(f"--stop-after-epochs {args.stop_after_epochs} must be positive")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every {args.save_every} must be >= 0")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers} must be >= 0")
 
@@ -249,23 +256,47 @@ def prepare_output_dir(args) -> Path:
     if existing and not args.resume:
         raise ValueError(f"--output-dir {out} already holds a run ({', '.join(existing)}): "
                          f"pass --resume {out / 'checkpoint.pt'} to continue it, or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"--output-dir {out} is not writable")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
     return out
 
 
-def load_checkpoint(args, cfg):
+def resume_checkpoint(args):
+    """The checkpoint to resume from: --resume PATH, or with --resume auto the output dir's, if it has one."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        if args.output_dir is None:
+            raise ValueError("--resume auto needs --output-dir (the run to continue)")
+        path = Path(args.output_dir) / "checkpoint.pt"
+        return path if path.is_file() else None
     path = Path(args.resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
+    return path
+
+
+def load_checkpoint(path, args, cfg):
+    """A checkpoint of this run, loaded without running any code from it (weights_only=True)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError for foreign or damaged files
-        raise ValueError(f"--resume {path}: not a loadable checkpoint ({type(e).__name__})") from None
-    if ckpt.get("config") != asdict(cfg):
-        fields = sorted(k for k in asdict(cfg) if ckpt.get("config", {}).get(k) != asdict(cfg)[k])
-        raise ValueError(f"--resume {path}: checkpoint is for a different model ({', '.join(fields)} differ)")
+    except pickle.UnpicklingError:
+        raise ValueError(f"--resume {path}: refused: it holds objects that would run code when loaded; only "
+                         f"tensors and plain values are loaded (weights_only=True)") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "args", "step"} <= ckpt.keys():
+        raise ValueError(f"--resume {path}: not a checkpoint written by train.py")
+    if ckpt["config"] != asdict(cfg):
+        differing = sorted(k for k in asdict(cfg) if ckpt["config"].get(k) != asdict(cfg)[k])
+        raise ValueError(f"--resume {path}: checkpoint is for a different model: "
+                         + ", ".join(f"{k} {ckpt['config'].get(k)!r} -> {asdict(cfg)[k]!r}" for k in differing))
     changed = sorted(k for k, v in vars(args).items() if k not in RESUME_FREE_FLAGS and ckpt["args"].get(k) != v)
     if changed:
         raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: "
@@ -289,6 +320,119 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after saving a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
+
+
+class TrainingState:
+    """Progress that a checkpoint carries: step, accuracies, training time, and the open log interval (so a resume
+    at any step logs the same numbers as an uninterrupted run)."""
+
+    def __init__(self, device):
+        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
+        self.loss_sum, self.interval_steps = torch.zeros((), device=device), 0
+        # The first step whose loss was not finite (-1: none), kept on the device so that checking costs no sync.
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.interval_start = time.perf_counter()
+        self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
+
+    def add(self, loss):
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~loss.isfinite(), self.step,
+                                          self.first_bad_step)
+        self.loss_sum += loss
+        self.step += 1
+        self.interval_steps += 1
+
+    def raise_if_not_finite(self, epoch, checkpoint: Path):
+        bad = int(self.first_bad_step)
+        if bad >= 0:
+            kept = (f"the last good checkpoint is {checkpoint} (step {torch.load(checkpoint, weights_only=True)['step']})"
+                    if checkpoint.exists() else "no checkpoint was saved before it")
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
+                                f"without saving: {kept}")
+
+    def log_interval(self, lr, batch_size):
+        """Mean loss and speed of the steps since the last log point; starts the next interval."""
+        seconds = time.perf_counter() - self.interval_start
+        metrics = {"lr": lr, "loss": self.loss_sum.item() / self.interval_steps,
+                   "img_s": self.interval_steps * batch_size / seconds,
+                   "ms_per_step": 1000 * seconds / self.interval_steps}
+        self.train_seconds += seconds
+        if not self.first_interval:  # the first interval holds warm-up (and compilation): not timed
+            self.timed_steps += self.interval_steps
+            self.timed_seconds += seconds
+        self.first_interval = False
+        self.loss_sum.zero_()
+        self.interval_steps, self.interval_start = 0, time.perf_counter()
+        return metrics
+
+    def record_eval(self, acc, epoch):
+        self.acc = acc
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+
+    def speed(self, batch_size):
+        if not self.timed_seconds:
+            return {"img_per_s": None, "ms_per_step": None}
+        return {"img_per_s": self.timed_steps * batch_size / self.timed_seconds,
+                "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
+
+    def checkpoint(self):
+        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "train_seconds": self.train_seconds,
+                "interval": {"loss_sum": self.loss_sum.item(), "steps": self.interval_steps}}
+
+    def load(self, ckpt):
+        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
+        self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
+        self.loss_sum.fill_(ckpt["interval"]["loss_sum"])
+        self.interval_steps = ckpt["interval"]["steps"]
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next step boundary, after saving a
+    checkpoint. Under DDP the ranks agree at the next log point or save, so that all stop at the same step.
+    A second signal stops at once, without saving."""
+
+    def __init__(self, world_size, device):
+        self.world_size, self.device = world_size, device
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def asked_locally(self):
+        return self.world_size == 1 and self.signum is not None
+
+    def agree(self, state):
+        """Whether to stop now; under DDP also shares each rank's first non-finite step (a collective call)."""
+        if self.world_size == 1:
+            return self.signum is not None
+        flags = torch.stack([torch.tensor(float(self.signum or 0), device=self.device),
+                             state.first_bad_step.float()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or (int(flags[0]) or None)
+        state.first_bad_step.fill_(int(flags[1]))
+        return self.signum is not None
+
+
 def main(args):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
@@ -296,6 +440,7 @@ def main(args):
     if args.output_dir is None:
         args.output_dir = str(Path(args.resume).parent) if args.resume else \
             f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+    resume_path = resume_checkpoint(args)
     out = prepare_output_dir(args) if is_main else Path(args.output_dir)
     torch.manual_seed(data.derive_seed(args.seed, "init"))
 
@@ -317,7 +462,7 @@ def main(args):
         loader = DataLoader(
             data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(*augmentation)),
             batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
         )
     mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
 
@@ -336,87 +481,93 @@ def main(args):
         # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start_epoch, step, acc, best_acc, best_epoch, train_seconds = 0, 0, None, None, None, 0.0
-    if args.resume:
-        ckpt = load_checkpoint(args, cfg)
+    state = TrainingState(device)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path, args, cfg)
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, step, acc = ckpt["epoch"], ckpt["step"], ckpt["last_acc"]
-        best_acc, best_epoch, train_seconds = ckpt["best_acc"], ckpt["best_epoch"], ckpt["train_seconds"]
+        state.load(ckpt)
     info = run_info(device)
     params = count_parameters(model_without_ddp)
-    log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=step if args.resume else None)
-    log.write(kind="run", epoch=start_epoch, step=step, params=params, world_size=world_size, workers=workers,
-              config=asdict(cfg), args=vars(args), **info)
+    log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=state.step if args.resume else None)
+    log.write(kind="run", epoch=state.step // sampler.steps_per_epoch, step=state.step, params=params,
+              world_size=world_size, workers=workers, config=asdict(cfg), args=vars(args), **info)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
-    total_steps = args.epochs * sampler.steps_per_epoch
-    end_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
-    run_start = time.perf_counter()
-    timed_steps, timed_seconds, first_interval = 0, 0.0, True
-    for epoch in range(start_epoch, end_epoch):
-        model.train()
-        sampler.set_epoch(epoch)
-        loss_sum, interval_steps = torch.zeros((), device=device), 0
-        interval_start = time.perf_counter()
-        for batch_index, (images, labels) in enumerate(loader):
-            # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
-            torch.manual_seed(data.derive_seed(args.seed, "step", rank, step))
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss_sum += train_step(model, optimizer, scheduler, images, labels, mix, autocast, args.label_smoothing)
-            step += 1
-            interval_steps += 1
-            if step % args.log_every == 0 or batch_index + 1 == len(loader):
-                mean_loss = loss_sum.item() / interval_steps  # the only host-device sync of the step loop
-                seconds = time.perf_counter() - interval_start
-                img_s = interval_steps * args.batch_size / seconds
-                train_seconds += seconds
-                if not first_interval:  # the first interval holds warm-up (and compilation): not timed
-                    timed_steps, timed_seconds = timed_steps + interval_steps, timed_seconds + seconds
-                first_interval = False
-                lr = optimizer.param_groups[0]["lr"]
-                log.write(kind="train", epoch=epoch + 1, step=step, lr=lr, loss=mean_loss, img_s=img_s,
-                          ms_per_step=1000 * seconds / interval_steps)
-                progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-                progress.update(interval_steps)
-                loss_sum.zero_()
-                interval_steps, interval_start = 0, time.perf_counter()
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            acc, test_loss = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
-                                      device, rank, world_size, autocast)
-            if best_acc is None or acc > best_acc:
-                best_acc, best_epoch = acc, epoch + 1
-            log.write(kind="eval", epoch=epoch + 1, step=step, acc=acc, loss=test_loss)
-            if is_main:
-                progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {best_acc:.2f}% at epoch {best_epoch})")
+    def save():
         if is_main:
-            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "last_acc": acc, "best_acc": best_acc,
-                     "best_epoch": best_epoch, "train_seconds": train_seconds, "args": vars(args),
-                     "config": asdict(cfg), "run": info}
-            atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+            ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), **state.checkpoint(), "args": vars(args),
+                    "config": asdict(cfg), "run": info}
+            atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(ckpt, tmp))
+
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    start_epoch, start_step = divmod(state.step, steps_per_epoch)
+    end_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, dynamic_ncols=True, desc="train")
+    run_start = time.perf_counter()
+    stopped = False
+    with StopSignal(world_size, device) as stop:
+        for epoch in range(start_epoch, end_epoch):
+            model.train()
+            sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+            state.interval_start = time.perf_counter()
+            for images, labels in loader:
+                # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
+                torch.manual_seed(data.derive_seed(args.seed, "step", rank, state.step))
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                state.add(train_step(model, optimizer, scheduler, images, labels, mix, autocast, args.label_smoothing))
+                end_of_epoch = state.step % steps_per_epoch == 0
+                log_now = state.step % args.log_every == 0 or end_of_epoch
+                save_now = bool(args.save_every) and state.step % args.save_every == 0 and not end_of_epoch
+                # Host-device syncs happen only here: at log points, saves, and once a stop is asked for.
+                if log_now or save_now or stop.asked_locally():
+                    stopped = stop.agree(state)
+                    state.raise_if_not_finite(epoch, out / "checkpoint.pt")
+                if log_now:
+                    metrics = state.log_interval(optimizer.param_groups[0]["lr"], args.batch_size)
+                    log.write(kind="train", epoch=epoch + 1, step=state.step, **metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                         img_s=f"{metrics['img_s']:.0f}")
+                    progress.update(state.step - progress.n)
+                if not end_of_epoch and (save_now or stopped):
+                    save()
+                if stopped and not end_of_epoch:
+                    break
+            if stopped and not end_of_epoch:
+                break
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                acc, test_loss = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
+                                          device, rank, world_size, autocast)
+                state.record_eval(acc, epoch + 1)
+                log.write(kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
+                if is_main:
+                    progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% "
+                                   f"(best {state.best_acc:.2f}% at epoch {state.best_epoch})")
+            save()
+            if stopped:
+                break
     progress.close()
 
-    complete = step == total_steps
+    complete = state.step == total_steps
     summary = {
-        "complete": complete, "final_acc": acc if complete else None, "best_acc": best_acc, "best_epoch": best_epoch,
-        "epochs": args.epochs, "epochs_done": step // sampler.steps_per_epoch, "steps": step,
-        "train_seconds": train_seconds, "total_seconds": time.perf_counter() - run_start,
-        "img_per_s": timed_steps * args.batch_size / timed_seconds if timed_seconds else None,
-        "ms_per_step": 1000 * timed_seconds / timed_steps if timed_steps else None, "params": params,
-        "forward_macs": forward_macs(cfg), "world_size": world_size, "dataset": args.dataset,
+        "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
+        "best_epoch": state.best_epoch, "epochs": args.epochs, "epochs_done": state.step // steps_per_epoch,
+        "steps": state.step, "train_seconds": state.train_seconds, "total_seconds": time.perf_counter() - run_start,
+        **state.speed(args.batch_size), "params": params, "forward_macs": forward_macs(cfg),
+        "world_size": world_size, "dataset": args.dataset, "stopped_by_signal": stop.signum if stopped else None,
         "config": asdict(cfg), "args": vars(args), **info,
     }
     if is_main:
         write_json(out / "summary.json", summary)
         if complete:
-            print(f"test accuracy: final {acc:.2f}% (epoch {args.epochs}), best {best_acc:.2f}% (epoch {best_epoch})"
-                  f"; {train_seconds:.0f} s of training; {out}")
+            print(f"test accuracy: final {state.acc:.2f}% (epoch {args.epochs}), best {state.best_acc:.2f}% "
+                  f"(epoch {state.best_epoch}); {state.train_seconds:.0f} s of training; {out}")
         else:
-            print(f"stopped after epoch {step // sampler.steps_per_epoch} of {args.epochs}; continue with "
-                  f"--resume {out / 'checkpoint.pt'}")
+            print(f"stopped at step {state.step} of {total_steps} (epoch {state.step / steps_per_epoch:.2f}); "
+                  f"continue with --resume {out / 'checkpoint.pt'} (or --resume auto)")
     if world_size > 1:
         dist.destroy_process_group()
     return summary
@@ -425,10 +576,15 @@ def main(args):
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
-        main(args)
+        summary = main(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(3)
+    if summary["stopped_by_signal"]:
+        sys.exit(128 + summary["stopped_by_signal"])  # the shell's convention for a process ended by a signal
 
 
 if __name__ == "__main__":
