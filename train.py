@@ -402,7 +402,7 @@ class StopSignal:
 
     def __init__(self, world_size, device):
         self.world_size, self.device = world_size, device
-        self.signum, self.previous = None, {}
+        self.signum, self.agreed, self.previous = None, False, {}
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -422,15 +422,15 @@ class StopSignal:
         return self.world_size == 1 and self.signum is not None
 
     def agree(self, state):
-        """Whether to stop now; under DDP also shares each rank's first non-finite step (a collective call)."""
-        if self.world_size == 1:
-            return self.signum is not None
-        flags = torch.stack([torch.tensor(float(self.signum or 0), device=self.device),
-                             state.first_bad_step.float()])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.signum = self.signum or (int(flags[0]) or None)
-        state.first_bad_step.fill_(int(flags[1]))
-        return self.signum is not None
+        """Sets `agreed` when the run should stop now; under DDP (a collective call) the ranks also share their
+        first non-finite step."""
+        if self.world_size > 1:
+            flags = torch.stack([torch.tensor(float(self.signum or 0), device=self.device),
+                                 state.first_bad_step.float()])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            self.signum = self.signum or (int(flags[0]) or None)
+            state.first_bad_step.fill_(int(flags[1]))
+        self.agreed = self.signum is not None
 
 
 def main(args):
@@ -508,47 +508,54 @@ def main(args):
     end_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, dynamic_ncols=True, desc="train")
     run_start = time.perf_counter()
-    stopped = False
+    def train_epoch(epoch, stop):
+        """One epoch (on resume, from its saved step); True if it stopped early, its checkpoint saved."""
+        model.train()
+        sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        state.interval_start = time.perf_counter()
+        for images, labels in loader:
+            # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
+            torch.manual_seed(data.derive_seed(args.seed, "step", rank, state.step))
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            state.add(train_step(model, optimizer, scheduler, images, labels, mix, autocast, args.label_smoothing))
+            end_of_epoch = state.step % steps_per_epoch == 0
+            log_now = state.step % args.log_every == 0 or end_of_epoch
+            save_now = bool(args.save_every) and state.step % args.save_every == 0
+            # Host-device syncs happen only here: at log points, saves, and once a stop is asked for.
+            if log_now or save_now or stop.asked_locally():
+                stop.agree(state)
+                state.raise_if_not_finite(epoch, out / "checkpoint.pt")
+            if log_now:
+                metrics = state.log_interval(optimizer.param_groups[0]["lr"], args.batch_size)
+                log.write(kind="train", epoch=epoch + 1, step=state.step, **metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                     img_s=f"{metrics['img_s']:.0f}")
+                progress.update(state.step - progress.n)
+            if not end_of_epoch and (save_now or stop.agreed):  # the epoch's end saves after its evaluation
+                save()
+                if stop.agreed:
+                    return True
+        return False
+
+    failure = None
     with StopSignal(world_size, device) as stop:
-        for epoch in range(start_epoch, end_epoch):
-            model.train()
-            sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-            state.interval_start = time.perf_counter()
-            for images, labels in loader:
-                # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
-                torch.manual_seed(data.derive_seed(args.seed, "step", rank, state.step))
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                state.add(train_step(model, optimizer, scheduler, images, labels, mix, autocast, args.label_smoothing))
-                end_of_epoch = state.step % steps_per_epoch == 0
-                log_now = state.step % args.log_every == 0 or end_of_epoch
-                save_now = bool(args.save_every) and state.step % args.save_every == 0 and not end_of_epoch
-                # Host-device syncs happen only here: at log points, saves, and once a stop is asked for.
-                if log_now or save_now or stop.asked_locally():
-                    stopped = stop.agree(state)
-                    state.raise_if_not_finite(epoch, out / "checkpoint.pt")
-                if log_now:
-                    metrics = state.log_interval(optimizer.param_groups[0]["lr"], args.batch_size)
-                    log.write(kind="train", epoch=epoch + 1, step=state.step, **metrics)
-                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                                         img_s=f"{metrics['img_s']:.0f}")
-                    progress.update(state.step - progress.n)
-                if not end_of_epoch and (save_now or stopped):
-                    save()
-                if stopped and not end_of_epoch:
+        try:
+            for epoch in range(start_epoch, end_epoch):
+                if train_epoch(epoch, stop):
                     break
-            if stopped and not end_of_epoch:
-                break
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                acc, test_loss = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean, dataset.std,
-                                          device, rank, world_size, autocast)
-                state.record_eval(acc, epoch + 1)
-                log.write(kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
-                if is_main:
-                    progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% "
-                                   f"(best {state.best_acc:.2f}% at epoch {state.best_epoch})")
-            save()
-            if stopped:
-                break
+                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                    acc, test_loss = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean,
+                                              dataset.std, device, rank, world_size, autocast)
+                    state.record_eval(acc, epoch + 1)
+                    log.write(kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
+                    if is_main:
+                        progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% "
+                                       f"(best {state.best_acc:.2f}% at epoch {state.best_epoch})")
+                save()
+                if stop.agreed:
+                    break
+        except NonFiniteLoss as e:
+            failure = e
     progress.close()
 
     complete = state.step == total_steps
@@ -557,11 +564,15 @@ def main(args):
         "best_epoch": state.best_epoch, "epochs": args.epochs, "epochs_done": state.step // steps_per_epoch,
         "steps": state.step, "train_seconds": state.train_seconds, "total_seconds": time.perf_counter() - run_start,
         **state.speed(args.batch_size), "params": params, "forward_macs": forward_macs(cfg),
-        "world_size": world_size, "dataset": args.dataset, "stopped_by_signal": stop.signum if stopped else None,
+        "world_size": world_size, "dataset": args.dataset, "stopped_by_signal": stop.signum if stop.agreed else None,
+        "failed": str(failure) if failure else None,
         "config": asdict(cfg), "args": vars(args), **info,
     }
     if is_main:
         write_json(out / "summary.json", summary)
+    if failure:
+        raise failure
+    if is_main:
         if complete:
             print(f"test accuracy: final {state.acc:.2f}% (epoch {args.epochs}), best {state.best_acc:.2f}% "
                   f"(epoch {state.best_epoch}); {state.train_seconds:.0f} s of training; {out}")
