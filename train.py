@@ -285,9 +285,11 @@ def load_checkpoint(path, args, cfg):
     """A checkpoint of this run, loaded without running any code from it (weights_only=True)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"--resume {path}: refused: it holds objects that would run code when loaded; only "
-                         f"tensors and plain values are loaded (weights_only=True)") from None
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function it would have to call
+            raise ValueError(f"--resume {path}: refused: it holds objects that would run code when loaded; only "
+                             f"tensors and plain values are loaded (weights_only=True)") from None
+        raise ValueError(f"--resume {path}: not a readable checkpoint (damaged or not a torch file)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None

@@ -1,7 +1,10 @@
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +214,150 @@ def test_variant_flags_train_end_to_end(tmp_path):
     state = next(iter(ckpt["optimizer"]["state"].values()))
     assert set(state) == {"exp_avg"}  # Lion keeps one moment; AdamW would add exp_avg_sq and step
     assert "blocks.0.attn.to_kv.down.weight" in ckpt["model"] and "pos_embedding" not in ckpt["model"]
+
+
+# ---- faults: preemption, kills, untrusted files, bad input, failing ranks
+def start(out, *flags):
+    cmd = [sys.executable, "train.py", *TINY, "--output-dir", str(out), *flags]
+    # Same thread count as the in-process reference runs: float sums then match bit for bit.
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+
+
+def wait_for_step(out, at_least, process, timeout=120):
+    """Waits until metrics.jsonl shows a train record at or past `at_least`; returns that step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        path = out / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {at_least} in {out}")
+
+
+LONG = ["--epochs", "5", "--eval-every", "2", "--log-every", "3"]
+
+
+def test_sigterm_saves_at_the_next_step_and_resume_auto_finishes_the_same_run(tmp_path):
+    run(tmp_path / "full", *LONG)
+    out = tmp_path / "stopped"
+    process = start(out, *LONG)
+    wait_for_step(out, 30, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "--resume auto" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert summary["stopped_by_signal"] == signal.SIGTERM and not summary["complete"]
+    assert ckpt["step"] == summary["steps"] > 30
+    run(out, *LONG, "--resume", "auto")
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "full", "train") == records(out, "train")
+    assert records(tmp_path / "full", "eval") == records(out, "eval")
+
+
+def test_kill_9_at_random_moments_then_resume_auto_equals_an_uninterrupted_run(tmp_path):
+    flags = [*LONG, "--save-every", "4"]
+    run(tmp_path / "full", *flags)
+    out, rng = tmp_path / "killed", random.Random(0)
+    step = 0
+    for _ in range(3):
+        process = start(out, *flags, "--resume", "auto")
+        step = wait_for_step(out, step + 8, process)
+        time.sleep(rng.uniform(0, 0.3))
+        process.kill()
+        process.communicate()
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)  # never half-written
+        assert saved["step"] % 4 == 0 or saved["step"] % (3 * 1438 // 64) == 0
+    run(out, *flags, "--resume", "auto")
+    a, b = final_weights(tmp_path / "full"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "full", "train") == records(out, "train")
+    assert records(tmp_path / "full", "eval") == records(out, "eval")
+
+
+def test_resume_auto_without_a_checkpoint_starts_the_run(tmp_path):
+    summary = run(tmp_path, "--epochs", "1", "--resume", "auto")
+    assert summary["complete"]
+
+
+def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_names_the_step(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, "--output-dir", str(tmp_path), "--epochs", "3", "--warmup-epochs", "2", "--opt", "lion",
+                   "--lr", "1e4", "--weight-decay", "0", "--save-every", "4"])
+    assert exit_info.value.code == 3
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    bad_step = int(message.split("at step ")[1].split()[0])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] <= bad_step and f"(step {ckpt['step']})" in message
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == message.removeprefix("train.py: error: ")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda path: torch.save({"model": RunsCode()}, path), "refused: it holds objects that would run code"),
+    (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
+    (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
+])
+def test_untrusted_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.chdir(tmp_path)
+    content(tmp_path / "evil.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), "--resume", str(tmp_path / "evil.pt")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_dataset_files_give_one_line_errors(tmp_path, capsys):
+    from conftest import write_cifar
+
+    def error_of(*flags):
+        with pytest.raises(SystemExit) as exit_info:
+            train.cli([*TINY[2:], "--epochs", "1", "--output-dir", str(tmp_path / f"out{len(flags)}"), *flags])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1, lines
+        return lines[0]
+
+    assert "--download" in error_of("--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"))
+    folder, _ = write_cifar(tmp_path / "cifar")
+    (folder / "data_batch_2").write_bytes(b"broken")
+    assert "data_batch_2" in error_of("--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"))
+    (tmp_path / "one" / "train" / "cat").mkdir(parents=True)
+    assert "class" in error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / "one"), "--epochs", "1")
+    (tmp_path / "one" / "train" / "dog").mkdir()
+    assert "no images" in error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / "one"))
+
+
+def test_an_output_dir_that_cannot_be_written_is_an_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "file" / "run")])
+    assert exit_info.value.code == 2 and "is not a writable folder" in capsys.readouterr().err
+
+
+def test_ddp_batch_not_divisible_by_world_size_is_an_error_on_every_rank(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           "--batch-size", "63", "--epochs", "1", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("train.py: error: --batch-size 63 (global) must be divisible by the 2 processes") == 2
+
+
+def test_a_failing_rank_ends_the_whole_ddp_job_instead_of_hanging(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fail_on_rank1.py"), *TINY, "--epochs", "2", "--output-dir", str(tmp_path)]
+    start_time = time.monotonic()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0 and "injected failure on rank 1" in result.stderr
+    assert time.monotonic() - start_time < 200
