@@ -19,9 +19,11 @@ from dataclasses import asdict, fields
 from datetime import datetime
 from pathlib import Path
 
+import einops
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.utils.data import DataLoader
@@ -241,9 +243,6 @@ def run_info(device):
         commit = (commit + ("-dirty" if dirty.strip() else "")) or "unknown"
     except OSError:
         commit = "unknown"
-    import einops
-    import torchvision
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"git_commit": commit, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
@@ -439,10 +438,9 @@ def main(args):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
-    if args.output_dir is None:
-        args.output_dir = str(Path(args.resume).parent) if args.resume else \
-            f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     resume_path = resume_checkpoint(args)
+    if args.output_dir is None:
+        args.output_dir = str(resume_path.parent) if resume_path else f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     out = prepare_output_dir(args) if is_main else Path(args.output_dir)
     torch.manual_seed(data.derive_seed(args.seed, "init"))
 
@@ -490,6 +488,7 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state.load(ckpt)
+        del ckpt  # its tensors now live in the model and optimizer
     info = run_info(device)
     params = count_parameters(model_without_ddp)
     log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=state.step if args.resume else None)

@@ -361,3 +361,9 @@ def test_a_failing_rank_ends_the_whole_ddp_job_instead_of_hanging(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode != 0 and "injected failure on rank 1" in result.stderr
     assert time.monotonic() - start_time < 200
+
+
+def test_resume_auto_needs_an_output_dir(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, "--epochs", "1", "--resume", "auto"])
+    assert exit_info.value.code == 2 and "--resume auto needs --output-dir" in capsys.readouterr().err
