@@ -101,7 +101,8 @@ class Attention(nn.Module):
         return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
 
     def forward(self, x, fused: bool = True):
-        """fused=False computes the same function the plain way (separate matmuls, written-out softmax): a test oracle."""
+        """fused=False computes the same function the plain way (separate matmuls, written-out softmax): an oracle
+        for the tests."""
         q, k, v = self.project_qkv(x, fused)
         # SDPA's default scale is 1/sqrt(head dim), the same as plain_attention's.
         out = F.scaled_dot_product_attention(q, k, v) if fused else plain_attention(q, k, v)

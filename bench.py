@@ -167,8 +167,8 @@ def bench_augment(device, opts):
 
 
 def bench_pipeline(device, opts):
-    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe; mean over rounds of "
-          f"whole augmentation chunks")
+    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe; "
+          f"mean over rounds of whole augmentation chunks")
     _, _, step = make_trainer({}, device, opts)
     images, labels = random_batch(10_000, device)
     sampler = data.RepeatedAugmentationSampler(len(images), opts.batch_size, reps=3)

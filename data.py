@@ -97,7 +97,8 @@ def download(name: str, root):
 
 
 def load_cifar(root, name: str = "cifar10") -> ImageData:
-    """CIFAR-10/100 from the python-pickle files torchvision downloads (root/cifar-10-batches-py, root/cifar-100-python)."""
+    """CIFAR-10/100 from the python-pickle files torchvision downloads (root/cifar-10-batches-py or
+    root/cifar-100-python)."""
     tv_class = _torchvision_cifar(name)
     folder = Path(root) / tv_class.base_folder
     if not folder.is_dir():
@@ -383,9 +384,10 @@ def erase(images, boxes):
 
 
 class DeviceLoader:
-    """The training set held once on `device` as uint8; every epoch (set on the sampler) the sampler's order for this
-    rank is cut into batches, augmented on the device a chunk of batches at a time. A chunk's randomness is seeded by (seed, epoch,
-    rank, chunk), chunks sit at fixed steps of the epoch, so a resume at any step replays the same batches."""
+    """The training set held once on `device` as uint8; every epoch (set on the sampler) the sampler's order for
+    this rank is cut into batches, augmented on the device a chunk of batches at a time. A chunk's randomness is
+    seeded by (seed, epoch, rank, chunk) and chunks sit at fixed steps of the epoch, so a resume at any step replays
+    the same batches."""
 
     def __init__(self, images, labels, sampler: RepeatedAugmentationSampler, augment: BatchAugment, device,
                  chunk_images: int = 4096):

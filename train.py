@@ -53,7 +53,8 @@ def get_args_parser():
                         help="--data-loader workers: processes per rank (default: CPU cores per rank, at most 8)")
     # Augmentation (defaults: the paper's baseline)
     parser.add_argument("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    parser.add_argument("--crop-padding", default=4, type=int, help="random 32x32 crop after zero padding (pixels; 0: off)")
+    parser.add_argument("--crop-padding", default=4, type=int,
+                        help="random 32x32 crop after zero padding (pixels; 0: off)")
     parser.add_argument("--auto-augment", default="cifar10", type=str,
                         help=f"AutoAugment policy, one of {', '.join(data.AUTO_AUGMENT_POLICIES)}")
     parser.add_argument("--random-erase", default=0.25, type=float, help="random erasing probability per image")
@@ -62,7 +63,8 @@ def get_args_parser():
     parser.add_argument("--mix-prob", default=0.5, type=float,
                         help="probability that a batch is mixed (then CutMix or Mixup, 50/50)")
     parser.add_argument("--label-smoothing", default=0.1, type=float, help="label smoothing of the cross-entropy")
-    parser.add_argument("--ra-reps", default=3, type=int, help="repeated augmentation: times each image is seen per epoch")
+    parser.add_argument("--ra-reps", default=3, type=int,
+                        help="repeated augmentation: times each image is seen per epoch")
     # Model (mirrors model.ViTConfig)
     parser.add_argument("--patch-size", default=4, type=int, help="patch side (pixels)")
     parser.add_argument("--dim", default=192, type=int, help="token width")
@@ -353,8 +355,10 @@ class TrainingState:
     def raise_if_not_finite(self, epoch, checkpoint: Path):
         bad = int(self.first_bad_step)
         if bad >= 0:
-            kept = (f"the last good checkpoint is {checkpoint} (step {torch.load(checkpoint, weights_only=True)['step']})"
-                    if checkpoint.exists() else "no checkpoint was saved before it")
+            kept = "no checkpoint was saved before it"
+            if checkpoint.exists():
+                saved_step = torch.load(checkpoint, weights_only=True)["step"]
+                kept = f"the last good checkpoint is {checkpoint} (step {saved_step})"
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
                                 f"without saving: {kept}")
 
@@ -440,7 +444,8 @@ def main(args):
     is_main = rank == 0
     resume_path = resume_checkpoint(args)
     if args.output_dir is None:
-        args.output_dir = str(resume_path.parent) if resume_path else f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+        fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+        args.output_dir = str(resume_path.parent) if resume_path else fresh
     out = prepare_output_dir(args) if is_main else Path(args.output_dir)
     torch.manual_seed(data.derive_seed(args.seed, "init"))
 
@@ -506,7 +511,9 @@ def main(args):
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     start_epoch, start_step = divmod(state.step, steps_per_epoch)
-    end_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
+    end_epoch = args.epochs
+    if args.stop_after_epochs is not None:
+        end_epoch = min(args.epochs, start_epoch + args.stop_after_epochs)
     progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, dynamic_ncols=True, desc="train")
     run_start = time.perf_counter()
     def train_epoch(epoch, stop):
