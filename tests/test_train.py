@@ -35,6 +35,14 @@ def final_weights(out):
     return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
 
 
+def assert_same_run(a, b):
+    """Bit-identical final weights and the same logged losses, learning rates and accuracies."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert records(a, "train") == records(b, "train")
+    assert records(a, "eval") == records(b, "eval")
+
+
 def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
     summary = run(tmp_path, "--epochs", "2")
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -84,15 +92,12 @@ def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, loader):
     # The worker loader resumes with a worker process: a sample's augmentation does not depend on who computes it.
     run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), "--workers", "1",
         *loader)
-    a, b = final_weights(full), final_weights(split)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert records(full, "eval") == records(split, "eval")
-    assert records(full, "train") == records(split, "train")
+    assert_same_run(full, split)
     assert json.loads((split / "summary.json").read_text())["final_acc"] == records(full, "eval")[-1]["acc"]
     # Resuming a finished run trains nothing and reports the same result.
     again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), *loader)
     assert again["complete"] and again["final_acc"] == records(full, "eval")[-1]["acc"]
-    assert all(torch.equal(a[k], final_weights(split)[k]) for k in a)
+    assert_same_run(full, split)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
@@ -258,10 +263,7 @@ def test_sigterm_saves_at_the_next_step_and_resume_auto_finishes_the_same_run(tm
     assert summary["stopped_by_signal"] == signal.SIGTERM and not summary["complete"]
     assert ckpt["step"] == summary["steps"] > 30
     run(out, *LONG, "--resume", "auto")
-    a, b = final_weights(tmp_path / "full"), final_weights(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert records(tmp_path / "full", "train") == records(out, "train")
-    assert records(tmp_path / "full", "eval") == records(out, "eval")
+    assert_same_run(tmp_path / "full", out)
 
 
 def test_kill_9_at_random_moments_then_resume_auto_equals_an_uninterrupted_run(tmp_path):
@@ -278,10 +280,7 @@ def test_kill_9_at_random_moments_then_resume_auto_equals_an_uninterrupted_run(t
         saved = torch.load(out / "checkpoint.pt", weights_only=True)  # never half-written
         assert saved["step"] % 4 == 0 or saved["step"] % (3 * 1438 // 64) == 0
     run(out, *flags, "--resume", "auto")
-    a, b = final_weights(tmp_path / "full"), final_weights(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert records(tmp_path / "full", "train") == records(out, "train")
-    assert records(tmp_path / "full", "eval") == records(out, "eval")
+    assert_same_run(tmp_path / "full", out)
 
 
 def test_resume_auto_without_a_checkpoint_starts_the_run(tmp_path):
