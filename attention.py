@@ -93,7 +93,10 @@ class Attention(nn.Module):
             if fused:
                 # One matmul for every linear that reads x, instead of up to three small ones.
                 weight = torch.cat([r.weight for r in readers])
-                bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
+                # Down-projections have no bias: with only those, skip adding a zero bias.
+                bias = None
+                if any(r.bias is not None for r in readers):
+                    bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
                 codes = F.linear(x, weight, bias).split([r.out_features for r in readers], dim=-1)
             else:
                 codes = [reader(x) for reader in readers]
