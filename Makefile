@@ -1,5 +1,6 @@
 # PoorViTs: one target per column of the paper's table (see README). `make -n <target>` prints exactly the flags
 # that column changes. Override on the command line: make mla-q EPOCHS=10 SEED=1 NPROC=8 DATA=/datasets OUT=runs
+# A target run again continues its run from the checkpoint (--resume auto); a finished run just reports again.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,15 +9,14 @@ NPROC ?= 4
 SEED ?= 0
 DATA ?= data
 OUT ?= runs
-# RESUME=1 continues a target's run from its checkpoint; EXTRA adds flags to any target; SEEDS: for the tables.
-RESUME ?=
+# EXTRA adds flags to any target; SEEDS: runs per column for the tables.
 EXTRA ?=
 SEEDS ?= 3
 
+# Where a target's run lives, named by the column (report.py groups runs by --tag).
+RUN_FLAGS = --seed $(SEED) --tag $@ --output-dir $(OUT)/$@-seed$(SEED) --resume auto $(EXTRA)
 # The paper's baseline is train.py's defaults, so a column lists only what it changes.
-RUN_DIR = $(OUT)/$@-seed$(SEED)
-BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) --seed $(SEED) --amp --tag $@ \
-	--output-dir $(RUN_DIR) $(if $(RESUME),--resume $(RUN_DIR)/checkpoint.pt) $(EXTRA)
+BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) --amp $(RUN_FLAGS)
 TRAIN = $(PY) train.py $(BASE)
 TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(BASE)
 
@@ -32,9 +32,9 @@ test: $(VENV)/installed
 # A small ViT on scikit-learn's bundled handwritten digits: offline, about a minute on a laptop CPU.
 DEMO_FLAGS = --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 --lr 2e-3 --epochs 60 \
 	--warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 \
-	--eval-every 10 --seed $(SEED)
+	--eval-every 10
 demo: $(VENV)/installed
-	$(PY) train.py $(DEMO_FLAGS) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) train.py $(DEMO_FLAGS) --seed $(SEED) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S)
 
 # The table of every run under OUT (mean ± std over seeds, next to the paper), and its plots: OUT/report.
 table: $(VENV)/installed
@@ -43,14 +43,12 @@ plots: $(VENV)/installed
 	$(PY) report.py $(OUT) --seeds $(SEEDS) --plots
 
 # $(call run-all,COLUMNS,DIR): every column for seeds 0..SEEDS-1 into DIR, one run after another. A finished run is
-# skipped, a stopped one resumed; one that died before its first checkpoint is moved aside and started again.
+# skipped; any other continues from its checkpoint, or starts again if it died before its first one.
 define run-all
 	@for seed in $$(seq 0 $$(($(SEEDS) - 1))); do for column in $(1); do \
-		dir=$(2)/$$column-seed$$seed; \
-		if grep -qs '"complete": true' $$dir/summary.json; then echo "done: $$dir"; continue; fi; \
-		if [ -d $$dir ] && [ ! -f $$dir/checkpoint.pt ]; then mv $$dir $$dir.failed-$$(date +%s); fi; \
-		resume=$$([ -f $$dir/checkpoint.pt ] && echo RESUME=1); \
-		$(MAKE) --no-print-directory $$column SEED=$$seed OUT=$(2) $$resume || exit 1; \
+		if grep -qs '"complete": true' $(2)/$$column-seed$$seed/summary.json; then \
+			echo "done: $(2)/$$column-seed$$seed"; continue; fi; \
+		$(MAKE) --no-print-directory $$column SEED=$$seed OUT=$(2) || exit 1; \
 	done; done
 endef
 
@@ -62,8 +60,7 @@ demo-table: $(VENV)/installed
 	$(call run-all,$(DEMO_COLUMNS),$(OUT)/demo-table)
 	$(PY) report.py $(OUT)/demo-table --seeds $(SEEDS) --plots --baseline demo-base --only-run
 
-DEMO_TRAIN = $(PY) train.py $(DEMO_FLAGS) --tag $@ --output-dir $(RUN_DIR) \
-	$(if $(RESUME),--resume $(RUN_DIR)/checkpoint.pt) $(EXTRA)
+DEMO_TRAIN = $(PY) train.py $(DEMO_FLAGS) $(RUN_FLAGS)
 $(DEMO_COLUMNS): $(VENV)/installed
 demo-base:
 	$(DEMO_TRAIN)

@@ -39,6 +39,16 @@ class SharedKVLatent(nn.Module):
         self.up_v = nn.Linear(rank, dim)
 
 
+def check_shape(dim: int, heads: int, latent: str, latent_dim: int) -> set[str]:
+    """The latent letters, once heads are known to divide dim and the rank to lie below dim (else ValueError)."""
+    if heads <= 0 or dim % heads:
+        raise ValueError(f"heads={heads} must be a positive divisor of dim={dim}")
+    letters = parse_latent(latent)
+    if letters and not 0 < latent_dim < dim:
+        raise ValueError(f"latent_dim={latent_dim} must be in 1..{dim - 1} (below dim={dim})")
+    return letters
+
+
 def plain_attention(q, k, v):
     """Softmax attention written out; the oracle for F.scaled_dot_product_attention."""
     scale = q.shape[-1] ** -0.5
@@ -51,11 +61,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False):
         super().__init__()
-        if heads <= 0 or dim % heads:
-            raise ValueError(f"heads={heads} must be a positive divisor of dim={dim}")
-        letters = parse_latent(latent)
-        if letters and not 0 < latent_dim < dim:
-            raise ValueError(f"latent_dim={latent_dim} must be in 1..{dim - 1} (below dim={dim})")
+        letters = check_shape(dim, heads, latent, latent_dim)
         self.heads = heads
         self.fused_qkv = not letters
         self.shared_kv = shared_kv_latent and {"k", "v"} <= letters

@@ -16,7 +16,6 @@ import time
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 import data
 import train
@@ -42,9 +41,8 @@ def get_args_parser():
 
 
 def machine(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{train.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return f"{train.device_name(device)}{threads}, torch {torch.__version__}"
 
 
 def synchronize(device):
@@ -116,15 +114,6 @@ def bench_step(device, opts):
               f"| {1000 * s:.1f} | {base / s:.3f}x |")
 
 
-def pil_pipeline(mean, std):
-    """torchvision's per-image recipe on PIL images, as a DataLoader worker would run it."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(), v2.RandomCrop(32, padding=4), v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
-        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
-        v2.RandomErasing(p=0.25, scale=(0.02, 0.4), ratio=(0.3, 3.3)),
-    ])
-
-
 def bench_augment(device, opts):
     print(f"\n(b) full training augmentation (flip, crop, AutoAugment, normalise, erasing, Mixup/CutMix), one process, "
           f"batches of {opts.batch_size}")
@@ -150,7 +139,7 @@ def bench_augment(device, opts):
 
     pil_images = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images[:1024]]
     cpu_labels = labels[:1024].cpu()
-    transform = pil_pipeline(*data.CIFAR10_STATS)
+    transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
 
     def per_image():
         for start in range(0, len(pil_images), batch):

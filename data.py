@@ -25,6 +25,7 @@ AUTO_AUGMENT_POLICIES = ("cifar10", "imagenet", "svhn", "none")
 IMAGE_SIZE = 32
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 3.3)  # random erasing: area fraction and aspect ratio ranges
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -182,7 +183,7 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
     raise ValueError(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
 
 
-def _check_augmentation(crop_padding, auto_augment, random_erase):
+def check_augmentation(crop_padding, auto_augment, random_erase):
     if auto_augment not in AUTO_AUGMENT_POLICIES:
         raise ValueError(f"--auto-augment {auto_augment!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
     if not 0 <= random_erase <= 1:
@@ -191,9 +192,10 @@ def _check_augmentation(crop_padding, auto_augment, random_erase):
         raise ValueError(f"--crop-padding {crop_padding} must be >= 0")
 
 
-def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
-    """The per-image training pipeline on a uint8 (3, 32, 32) tensor; each step can be switched off."""
-    _check_augmentation(crop_padding, auto_augment, random_erase)
+def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, pil=False):
+    """The per-image training pipeline on a uint8 (3, 32, 32) tensor (a PIL image with pil=True); each step can be
+    switched off."""
+    check_augmentation(crop_padding, auto_augment, random_erase)
     steps = []
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
@@ -201,9 +203,11 @@ def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10
         steps.append(v2.RandomCrop(IMAGE_SIZE, padding=crop_padding))
     if auto_augment != "none":
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment)))
+    if pil:
+        steps.append(v2.PILToTensor())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erase:
-        steps.append(v2.RandomErasing(p=random_erase, scale=(0.02, 0.4), ratio=(0.3, 3.3)))
+        steps.append(v2.RandomErasing(p=random_erase, scale=ERASE_SCALE, ratio=ERASE_RATIO))
     return v2.Compose(steps)
 
 
@@ -224,16 +228,20 @@ class AugmentedImages(Dataset):
             return self.transform(self.images[index]), self.labels[index]
 
 
+def check_sampling(global_batch, reps, world_size):
+    if reps < 1:
+        raise ValueError(f"--ra-reps {reps} must be >= 1")
+    if global_batch % world_size:
+        raise ValueError(f"--batch-size {global_batch} (global) must be divisible by the {world_size} processes")
+
+
 class RepeatedAugmentationSampler(Sampler):
     """One semantics on 1 or many processes: epoch e is a random order (shared by all ranks) of `reps` copies of
     every image; it is cut into global batches, and rank r takes slots r, r + world_size, ... of each. The last
     incomplete global batch is dropped. Yields (image index, augmentation seed) for AugmentedImages."""
 
     def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0):
-        if reps < 1:
-            raise ValueError(f"--ra-reps {reps} must be >= 1")
-        if global_batch % world_size:
-            raise ValueError(f"--batch-size {global_batch} (global) must be divisible by the {world_size} processes")
+        check_sampling(global_batch, reps, world_size)
         self.steps_per_epoch = num_images * reps // global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {global_batch} exceeds the {num_images * reps} samples of an epoch")
@@ -319,7 +327,7 @@ class BatchAugment:
     CPU from `generator`, so a batch's augmentation depends only on that generator, not on the device."""
 
     def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
-        _check_augmentation(crop_padding, auto_augment, random_erase)
+        check_augmentation(crop_padding, auto_augment, random_erase)
         self.mean, self.std = mean, std
         self.hflip, self.padding, self.random_erase = hflip, crop_padding, random_erase
         self.auto_augment = BatchAutoAugment(auto_augment) if auto_augment != "none" else None
@@ -352,7 +360,7 @@ def flip_crop(images, flip, top, left, padding):
     return rearrange(crops, "n c (h w) -> n c h w", h=h)
 
 
-def erasing_boxes(n, h, w, p, generator, scale=(0.02, 0.4), ratio=(0.3, 3.3), attempts=10):
+def erasing_boxes(n, h, w, p, generator, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=10):
     """torchvision's RandomErasing draw for n images at once: with probability p, up to 10 tries of an area and a
     log-uniform aspect ratio, the first box that fits is placed uniformly. (n, 4) top, left, height, width; height 0
     where nothing is erased."""
@@ -412,15 +420,19 @@ class DeviceLoader:
             yield from ((x, y) for step, x, y in batches if step >= s.start_step)
 
 
+def check_mixing(mixup_alpha, cutmix_alpha, prob):
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"--mixup-alpha {mixup_alpha} and --cutmix-alpha {cutmix_alpha} must be >= 0")
+    if not 0 <= prob <= 1:
+        raise ValueError(f"--mix-prob {prob} must be a probability in [0, 1]")
+
+
 class BatchMix:
     """With probability `prob` a batch is mixed, by CutMix or Mixup with equal chance (DeiT/timm's recipe); a flag
     at alpha 0 removes that mixer. Targets always come back as (B, num_classes) probabilities."""
 
     def __init__(self, num_classes, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5):
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"--mixup-alpha {mixup_alpha} and --cutmix-alpha {cutmix_alpha} must be >= 0")
-        if not 0 <= prob <= 1:
-            raise ValueError(f"--mix-prob {prob} must be a probability in [0, 1]")
+        check_mixing(mixup_alpha, cutmix_alpha, prob)
         self.num_classes, self.prob = num_classes, prob
         self.mixers = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []
         if cutmix_alpha:

@@ -14,7 +14,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from attention import Attention, parse_latent
+from attention import Attention, check_shape, parse_latent
 
 CLS_POOLS = ("concat", "mean")
 POS_EMBEDS = ("learned", "sincos")
@@ -45,8 +45,6 @@ class ViTConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide img_size={self.img_size}")
-        if self.dim % self.heads:
-            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
         if self.cls_pool not in CLS_POOLS:
@@ -55,8 +53,7 @@ class ViTConfig:
             raise ValueError(f"pos_embed={self.pos_embed!r} must be one of {', '.join(POS_EMBEDS)}")
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got dim={self.dim}")
-        if parse_latent(self.latent) and not 0 < self.latent_dim < self.dim:
-            raise ValueError(f"latent_dim={self.latent_dim} must be in 1..{self.dim - 1} (below dim={self.dim})")
+        check_shape(self.dim, self.heads, self.latent, self.latent_dim)
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
 

@@ -77,8 +77,9 @@ def read_metrics(path: Path, problems: list) -> list:
     return records
 
 
-def load_runs(root: Path):
-    """(complete runs, problems): each problem is one line naming the folder or file and what is wrong."""
+def load_runs(root: Path, with_metrics: bool = False):
+    """(complete runs, problems): each problem is one line naming the folder or file and what is wrong. Metrics are
+    read only `with_metrics` (for the curves)."""
     runs, problems = [], []
     folders = sorted(p.parent for p in root.glob("*/summary.json")) + sorted(
         p.parent for p in root.glob("*/metrics.jsonl") if not (p.parent / "summary.json").exists())
@@ -98,7 +99,7 @@ def load_runs(root: Path):
                             f"continue it with --resume {folder / 'checkpoint.pt'}")
             continue
         metrics_path = folder / "metrics.jsonl"
-        metrics = read_metrics(metrics_path, problems) if metrics_path.exists() else []
+        metrics = read_metrics(metrics_path, problems) if with_metrics and metrics_path.exists() else []
         runs.append(Run(folder, column_of(folder, summary), seed, summary, metrics))
     return runs, problems
 
@@ -237,7 +238,7 @@ def main(args):
     if not root.is_dir():
         raise SystemExit(f"report.py: error: {root} is not a folder of runs")
     out = Path(args.out) if args.out else root / "report"
-    runs, problems = load_runs(root)
+    runs, problems = load_runs(root, with_metrics=args.plots)
     columns = group_columns(runs, problems)
     table, missing = markdown_table(columns, args.seeds, args.only_run)
     notes = [f"- not run or short of seeds: {', '.join(missing)}"] if missing else []
@@ -252,10 +253,12 @@ def main(args):
             if run.metrics:
                 plot_curves(run, out / "curves" / f"{run.folder.name}.png")
         plot_accuracy_vs_time(columns, out / "accuracy_vs_time.png")
-        if args.baseline in columns and len(columns) > 1:
-            plot_differences(columns, args.baseline, out / "differences.png")
-        else:
+        if args.baseline not in columns:
             print(f"no {args.baseline!r} runs: differences.png not written", file=sys.stderr)
+        elif len(columns) == 1:
+            print(f"only {args.baseline!r} was run: differences.png not written", file=sys.stderr)
+        else:
+            plot_differences(columns, args.baseline, out / "differences.png")
     print(f"written to {out}", file=sys.stderr)
     return columns, problems
 

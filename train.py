@@ -116,6 +116,8 @@ def check_args(args):
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{flag} {value} must be positive")
+    if args.dataset not in data.DATASETS:
+        raise ValueError(f"--dataset {args.dataset!r} is not one of {', '.join(data.DATASETS)}")
     if args.data_loader not in ("device", "workers"):
         raise ValueError(f"--data-loader {args.data_loader!r} is not one of device, workers")
     if args.opt not in ("adamw", "lion"):
@@ -134,6 +136,12 @@ def check_args(args):
         raise ValueError(f"--save-every {args.save_every} must be >= 0")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers} must be >= 0")
+    if args.whiten and 3 * args.patch_size**2 > args.dim:
+        raise ValueError(f"--whiten writes 3 * --patch-size**2 = {3 * args.patch_size**2} filters: it needs "
+                         f"--dim >= that, got --dim {args.dim}")
+    data.check_augmentation(args.crop_padding, args.auto_augment, args.random_erase)
+    data.check_mixing(args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
+    model_config(args, num_classes=1)  # the model flags, checked before any data is fetched
 
 
 def setup_distributed(device_name):
@@ -237,6 +245,10 @@ def cpu_name():
         return platform.processor() or "cpu"
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def run_info(device):
     try:
         root = Path(__file__).resolve().parent
@@ -245,10 +257,9 @@ def run_info(device):
         commit = (commit + ("-dirty" if dirty.strip() else "")) or "unknown"
     except OSError:
         commit = "unknown"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"git_commit": commit, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": name, "hostname": platform.node()}
+            "device_name": device_name(device), "hostname": platform.node()}
 
 
 def prepare_output_dir(args) -> Path:
@@ -344,6 +355,7 @@ class TrainingState:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.interval_start = time.perf_counter()
         self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
+        self.saved_step = None  # the step of the newest checkpoint, None before the first
 
     def add(self, loss):
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~loss.isfinite(), self.step,
@@ -356,9 +368,8 @@ class TrainingState:
         bad = int(self.first_bad_step)
         if bad >= 0:
             kept = "no checkpoint was saved before it"
-            if checkpoint.exists():
-                saved_step = torch.load(checkpoint, weights_only=True)["step"]
-                kept = f"the last good checkpoint is {checkpoint} (step {saved_step})"
+            if self.saved_step is not None:
+                kept = f"the last good checkpoint is {checkpoint} (step {self.saved_step})"
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
                                 f"without saving: {kept}")
 
@@ -389,12 +400,14 @@ class TrainingState:
                 "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
 
     def checkpoint(self):
+        self.saved_step = self.step
         return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
                 "train_seconds": self.train_seconds,
                 "interval": {"loss_sum": self.loss_sum.item(), "steps": self.interval_steps}}
 
     def load(self, ckpt):
         self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
+        self.saved_step = self.step
         self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
         self.loss_sum.fill_(ckpt["interval"]["loss_sum"])
         self.interval_steps = ckpt["interval"]["steps"]
@@ -430,17 +443,20 @@ class StopSignal:
         """Sets `agreed` when the run should stop now; under DDP (a collective call) the ranks also share their
         first non-finite step."""
         if self.world_size > 1:
-            flags = torch.stack([torch.tensor(float(self.signum or 0), device=self.device),
-                                 state.first_bad_step.float()])
+            # One MAX all-reduce: of the signal, and of minus the first bad step (none: -2**52), i.e. its minimum.
+            bad = state.first_bad_step.double()
+            flags = torch.stack([torch.tensor(float(self.signum or 0), dtype=torch.float64, device=self.device),
+                                 torch.where(bad < 0, -(2.0**52), -bad)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             self.signum = self.signum or (int(flags[0]) or None)
-            state.first_bad_step.fill_(int(flags[1]))
+            state.first_bad_step.fill_(-1 if flags[1] == -(2.0**52) else -int(flags[1]))
         self.agreed = self.signum is not None
 
 
 def main(args):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
+    data.check_sampling(args.batch_size, args.ra_reps, world_size)
     is_main = rank == 0
     resume_path = resume_checkpoint(args)
     if args.output_dir is None:
@@ -496,7 +512,9 @@ def main(args):
         del ckpt  # its tensors now live in the model and optimizer
     info = run_info(device)
     params = count_parameters(model_without_ddp)
-    log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=state.step if args.resume else None)
+    # On resume, records after the checkpoint are redone; a run restarted by --resume auto (no checkpoint) from zero.
+    keep_until_step = state.step if resume_path else (-1 if args.resume else None)
+    log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=keep_until_step)
     log.write(kind="run", epoch=state.step // sampler.steps_per_epoch, step=state.step, params=params,
               world_size=world_size, workers=workers, config=asdict(cfg), args=vars(args), **info)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")

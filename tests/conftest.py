@@ -1,7 +1,21 @@
+import os
 import pickle
 
 import numpy as np
 import pytest
+import torch
+
+
+def images(n=16, seed=0):
+    """Random uint8 images (n, 3, 32, 32)."""
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+class RunsCode:
+    """A pickle payload that would create a file named pwned in the working folder if it were ever run."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
 
 
 def write_cifar(root, name="cifar10", per_batch=6, seed=0):

@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import write_cifar
+from conftest import RunsCode, images, write_cifar
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -45,11 +45,6 @@ def test_corrupt_cifar_batch_is_named(cifar_root):
     (cifar_root / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x02 not a pickle")
     with pytest.raises(ValueError, match="test_batch"):
         data.load_dataset("cifar10", cifar_root)
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
 
 
 def test_cifar_pickle_that_would_run_code_is_refused(cifar_root, tmp_path, monkeypatch):
@@ -123,10 +118,6 @@ def test_imagefolder_unreadable_image_is_named(tmp_path):
 
 
 # ---- per-image augmentation
-def images(n=16, seed=0):
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
 def augment(transform, batch, seed=0):
     ds = data.AugmentedImages(batch, torch.zeros(len(batch), dtype=torch.long), transform)
     return torch.stack([ds[(i, seed * 1000 + i)][0] for i in range(len(batch))])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+from conftest import RunsCode, write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
@@ -153,6 +154,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         (["--batch-size", "5000"], "--batch-size 5000"),
         (["--warmup-epochs", "20"], "--warmup-epochs 20"),
         (["--resume", "nowhere/checkpoint.pt"], "--resume nowhere"),
+        (["--whiten", "--dim", "96"], "--whiten writes 3 * --patch-size**2 = 192 filters"),
+        (["--dataset", "cifar10", "--data-dir", "nowhere", "--auto-augment", "rand"], "--auto-augment 'rand'"),
+        (["--mix-prob", "2"], "--mix-prob 2.0"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, flags, message, capsys):
@@ -162,6 +166,8 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, flags, message, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    if "--batch-size 5000" not in message:  # the only check that needs the dataset's size
+        assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
@@ -203,7 +209,7 @@ def test_each_make_target_changes_only_its_columns_flags(target):
     args = vars(train.get_args_parser().parse_args(command[command.index("train.py") + 1:]))
     defaults = vars(train.get_args_parser().parse_args([]))
     base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3",
-            "tag": target}
+            "tag": target, "resume": "auto"}
     assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
 
 
@@ -301,11 +307,6 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_names_the_step
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == message.removeprefix("train.py: error: ")
 
 
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
-
-
 @pytest.mark.parametrize("content, message", [
     (lambda path: torch.save({"model": RunsCode()}, path), "refused: it holds objects that would run code"),
     (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
@@ -322,8 +323,6 @@ def test_untrusted_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch, cap
 
 
 def test_bad_dataset_files_give_one_line_errors(tmp_path, capsys):
-    from conftest import write_cifar
-
     def error_of(*flags):
         with pytest.raises(SystemExit) as exit_info:
             train.cli([*TINY[2:], "--epochs", "1", "--output-dir", str(tmp_path / f"out{len(flags)}"), *flags])
