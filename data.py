@@ -53,9 +53,11 @@ def channel_stats(images: torch.Tensor):
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift."""
-    mean = torch.tensor(mean, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(-1, 1, 1)
-    return images.float().mul_(1 / (255 * std)).sub_(mean / std)
+    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    # Made on the CPU and copied without blocking: a tensor built on a GPU from a list would wait for the GPU.
+    scale = (1 / (255 * std)).to(images.device, non_blocking=True)
+    shift = (mean / std).to(images.device, non_blocking=True)
+    return images.float().mul_(scale).sub_(shift)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
