@@ -103,10 +103,14 @@ class Attention(nn.Module):
                 bias = None
                 if any(r.bias is not None for r in readers):
                     bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
-                codes = F.linear(x, weight, bias).split([r.out_features for r in readers], dim=-1)
+                # On (b n, d) rows the up-projections of the codes' column slices run as single addmm calls.
+                rows = rearrange(x, "b n d -> (b n) d")
+                codes = F.linear(rows, weight, bias).split([r.out_features for r in readers], dim=-1)
+                qkv = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
+                q, k, v = (rearrange(t, "(b n) d -> b n d", b=x.shape[0]) for t in qkv)
             else:
                 codes = [reader(x) for reader in readers]
-            q, k, v = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
+                q, k, v = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
         return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
 
     def forward(self, x, fused: bool = True):
