@@ -34,7 +34,7 @@ def get_args_parser():
     parser.add_argument("--steps", default=None, type=int, help="timed steps per round (default: 1 CPU, 50 GPU)")
     parser.add_argument("--warmup", default=None, type=int, help="untimed steps first (default: 2 CPU, 20 GPU)")
     parser.add_argument("--rounds", default=None, type=int,
-                        help="rounds, variants interleaved; the median round counts (default: 12 CPU, 5 GPU)")
+                        help="rounds, variants interleaved; the median round counts (default: 24 CPU, 5 GPU)")
     parser.add_argument("--aug-images", default=4096, type=int, help="images per augmentation measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser
@@ -62,9 +62,9 @@ def timed(fn, steps, device, warmup=0):
     return (time.perf_counter() - start) / steps
 
 
-def interleaved(fns, steps, warmup, rounds, device, average=statistics.median):
-    """Seconds per call of each fn: all warmed up first, then `rounds` rounds that time `steps` calls of each in
-    turn, so that drift in the machine's speed hits every fn alike; `average` over the rounds."""
+def interleaved(fns, steps, warmup, rounds, device):
+    """Seconds per call of each fn in each round: all warmed up first, then `rounds` rounds that time `steps` calls
+    of each in turn, so that drift in the machine's speed hits every fn alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -72,7 +72,7 @@ def interleaved(fns, steps, warmup, rounds, device, average=statistics.median):
     for _ in range(rounds):
         for name, fn in fns.items():
             seconds[name].append(timed(fn, steps, device))
-    return {name: average(values) for name, values in seconds.items()}
+    return seconds
 
 
 def make_trainer(overrides, device, opts):
@@ -105,13 +105,14 @@ def bench_step(device, opts):
     no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
     trainers = {name: make_trainer(overrides, device, opts) for name, overrides in VARIANTS.items()}
     steps = {name: (lambda step=step: step(images, labels, no_mix)) for name, (_, _, step) in trainers.items()}
-    seconds = interleaved(steps, opts.steps, opts.warmup, opts.rounds, device)
-    base = seconds["baseline"]
+    rounds = interleaved(steps, opts.steps, opts.warmup, opts.rounds, device)
     print("| variant | params | forward GMAC/img | img/s | ms/step | vs baseline |\n|---|---|---|---|---|---|")
     for name, (cfg, model, _) in trainers.items():
-        s = seconds[name]
+        s = statistics.median(rounds[name])
+        # The speed-up is the median of per-round ratios: each compares steps timed moments apart.
+        speedup = statistics.median(b / v for b, v in zip(rounds["baseline"], rounds[name]))
         print(f"| {name} | {count_parameters(model):,} | {forward_macs(cfg) / 1e9:.3f} | {opts.batch_size / s:,.0f} "
-              f"| {1000 * s:.1f} | {base / s:.3f}x |")
+              f"| {1000 * s:.1f} | {speedup:.3f}x |")
 
 
 def bench_augment(device, opts):
@@ -185,8 +186,9 @@ def bench_pipeline(device, opts):
 
     per_round = loader.batches_per_chunk
     rounds = max(2, opts.rounds * opts.steps // per_round)
-    seconds = interleaved({"bare": lambda: step(fixed_images, fixed_labels, no_mix), "loop": loop_step},
-                          per_round, per_round, rounds, device, average=statistics.mean)
+    rounds = interleaved({"bare": lambda: step(fixed_images, fixed_labels, no_mix), "loop": loop_step},
+                         per_round, per_round, rounds, device)
+    seconds = {name: statistics.mean(values) for name, values in rounds.items()}
     bare_rate, loop_rate = opts.batch_size / seconds["bare"], opts.batch_size / seconds["loop"]
     print("| measurement | img/s | ms/step |\n|---|---|---|")
     print(f"| bare step (fixed batch, no mixing) | {bare_rate:,.0f} | {1000 * seconds['bare']:.1f} |")
@@ -203,7 +205,7 @@ def main(opts):
     gpu = device.type == "cuda"
     opts.steps = opts.steps or (50 if gpu else 1)
     opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
-    opts.rounds = opts.rounds or (5 if gpu else 12)
+    opts.rounds = opts.rounds or (5 if gpu else 24)
     sections = {"step": bench_step, "augment": bench_augment, "pipeline": bench_pipeline}
     chosen = opts.sections.split(",")
     unknown = [s for s in chosen if s not in sections]
