@@ -96,6 +96,8 @@ class Attention(nn.Module):
         else:
             groups = self.projection_groups()
             readers = [reader for reader, _ in groups]
+            # On (b n, d) rows the up-projections of the codes' column slices run as single addmm calls.
+            rows = rearrange(x, "b n d -> (b n) d")
             if fused:
                 # One matmul for every linear that reads x, instead of up to three small ones.
                 weight = torch.cat([r.weight for r in readers])
@@ -103,14 +105,11 @@ class Attention(nn.Module):
                 bias = None
                 if any(r.bias is not None for r in readers):
                     bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
-                # On (b n, d) rows the up-projections of the codes' column slices run as single addmm calls.
-                rows = rearrange(x, "b n d -> (b n) d")
                 codes = F.linear(rows, weight, bias).split([r.out_features for r in readers], dim=-1)
-                qkv = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
-                q, k, v = (rearrange(t, "(b n) d -> b n d", b=x.shape[0]) for t in qkv)
             else:
-                codes = [reader(x) for reader in readers]
-                q, k, v = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
+                codes = [reader(rows) for reader in readers]
+            qkv = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
+            q, k, v = (rearrange(t, "(b n) d -> b n d", b=x.shape[0]) for t in qkv)
         return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
 
     def forward(self, x, fused: bool = True):
