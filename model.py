@@ -1,7 +1,7 @@
 """PoorViTs: a small pre-norm Vision Transformer with several CLS tokens (arXiv 2501.06220).
 
-Baseline (the paper's Table 1): patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12 heads, MLP ratio 2,
-stochastic depth 0 -> 0.1, ~2.70 M parameters. Options: low-rank latent attention (attention.py), k CLS tokens
+Baseline (the seed's README table and its models/vit.py): patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12
+heads, MLP ratio 2, stochastic depth 0 -> 0.1, ~2.70 M parameters. Options: low-rank latent attention (attention.py), k CLS tokens
 pooled by concatenation or mean, fixed 2-D sin-cos positions, and whitening init of the patch embedding.
 """
 import math
@@ -18,6 +18,7 @@ from attention import Attention, check_shape, parse_latent
 
 CLS_POOLS = ("concat", "mean")
 POS_EMBEDS = ("learned", "sincos")
+PATCH_INITS = ("pytorch", "trunc_normal")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ViTConfig:
     num_cls: int = 1
     cls_pool: str = "concat"
     pos_embed: str = "learned"
+    patch_init: str = "pytorch"
     latent: str = ""
     latent_dim: int = 64
     shared_kv_latent: bool = False
@@ -51,6 +53,8 @@ class ViTConfig:
             raise ValueError(f"cls_pool={self.cls_pool!r} must be one of {', '.join(CLS_POOLS)}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={self.pos_embed!r} must be one of {', '.join(POS_EMBEDS)}")
+        if self.patch_init not in PATCH_INITS:
+            raise ValueError(f"patch_init={self.patch_init!r} must be one of {', '.join(PATCH_INITS)}")
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got dim={self.dim}")
         check_shape(self.dim, self.heads, self.latent, self.latent_dim)
@@ -134,6 +138,9 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.cfg.patch_init == "pytorch":
+            # The seed's patch embedding is a Conv2d its init never touches: PyTorch's default, U(+-1/sqrt(3 p^2)).
+            self.to_patch_embedding[1].reset_parameters()
         nn.init.trunc_normal_(self.cls_tokens, std=0.02)
         if isinstance(self.pos_embedding, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embedding, std=0.02)

@@ -74,6 +74,9 @@ def get_args_parser():
     parser.add_argument("--num-cls", default=1, type=int, help="CLS tokens")
     parser.add_argument("--cls-pool", default="concat", type=str, help=f"CLS outputs to head: {', '.join(CLS_POOLS)}")
     parser.add_argument("--pos-embed", default="learned", type=str, help=f"one of {', '.join(POS_EMBEDS)}")
+    parser.add_argument("--patch-init", default="pytorch", type=str,
+                        help="patch-embedding init: pytorch (the seed's Conv2d default, U(+-1/sqrt(3*p*p))) or "
+                             "trunc_normal (std 0.02, as the other linears)")
     parser.add_argument("--latent", default="", type=str, help="low-rank projections, any of q, k, v (e.g. kv)")
     parser.add_argument("--latent-dim", default=64, type=int, help="rank of the low-rank projections")
     parser.add_argument("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
@@ -164,7 +167,7 @@ def model_config(args, num_classes) -> ViTConfig:
         return ViTConfig(
             img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
             depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls,
-            cls_pool=args.cls_pool, pos_embed=args.pos_embed, latent=args.latent, latent_dim=args.latent_dim,
+            cls_pool=args.cls_pool, pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent, latent_dim=args.latent_dim,
             shared_kv_latent=args.shared_kv_latent, drop_path=args.drop_path,
         )
     except ValueError as e:

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -114,6 +115,30 @@ def test_init_follows_recipe():
     assert not qkv.bias.any()
     assert model.blocks[0].norm1.eps == 1e-6
     assert model.cls_tokens.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+@pytest.mark.parametrize("patch_size", [4, 8])
+def test_patch_embedding_keeps_the_seeds_conv2d_default_init(patch_size):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(patch_size=patch_size))
+    conv = torch.nn.Conv2d(3, 192, patch_size, stride=patch_size)
+    ours = model.to_patch_embedding[1]
+    bound = 1 / math.sqrt(3 * patch_size**2)
+    for mine, theirs in ((ours.weight, conv.weight), (ours.bias, conv.bias)):
+        # Same range (uniform on +-bound) and the same std within sampling error (5 sigma of a uniform's std).
+        assert mine.abs().max() <= bound and mine.abs().max() > 0.95 * bound
+        sigma = bound / math.sqrt(15 * mine.numel())  # std of the sample std of n draws of U(-b, b)
+        assert abs(mine.std().item() - theirs.std().item()) < 5 * math.sqrt(2) * sigma
+        assert abs(mine.std().item() - bound / math.sqrt(3)) < 5 * sigma
+    # Every other linear keeps trunc-normal 0.02 with zero bias.
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.15) and not model.head.bias.any()
+    assert model.blocks[3].mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_trunc_normal_patch_init_is_the_other_linears_init():
+    torch.manual_seed(0)
+    linear = ViT(ViTConfig(patch_init="trunc_normal")).to_patch_embedding[1]
+    assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1) and not linear.bias.any()
 
 
 def smooth_images(n=32, seed=0):
