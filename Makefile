@@ -100,13 +100,13 @@ mla-q:
 	$(TRAIN) --latent q
 mla-k:
 	$(TRAIN) --latent k
-# DDP: --batch-size is the global batch
+# DDP: --batch-size is the global batch; each image's --ra-reps copies side by side in a batch, as the seed under torchrun
 ddp-bs256:
-	$(TORCHRUN) --batch-size 256
+	$(TORCHRUN) --batch-size 256 --ra-mode in-batch
 ddp-bs1024:
-	$(TORCHRUN) --batch-size 1024
+	$(TORCHRUN) --batch-size 1024 --ra-mode in-batch
 lion-bs1024:
-	$(TORCHRUN) --batch-size 1024 --opt lion --lr 1e-4 --weight-decay 0.5
+	$(TORCHRUN) --batch-size 1024 --ra-mode in-batch --opt lion --lr 1e-4 --weight-decay 0.5
 # Several CLS tokens (the abstract's claim; no published numbers)
 cls-2:
 	$(TRAIN) --num-cls 2

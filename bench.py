@@ -80,13 +80,13 @@ def make_trainer(overrides, device, opts):
     cfg = ViTConfig(**overrides)
     model = ViT(cfg).to(device)
     defaults = train.get_args_parser().parse_args([])
-    optimizer = train.build_optimizer(defaults, model.parameters(), device)
-    scheduler = train.build_scheduler(optimizer, defaults, steps_per_epoch=10_000)
+    optimizers = train.build_optimizers(defaults, model, device)
+    schedulers = [train.build_scheduler(optimizer, defaults, steps_per_epoch=10_000) for optimizer in optimizers]
     compiled = torch.compile(model) if opts.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(images, labels, mix):
-        return train.train_step(compiled, optimizer, scheduler, images, labels, mix, autocast, 0.1)
+        return train.train_step(compiled, optimizers, schedulers, images, labels, mix, autocast, 0.1)
 
     return cfg, model, step
 

@@ -1,4 +1,4 @@
-"""Datasets and the training augmentation of PoorViTs (arXiv 2501.06220, Sec. 4; DeiT's recipe on CIFAR-10).
+"""Datasets and the training augmentation of PoorViTs (arXiv 2501.06220; the recipe of the seed's finetune.py).
 
 Every dataset is held in memory as uint8 images (N, 3, 32, 32) and int64 labels. Training samples pass through
 flip -> crop with padding -> AutoAugment (CIFAR-10 policy) -> normalise -> random erasing, one image at a time
@@ -230,43 +230,58 @@ class AugmentedImages(Dataset):
             return self.transform(self.images[index]), self.labels[index]
 
 
-def check_sampling(global_batch, reps, world_size):
-    if reps < 1:
-        raise ValueError(f"--ra-reps {reps} must be >= 1")
-    if global_batch % world_size:
-        raise ValueError(f"--batch-size {global_batch} (global) must be divisible by the {world_size} processes")
+RA_MODES = ("shuffles", "in-batch")
 
 
 class RepeatedAugmentationSampler(Sampler):
-    """One semantics on 1 or many processes: epoch e is a random order (shared by all ranks) of `reps` copies of
-    every image; it is cut into global batches, and rank r takes slots r, r + world_size, ... of each. The last
-    incomplete global batch is dropped. Yields (image index, augmentation seed) for AugmentedImages."""
+    """Repeated augmentation: epoch e holds `reps` copies of every image, in an order shared by all ranks.
+    shuffles: `reps` independent shuffles one after another (the seed's single-process RASampler);
+    in-batch: one shuffle with each image repeated `reps` times in a row (the seed under torchrun; "batch
+    augmentation", Hoffer et al. 2019), so a batch holds about B/reps images in `reps` augmented copies each.
+    The order is cut into global batches (the incomplete last one dropped) and rank r takes the r-th contiguous
+    slice of each: a global batch is the same samples on 1 or N processes. Yields (image index, augmentation seed)
+    for AugmentedImages; the seed is a function of the sample's place in the epoch's global order."""
 
-    def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0):
-        check_sampling(global_batch, reps, world_size)
+    def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0, mode="shuffles"):
+        if reps < 1:
+            raise ValueError(f"reps={reps} must be >= 1")
+        if mode not in RA_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {', '.join(RA_MODES)}")
+        if global_batch % world_size:
+            raise ValueError(f"global_batch={global_batch} must be divisible by world_size={world_size}")
         self.steps_per_epoch = num_images * reps // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {global_batch} exceeds the {num_images * reps} samples of an epoch")
-        self.num_images, self.global_batch, self.reps = num_images, global_batch, reps
+            raise ValueError(f"global_batch={global_batch} exceeds the {num_images * reps} samples of an epoch")
+        self.num_images, self.global_batch, self.reps, self.mode = num_images, global_batch, reps, mode
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batch = global_batch // world_size  # per rank
         self.epoch = self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self):
-        return (self.steps_per_epoch - self.start_step) * self.global_batch // self.world_size
+        return (self.steps_per_epoch - self.start_step) * self.batch
+
+    def global_order(self) -> torch.Tensor:
+        """The epoch's image indices, every rank's batches together: (steps, world_size, per-rank batch)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        if self.mode == "shuffles":
+            order = torch.cat([torch.randperm(self.num_images, generator=generator) for _ in range(self.reps)])
+        else:
+            order = torch.randperm(self.num_images, generator=generator).repeat_interleave(self.reps)
+        return rearrange(order[: self.steps_per_epoch * self.global_batch], "(s w b) -> s w b",
+                         s=self.steps_per_epoch, w=self.world_size)
 
     def epoch_order(self) -> torch.Tensor:
         """This rank's image indices for the whole epoch (from step 0), in order."""
-        order_rng = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
-        order = torch.randperm(self.num_images * self.reps, generator=order_rng) % self.num_images
-        return order[self.rank : self.steps_per_epoch * self.global_batch : self.world_size]
+        return self.global_order()[:, self.rank].flatten()
 
     def __iter__(self):
         order = self.epoch_order().tolist()
-        for k in range(self.start_step * self.global_batch // self.world_size, len(order)):
-            slot = k * self.world_size + self.rank  # position in the epoch's global order
+        for k in range(self.start_step * self.batch, len(order)):
+            step, j = divmod(k, self.batch)
+            slot = step * self.global_batch + self.rank * self.batch + j  # place in the epoch's global order
             yield order[k], derive_seed(self.seed, "augment", self.epoch, slot)
 
 
@@ -403,7 +418,7 @@ class DeviceLoader:
                  chunk_images: int = 4096):
         self.images, self.labels = images.to(device), labels.to(device)
         self.sampler, self.augment, self.device = sampler, augment, device
-        self.batch = sampler.global_batch // sampler.world_size
+        self.batch = sampler.batch
         self.batches_per_chunk = max(1, chunk_images // self.batch)
 
     def __len__(self):

@@ -65,6 +65,9 @@ def get_args_parser():
     parser.add_argument("--label-smoothing", default=0.1, type=float, help="label smoothing of the cross-entropy")
     parser.add_argument("--ra-reps", default=3, type=int,
                         help="repeated augmentation: times each image is seen per epoch")
+    parser.add_argument("--ra-mode", default="shuffles", choices=data.RA_MODES,
+                        help="shuffles: --ra-reps independent shuffles per epoch (the seed, 1 process); in-batch: "
+                             "each image's copies side by side in one batch (the seed under torchrun)")
     # Model (mirrors model.ViTConfig)
     parser.add_argument("--patch-size", default=4, type=int, help="patch side (pixels)")
     parser.add_argument("--dim", default=192, type=int, help="token width")
@@ -82,10 +85,15 @@ def get_args_parser():
     parser.add_argument("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
     parser.add_argument("--drop-path", default=0.1, type=float, help="stochastic depth rate of the last block")
     parser.add_argument("--whiten", action="store_true", help="whitening init of the patch embedding")
-    parser.add_argument("--whiten-images", default=5000, type=int, help="training images used by --whiten")
+    parser.add_argument("--whiten-images", default=5000, type=int,
+                        help="--whiten uses the first whole batches of the training stream holding at least this "
+                             "many images (5000 at batch 256: 20 batches, 5120 images, as the seed)")
     # Optimisation
-    parser.add_argument("--opt", default="adamw", type=str, help="adamw or lion")
+    parser.add_argument("--opt", default="adamw", type=str,
+                        help="adamw, lion, or muon (Muon for the blocks' matrices, AdamW at --lr for the rest)")
     parser.add_argument("--lr", default=1e-3, type=float, help="peak learning rate (Lion: use 3-10x smaller)")
+    parser.add_argument("--muon-lr", default=0.02, type=float, help="--opt muon: peak learning rate of Muon")
+    parser.add_argument("--muon-momentum", default=0.9, type=float, help="--opt muon: Muon's Nesterov momentum")
     parser.add_argument("--weight-decay", default=0.05, type=float, help="decoupled weight decay (Lion: 3-10x larger)")
     parser.add_argument("--batch-size", default=256, type=int, help="global batch (all processes together)")
     parser.add_argument("--epochs", default=100, type=int, help="epochs (one epoch: --ra-reps passes over the data)")
@@ -115,7 +123,8 @@ def get_args_parser():
 def check_args(args):
     """Errors a user can cause, caught before any work: one line naming the flag."""
     positive = {"epochs": args.epochs, "batch-size": args.batch_size, "lr": args.lr, "eval-every": args.eval_every,
-                "log-every": args.log_every, "warmup-lr": args.warmup_lr, "whiten-images": args.whiten_images}
+                "log-every": args.log_every, "warmup-lr": args.warmup_lr, "whiten-images": args.whiten_images,
+                "ra-reps": args.ra_reps, "muon-lr": args.muon_lr}
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{flag} {value} must be positive")
@@ -123,8 +132,10 @@ def check_args(args):
         raise ValueError(f"--dataset {args.dataset!r} is not one of {', '.join(data.DATASETS)}")
     if args.data_loader not in ("device", "workers"):
         raise ValueError(f"--data-loader {args.data_loader!r} is not one of device, workers")
-    if args.opt not in ("adamw", "lion"):
-        raise ValueError(f"--opt {args.opt!r} is not one of adamw, lion")
+    if args.opt not in ("adamw", "lion", "muon"):
+        raise ValueError(f"--opt {args.opt!r} is not one of adamw, lion, muon")
+    if not 0 <= args.muon_momentum < 1:
+        raise ValueError(f"--muon-momentum {args.muon_momentum} must be in [0, 1)")
     if args.weight_decay < 0 or args.min_lr < 0:
         raise ValueError("--weight-decay and --min-lr must be >= 0")
     if not 0 <= args.warmup_epochs <= args.epochs:
@@ -178,33 +189,81 @@ def model_config(args, num_classes) -> ViTConfig:
         raise ValueError(message) from None
 
 
-def build_optimizer(args, params, device):
+def build_loader(args, dataset, device, rank, world_size, workers):
+    """This rank's training batches: the device loader, or torchvision's per-image pipeline in `workers` processes.
+    Either way `loader.sampler` is the RepeatedAugmentationSampler that fixes the epoch's order."""
+    sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
+                                               world_size, args.seed, args.ra_mode)
+    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase)
+    if args.data_loader == "device":
+        return data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,
+                                 data.BatchAugment(*augmentation), device)
+    return DataLoader(
+        data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(*augmentation)),
+        batch_size=sampler.batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
+    )
+
+
+def whitening_images(args, dataset, device):
+    """What --whiten sees, as the seed did: the first whole batches of epoch 0's training stream holding at least
+    --whiten-images images, exactly as the model gets them (flipped, cropped, AutoAugmented, normalised, erased;
+    mixing comes later). The 1-process stream, so every rank whitens alike."""
+    loader = build_loader(args, dataset, device, rank=0, world_size=1, workers=0)
+    loader.sampler.set_epoch(0)
+    batches = []
+    for images, _ in loader:
+        batches.append(images.to(device))
+        if len(batches) * loader.sampler.batch >= args.whiten_images:
+            break
+    return torch.cat(batches)
+
+
+def muon_matrices(model):
+    """The parameters --opt muon gives to Muon: every 2-D weight matrix inside the transformer blocks."""
+    return [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2]
+
+
+def build_optimizers(args, model, device):
+    """The optimizers of --opt, each stepped every iteration: one, or for Muon [AdamW for the rest, Muon]."""
     if args.opt == "lion":
-        return Lion(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                             fused=device.type == "cuda")
+        return [Lion(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)]
+    fused = device.type == "cuda"
+    if args.opt == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                                  fused=fused)]
+    matrices = muon_matrices(model)
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    # The seed's Muon: Nesterov momentum, 6 Newton-Schulz steps, no weight decay; its AdamW part: betas (0.95, 0.95).
+    return [torch.optim.AdamW(rest, lr=args.lr, betas=(0.95, 0.95), weight_decay=args.weight_decay, fused=fused),
+            torch.optim.Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, nesterov=True, ns_steps=6,
+                             weight_decay=0.0)]
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
-    """Linear warm-up from --warmup-lr, then cosine to --min-lr at the last step; stepped every iteration."""
+    """Linear warm-up from --warmup-lr, then cosine to --min-lr at the last step; stepped every iteration. An
+    optimizer whose peak is not --lr (Muon's) follows the same curve scaled to its own peak."""
     total = args.epochs * steps_per_epoch
     warmup = round(args.warmup_epochs * steps_per_epoch)
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=args.min_lr)
+    peak = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=args.min_lr * peak / args.lr)
     if warmup == 0:
         return cosine
     linear = LinearLR(optimizer, start_factor=args.warmup_lr / args.lr, end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
-def train_step(model, optimizer, scheduler, images, labels, mix, autocast, label_smoothing):
+def train_step(model, optimizers, schedulers, images, labels, mix, autocast, label_smoothing):
     """Mix the batch, one forward/backward/update, one scheduler step; returns the loss on the device (no sync)."""
     images, targets = mix(images, labels)
     with autocast:
         loss = F.cross_entropy(model(images), targets, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
-    scheduler.step()
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        optimizer.step()
+        scheduler.step()
     return loss.detach()
 
 
@@ -459,7 +518,8 @@ class StopSignal:
 def main(args):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
-    data.check_sampling(args.batch_size, args.ra_reps, world_size)
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
     is_main = rank == 0
     resume_path = resume_checkpoint(args)
     if args.output_dir is None:
@@ -474,31 +534,24 @@ def main(args):
         if world_size > 1:
             dist.barrier()  # the other ranks read the files rank 0 fetched
     dataset = data.load_dataset(args.dataset, args.data_dir)
-    sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
-                                               world_size, args.seed)
-    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase)
-    workers = 0
+    if args.batch_size > len(dataset.train_images) * args.ra_reps:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
+                         f"samples of an epoch")
+    workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
     if args.data_loader == "device":
-        loader = data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,
-                                   data.BatchAugment(*augmentation), device)
-    else:
-        workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
-        loader = DataLoader(
-            data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(*augmentation)),
-            batch_size=args.batch_size // world_size, sampler=sampler, num_workers=workers,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
-        )
+        workers = 0
+    loader = build_loader(args, dataset, device, rank, world_size, workers)
+    sampler = loader.sampler
     mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
 
     cfg = model_config(args, len(dataset.classes))
     model = ViT(cfg)
     if args.whiten:
-        model.whiten_patch_embedding(data.normalize(dataset.train_images[: args.whiten_images], dataset.mean,
-                                                    dataset.std))
+        model.whiten_patch_embedding(whitening_images(args, dataset, device))
     model.to(device)
     model_without_ddp = model
-    optimizer = build_optimizer(args, model.parameters(), device)
-    scheduler = build_scheduler(optimizer, args, sampler.steps_per_epoch)
+    optimizers = build_optimizers(args, model, device)
+    schedulers = [build_scheduler(optimizer, args, sampler.steps_per_epoch) for optimizer in optimizers]
     if args.compile:
         model = torch.compile(model)
     if world_size > 1:
@@ -509,8 +562,10 @@ def main(args):
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, args, cfg)
         model_without_ddp.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        for optimizer, saved in zip(optimizers, ckpt["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(schedulers, ckpt["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
         state.load(ckpt)
         del ckpt  # its tensors now live in the model and optimizer
     info = run_info(device)
@@ -524,8 +579,8 @@ def main(args):
 
     def save():
         if is_main:
-            ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), **state.checkpoint(), "args": vars(args),
+            ckpt = {"model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
                     "config": asdict(cfg), "run": info}
             atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(ckpt, tmp))
 
@@ -546,7 +601,7 @@ def main(args):
             # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
             torch.manual_seed(data.derive_seed(args.seed, "step", rank, state.step))
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            state.add(train_step(model, optimizer, scheduler, images, labels, mix, autocast, args.label_smoothing))
+            state.add(train_step(model, optimizers, schedulers, images, labels, mix, autocast, args.label_smoothing))
             end_of_epoch = state.step % steps_per_epoch == 0
             log_now = state.step % args.log_every == 0 or end_of_epoch
             save_now = bool(args.save_every) and state.step % args.save_every == 0
@@ -555,7 +610,7 @@ def main(args):
                 stop.agree(state)
                 state.raise_if_not_finite(epoch, out / "checkpoint.pt")
             if log_now:
-                metrics = state.log_interval(optimizer.param_groups[0]["lr"], args.batch_size)
+                metrics = state.log_interval(optimizers[0].param_groups[0]["lr"], args.batch_size)
                 log.write(kind="train", epoch=epoch + 1, step=state.step, **metrics)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                      img_s=f"{metrics['img_s']:.0f}")

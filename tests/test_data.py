@@ -238,38 +238,67 @@ def test_mixup_targets_are_the_blend_of_the_labels():
 
 
 # ---- repeated-augmentation sampler
-def epoch_slots(num_images, batch, reps, world_size, epoch=0, start_step=0):
+def epoch_slots(num_images, batch, reps, world_size, epoch=0, start_step=0, mode="shuffles"):
     per_rank = []
     for rank in range(world_size):
-        sampler = data.RepeatedAugmentationSampler(num_images, batch, reps, rank, world_size, seed=3)
+        sampler = data.RepeatedAugmentationSampler(num_images, batch, reps, rank, world_size, seed=3, mode=mode)
         sampler.set_epoch(epoch, start_step)
         per_rank.append(list(sampler))
         assert len(per_rank[-1]) == len(sampler)
     return per_rank
 
 
-def interleave(per_rank):
-    return [item for group in zip(*per_rank) for item in group]
+def global_batches(per_rank, per_rank_batch):
+    """Each step's global batch: the ranks' batches of that step, side by side."""
+    steps = len(per_rank[0]) // per_rank_batch
+    return [sum((r[s * per_rank_batch:(s + 1) * per_rank_batch] for r in per_rank), []) for s in range(steps)]
 
 
-def test_every_image_is_seen_reps_times_per_epoch():
-    (single,) = epoch_slots(30, batch=10, reps=3, world_size=1)
+@pytest.mark.parametrize("mode", data.RA_MODES)
+def test_every_image_is_seen_reps_times_per_epoch(mode):
+    (single,) = epoch_slots(30, batch=10, reps=3, world_size=1, mode=mode)
     counts = np.bincount([i for i, _ in single], minlength=30)
     assert (counts == 3).all()
     assert len({seed for _, seed in single}) == 90  # every copy is augmented independently
 
 
-def test_ranks_split_the_single_process_order_without_overlap():
-    (single,) = epoch_slots(50, batch=8, reps=3, world_size=1)
-    ranks = epoch_slots(50, batch=8, reps=3, world_size=2)
-    assert interleave(ranks) == single
+def test_shuffles_mode_is_reps_independent_shuffles_one_after_another():
+    (single,) = epoch_slots(30, batch=10, reps=3, world_size=1)
+    thirds = [sorted(i for i, _ in single[k * 30:(k + 1) * 30]) for k in range(3)]
+    assert all(third == list(range(30)) for third in thirds)  # each third is a permutation of the images
+    orders = [[i for i, _ in single[k * 30:(k + 1) * 30]] for k in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_in_batch_mode_puts_each_images_copies_in_one_per_rank_batch(world_size):
+    # Per-rank batch 12, divisible by reps 3: every batch holds 4 images, each exactly 3 times.
+    per_rank = epoch_slots(40, batch=12 * world_size, reps=3, world_size=world_size, mode="in-batch")
+    for rank_slots in per_rank:
+        for start in range(0, len(rank_slots), 12):
+            counts = np.bincount([i for i, _ in rank_slots[start:start + 12]])
+            assert set(counts[counts > 0]) == {3}
+            assert len({s for _, s in rank_slots[start:start + 12]}) == 12  # copies are augmented independently
+
+
+def test_in_batch_mode_cuts_copies_only_at_the_ends_of_a_batch():
+    # Per-rank batch 64 = 21 * 3 + 1 (the DDP targets' 256 over 4 processes): a run of 3 copies may straddle a
+    # batch boundary, so a batch has at most 2 images with fewer than 3 copies, its first and its last.
+    (single,) = epoch_slots(120, batch=64, reps=3, world_size=1, mode="in-batch")
+    for start in range(0, len(single), 64):
+        batch = [i for i, _ in single[start:start + 64]]
+        counts = {i: batch.count(i) for i in batch}
+        cut = [i for i, c in counts.items() if c < 3]
+        assert set(cut) <= {batch[0], batch[-1]} and max(counts.values()) == 3
+
+
+@pytest.mark.parametrize("mode", data.RA_MODES)
+def test_ranks_split_each_global_batch_of_the_single_process_order(mode):
+    (single,) = epoch_slots(50, batch=8, reps=3, world_size=1, mode=mode)
+    ranks = epoch_slots(50, batch=8, reps=3, world_size=2, mode=mode)
+    assert global_batches(ranks, 4) == global_batches([single], 8)  # same samples and seeds, same steps
     seeds = [set(s for _, s in r) for r in ranks]
     assert not seeds[0] & seeds[1]
-    # The global batch of each step holds the same samples on 1 and 2 processes.
-    per_rank = 4
-    for step in range(len(single) // 8):
-        both = ranks[0][step * per_rank:(step + 1) * per_rank] + ranks[1][step * per_rank:(step + 1) * per_rank]
-        assert sorted(both) == sorted(single[step * 8:(step + 1) * 8])
 
 
 def test_epochs_differ_and_start_step_skips_whole_batches():
@@ -284,11 +313,12 @@ def test_incomplete_last_batch_is_dropped():
     assert len(single) == 24
 
 
-@pytest.mark.parametrize("kwargs, flag", [(dict(global_batch=9, world_size=2), "--batch-size 9"),
-                                          (dict(global_batch=100), "--batch-size 100"),
-                                          (dict(global_batch=8, reps=0), "--ra-reps 0")])
-def test_sampler_errors_name_the_flag(kwargs, flag):
-    with pytest.raises(ValueError, match=flag):
+@pytest.mark.parametrize("kwargs, message", [(dict(global_batch=9, world_size=2), "global_batch=9"),
+                                             (dict(global_batch=100), "global_batch=100"),
+                                             (dict(global_batch=8, reps=0), "reps=0"),
+                                             (dict(global_batch=8, mode="random"), "mode='random'")])
+def test_sampler_errors_name_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         data.RepeatedAugmentationSampler(num_images=20, **kwargs)
 
 

@@ -56,7 +56,7 @@ def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
     assert [r["epoch"] for r in evals] == [1, 2] and evals[-1]["acc"] == saved["final_acc"]
     assert saved["best_acc"] == max(r["acc"] for r in evals)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "step", "args", "config"} <= ckpt.keys()
+    assert {"model", "optimizers", "schedulers", "step", "args", "config"} <= ckpt.keys()
     assert ckpt["step"] == saved["steps"] == 2 * (3 * 1438 // 64)  # two epochs of --ra-reps 3
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -120,10 +120,12 @@ def torchrun(out, nproc, *flags):
 @pytest.mark.parametrize(
     "augment",
     [NO_AUGMENT,
+     # The seed's DDP columns: each image's 3 copies side by side (per-rank batch 32 cuts some copies at its ends).
+     [*NO_AUGMENT, "--ra-reps", "3", "--ra-mode", "in-batch"],
      # The worker loader seeds each sample by its place in the epoch, so even its augmentations match; the device
      # loader draws them per rank's chunk, so it matches with augmentations off.
      [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--ra-reps", "2", "--data-loader", "workers"]],
-    ids=["augmentations-off", "per-image-augmentations-on-worker-loader"],
+    ids=["augmentations-off", "in-batch-repeats", "per-image-augmentations-on-worker-loader"],
 )
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
     run(tmp_path / "one", "--epochs", "1", *augment)
@@ -192,9 +194,9 @@ COLUMNS = {
     "mla-qk": {"latent": "qk"},
     "mla-q": {"latent": "q"},
     "mla-k": {"latent": "k"},
-    "ddp-bs256": {},
-    "ddp-bs1024": {"batch_size": 1024},
-    "lion-bs1024": {"batch_size": 1024, "opt": "lion", "lr": 1e-4, "weight_decay": 0.5},
+    "ddp-bs256": {"ra_mode": "in-batch"},
+    "ddp-bs1024": {"batch_size": 1024, "ra_mode": "in-batch"},
+    "lion-bs1024": {"batch_size": 1024, "ra_mode": "in-batch", "opt": "lion", "lr": 1e-4, "weight_decay": 0.5},
     "cls-2": {"num_cls": 2},
     "cls-4": {"num_cls": 4},
 }
@@ -226,7 +228,8 @@ def test_variant_flags_train_end_to_end(tmp_path):
                   "--cls-pool", "mean", "--pos-embed", "sincos", "--whiten", "--whiten-images", "200", "--ra-reps", "1")
     assert summary["complete"] and summary["config"]["latent"] == "kv"
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    state = next(iter(ckpt["optimizer"]["state"].values()))
+    (lion,) = ckpt["optimizers"]
+    state = next(iter(lion["state"].values()))
     assert set(state) == {"exp_avg"}  # Lion keeps one moment; AdamW would add exp_avg_sq and step
     assert "blocks.0.attn.to_kv.down.weight" in ckpt["model"] and "pos_embedding" not in ckpt["model"]
 
@@ -370,3 +373,81 @@ def test_resume_auto_needs_an_output_dir(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.cli([*TINY, "--epochs", "1", "--resume", "auto"])
     assert exit_info.value.code == 2 and "--resume auto needs --output-dir" in capsys.readouterr().err
+
+
+# ---- faithful to the seed: whitening input, in-batch repeats, Muon
+def test_whitening_sees_the_first_batches_the_model_trains_on(tmp_path, monkeypatch):
+    whitened, trained = [], []
+    original_whiten, original_step = train.ViT.whiten_patch_embedding, train.train_step
+    monkeypatch.setattr(train.ViT, "whiten_patch_embedding",
+                        lambda self, images: (whitened.append(images.clone()), original_whiten(self, images))[1])
+    monkeypatch.setattr(train, "train_step",
+                        lambda model, o, s, images, *rest: (trained.append(images.clone()),
+                                                            original_step(model, o, s, images, *rest))[1])
+    # Full per-image recipe on: the whitening images are flipped, cropped, AutoAugmented, normalised and erased.
+    run(tmp_path, "--epochs", "1", "--patch-size", "4", "--dim", "48", "--whiten", "--whiten-images", "100",
+        "--random-erase", "0.5")
+    (images,) = whitened
+    assert images.shape == (128, 3, 32, 32)  # whole batches of 64 until at least 100 images
+    assert torch.equal(images, torch.cat(trained[:2]))
+
+
+def test_muon_takes_exactly_the_blocks_matrices_and_adamw_the_rest():
+    args = train.get_args_parser().parse_args(["--opt", "muon", "--lr", "3e-3"])
+    model = train.ViT(train.ViTConfig(dim=32, depth=2, heads=4, num_cls=2))
+    adamw, muon = train.build_optimizers(args, model, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(names[id(p)] for p in muon.param_groups[0]["params"])
+    per_block = ["attn.to_out.weight", "attn.to_qkv.weight", "mlp.0.weight", "mlp.2.weight"]
+    assert in_muon == sorted(f"blocks.{b}.{n}" for b in range(2) for n in per_block)
+    in_adamw = {names[id(p)] for p in adamw.param_groups[0]["params"]}
+    assert in_adamw == set(names.values()) - set(in_muon)
+    assert {"head.weight", "cls_tokens", "pos_embedding", "to_patch_embedding.1.weight"} <= in_adamw
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert (muon.defaults["lr"], muon.defaults["momentum"], muon.defaults["weight_decay"]) == (0.02, 0.9, 0.0)
+    assert (adamw.defaults["lr"], adamw.defaults["betas"]) == (3e-3, (0.95, 0.95))
+
+
+def newton_schulz(g, steps=6):
+    """Muon's orthogonalisation written out (Keller Jordan's quintic iteration), in float32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / g.norm()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def test_one_muon_step_equals_muon_and_adamw_applied_by_hand():
+    args = train.get_args_parser().parse_args(["--opt", "muon", "--weight-decay", "0.05"])
+    torch.manual_seed(0)
+    model = train.ViT(train.ViTConfig(dim=32, depth=1, heads=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # Gaussian gradients are well conditioned, so Newton-Schulz in bf16 (torch.optim.Muon) stays near float32's.
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    for optimizer in train.build_optimizers(args, model, torch.device("cpu")):
+        optimizer.step()
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    # Muon, first step: buffer (1 - m) g, Nesterov update g.lerp(buf, m), orthogonalised, lr * sqrt(max(1, rows/cols)).
+    w = "blocks.0.mlp.0.weight"  # (64, 32): a tall matrix
+    expected = newton_schulz(grads[w].lerp(0.1 * grads[w], 0.9))
+    update = (before[w] - after[w]) / (0.02 * math.sqrt(64 / 32))
+    assert (update - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 rounding
+    # AdamW, first step: bias-corrected moments are g and g^2, so the update is g / (|g| + eps), after decay.
+    b = "blocks.0.norm1.bias"
+    expected = before[b] * (1 - 1e-3 * 0.05) - 1e-3 * grads[b] / (grads[b].abs() + 1e-8)
+    torch.testing.assert_close(after[b], expected, atol=1e-7, rtol=1e-6)
+
+
+def test_an_interrupted_muon_run_resumes_bit_exactly(tmp_path):
+    flags = ["--epochs", "2", "--opt", "muon", "--ra-reps", "1"]
+    run(tmp_path / "full", *flags)
+    run(tmp_path / "split", *flags, "--stop-after-epochs", "1")
+    run(tmp_path / "split", *flags, "--resume", "auto")
+    assert_same_run(tmp_path / "full", tmp_path / "split")
+    (adamw, muon) = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["optimizers"]
+    assert all(set(s) == {"momentum_buffer"} for s in muon["state"].values())
