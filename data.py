@@ -92,11 +92,24 @@ def _torchvision_cifar(name: str):
     return CIFAR10 if name == "cifar10" else CIFAR100
 
 
+class DownloadError(OSError):
+    """A dataset could not be fetched (no network, a cut transfer); the message names the archive to place instead."""
+
+
 def download(name: str, root):
-    """Fetch CIFAR-10/100 with torchvision (checks the archive's md5; a no-op when the files are there)."""
+    """Fetch CIFAR-10/100 with torchvision (checks the archive's md5; a no-op when the files are there). An archive
+    placed in `root` by hand is checked and extracted instead of fetched, so an offline machine needs only a copy."""
     if name not in ("cifar10", "cifar100"):
         raise ValueError(f"--download fetches cifar10 or cifar100, not --dataset {name!r}")
-    _torchvision_cifar(name)(root, train=True, download=True)
+    tv_class = _torchvision_cifar(name)
+    try:
+        tv_class(root, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; torchvision raises RuntimeError on a bad md5
+        raise DownloadError(
+            f"could not fetch {name} ({type(e).__name__}: {getattr(e, 'reason', None) or e}): fetch {tv_class.url} "
+            f"elsewhere and place it as {Path(root) / tv_class.filename} (md5 {tv_class.tgz_md5}), then run "
+            f"again: it is checked and extracted instead of fetched"
+        ) from None
 
 
 def load_cifar(root, name: str = "cifar10") -> ImageData:

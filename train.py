@@ -4,9 +4,13 @@
     torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
 
 Outputs in --output-dir: metrics.jsonl (one JSON record per log point and evaluation), checkpoint.pt (after every
-epoch, written atomically) and summary.json (at the end of every invocation).
+epoch, written atomically) and summary.json (at the end of every invocation); .lock keeps a second process out.
 """
 import argparse
+import contextlib
+import errno
+import fcntl
+import io
 import json
 import os
 import pickle
@@ -286,19 +290,6 @@ def evaluate(model, images, labels, mean, std, device, rank, world_size, autocas
     return 100 * correct / count, loss_sum / count
 
 
-def atomic_write(path: Path, write):
-    """write(tmp_path), then rename over `path`: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -324,20 +315,161 @@ def run_info(device):
             "device_name": device_name(device), "hostname": platform.node()}
 
 
-def prepare_output_dir(args) -> Path:
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
+
+
+class DiskFull(OSError):
+    """No space left on the device for one of the run's files."""
+
+
+class OutputDirInUse(RuntimeError):
+    """Another process is running in the output dir."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during training."""
+
+
+class FailedOnRank0(Exception):
+    """This rank's view of a failure on rank 0, which reports it: the process ends quietly with the same exit code."""
+
+    def __init__(self, exit_code):
+        super().__init__(f"rank 0 failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+# Exit codes (README, "Reliability"), one per cause a job scheduler can act on: 2 and 3 need a person; after 4-7 the
+# environment is fixed and the run continued with --resume auto. Also 1: an unexpected error (with its traceback),
+# 128 + N: stopped by signal N.
+EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, DiskFull: 5,
+              OutputDirInUse: 6, OutOfMemory: 7}
+
+
+def exit_code(error) -> int:
+    return next((code for kind, code in EXIT_CODES.items() if isinstance(error, kind)), 1)
+
+
+class Rank0:
+    """Work that rank 0 alone does: claim the output dir, download, write the run's files. Under DDP every rank then
+    learns the outcome (one broadcast), so that a failure there stops all ranks at the same point: rank 0 raises the
+    error (and prints it), the others a FailedOnRank0 with its exit code."""
+
+    def __init__(self, rank, world_size, device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def __call__(self, work, *args, **kwargs):
+        error = None
+        if self.rank == 0:
+            try:
+                work(*args, **kwargs)
+            except Exception as e:
+                error = e
+        if self.world_size > 1:
+            code = torch.tensor(0 if error is None else exit_code(error), device=self.device)
+            dist.broadcast(code, src=0)
+            if self.rank != 0 and code.item():
+                raise FailedOnRank0(int(code))
+        if error is not None:
+            raise error
+
+
+@contextlib.contextmanager
+def writing(path: Path, size: int):
+    """Turns "no space left" while writing `size` bytes to `path` into a DiskFull that says so."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"disk full: writing {path} needs {size:,} bytes free") from None
+        raise
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write(path: Path, payload):
+    """Writes `payload` (bytes) to a temporary file, fsyncs it and renames it over `path`: a reader never sees a
+    half-written file. On any failure the temporary file is removed, so that it holds no space."""
+    tmp = temp_path(path)
+    try:
+        with writing(path, len(payload)):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_line(path: Path, line: bytes):
+    """Adds one whole line to a log with one write to an O_APPEND file: a kill leaves the line whole or absent, and
+    the part of it that a nearly full disk took is cut off again."""
+    with writing(path, len(line)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            if os.write(fd, line) < len(line):
+                os.ftruncate(fd, end)
+                raise OSError(errno.ENOSPC, "the disk took only part of the line")
+        finally:
+            os.close(fd)
+
+
+def write_json(path: Path, obj):
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def torch_bytes(obj):
+    """torch.save into memory, for atomic_write (which then knows the size to report if the disk is full)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+
+
+def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
+    """An OS-held lock on out/.lock for the life of the run (on_exit closes it): the kernel drops it when the process
+    ends, kill -9 included, so a lock is never left behind. POSIX locks (lockf) rather than flock: forked loader
+    workers do not inherit them, so they do not keep the lock after a kill. The file names the holder."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    on_exit.callback(os.close, fd)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        raise OutputDirInUse(f"--output-dir {out} is in use by {holder}: wait for that run to end (or stop it), or "
+                             f"choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+
+
+def claim_output_dir(args, on_exit: contextlib.ExitStack):
+    """Creates --output-dir and locks it for this run; removes the temporary files of a run killed while writing
+    (they may hold the space the run needs); refuses a folder holding another run unless resuming it."""
     out = Path(args.output_dir)
-    existing = [f for f in ("checkpoint.pt", "metrics.jsonl", "summary.json") if (out / f).exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out, on_exit)
+    except OSError as e:
+        raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
+    for name in RUN_FILES:
+        temp_path(out / name).unlink(missing_ok=True)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not args.resume:
         raise ValueError(f"--output-dir {out} already holds a run ({', '.join(existing)}): "
                          f"pass --resume {out / 'checkpoint.pt'} to continue it, or choose another --output-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
-    return out
 
 
 def resume_checkpoint(args):
@@ -382,28 +514,38 @@ def load_checkpoint(path, args, cfg):
 
 
 class MetricsLog:
-    """metrics.jsonl on rank 0. On resume, records after the checkpoint's step are dropped: they are redone."""
+    """metrics.jsonl (rank 0 writes it): one JSON record per line, each added whole by a single write."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step=None):
-        self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step]
-            atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_until(self, step):
+        """On resume: drops the records after the checkpoint's `step` (they are redone), and a partial last line
+        (a write cut short by a kill or a crash), which is said once."""
+        if not self.path.exists():
+            return
+        whole, _, partial = self.path.read_bytes().rpartition(b"\n")
+        if partial:
+            tqdm.write(f"train.py: note: dropped the partial last line of {self.path} ({len(partial)} bytes, a "
+                       f"write cut short): its record is redone", file=sys.stderr)
+        kept = []
+        for number, line in enumerate(whole.splitlines(), 1):
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path} line {number} is not a metrics record ({e})") from None
+            if record_step <= step:
+                kept.append(line + b"\n")
+        atomic_write(self.path, b"".join(kept))
 
     def write(self, **record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        append_line(self.path, (json.dumps(record) + "\n").encode())
 
 
 def ignore_stop_signals(worker_id):
     """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after saving a checkpoint."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
 
 
 class TrainingState:
@@ -426,14 +568,16 @@ class TrainingState:
         self.step += 1
         self.interval_steps += 1
 
+    def last_good(self, checkpoint: Path) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {checkpoint} (step {self.saved_step})"
+
     def raise_if_not_finite(self, epoch, checkpoint: Path):
         bad = int(self.first_bad_step)
         if bad >= 0:
-            kept = "no checkpoint was saved before it"
-            if self.saved_step is not None:
-                kept = f"the last good checkpoint is {checkpoint} (step {self.saved_step})"
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
-                                f"without saving: {kept}")
+                                f"without saving: {self.last_good(checkpoint)}")
 
     def log_interval(self, lr, batch_size):
         """Mean loss and speed of the steps since the last log point; starts the next interval."""
@@ -462,7 +606,6 @@ class TrainingState:
                 "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
 
     def checkpoint(self):
-        self.saved_step = self.step
         return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
                 "train_seconds": self.train_seconds,
                 "interval": {"loss_sum": self.loss_sum.item(), "steps": self.interval_steps}}
@@ -515,24 +658,45 @@ class StopSignal:
         self.agreed = self.signum is not None
 
 
+def explain(error, args, world_size, state, checkpoint: Path):
+    """A failure met while training, as the user should read it: what happened, the last good checkpoint, what to do."""
+    if isinstance(error, DiskFull):
+        return DiskFull(f"{error}; {state.last_good(checkpoint)}: free space, then --resume auto continues the run")
+    if isinstance(error, torch.OutOfMemoryError):
+        return OutOfMemory(
+            f"out of memory after {state.step} steps, with {args.batch_size // world_size} images per process "
+            f"(--batch-size {args.batch_size} over {world_size} process{'es' if world_size > 1 else ''}); "
+            f"{state.last_good(checkpoint)}: free the device's memory, then --resume auto continues the run; or start "
+            f"a new run that needs less: a smaller --batch-size, more processes (torchrun --nproc_per_node), --amp, "
+            f"--data-loader workers")
+    return error
+
+
 def main(args):
+    """One run (see run); what it holds, such as the output dir's lock, is released however it ends."""
+    with contextlib.ExitStack() as on_exit:
+        return run(args, on_exit)
+
+
+def run(args, on_exit: contextlib.ExitStack):
+    """The recipe: distributed → seed → output dir → data → model → optimizer → compile → DDP → resume → loop →
+    summary → teardown."""
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
     is_main = rank == 0
+    rank0 = Rank0(rank, world_size, device)
     resume_path = resume_checkpoint(args)
     if args.output_dir is None:
         fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
         args.output_dir = str(resume_path.parent) if resume_path else fresh
-    out = prepare_output_dir(args) if is_main else Path(args.output_dir)
+    out = Path(args.output_dir)
+    rank0(claim_output_dir, args, on_exit)
     torch.manual_seed(data.derive_seed(args.seed, "init"))
 
     if args.download:
-        if is_main:
-            data.download(args.dataset, args.data_dir)
-        if world_size > 1:
-            dist.barrier()  # the other ranks read the files rank 0 fetched
+        rank0(data.download, args.dataset, args.data_dir)  # the other ranks then read the files rank 0 fetched
     dataset = data.load_dataset(args.dataset, args.data_dir)
     if args.batch_size > len(dataset.train_images) * args.ra_reps:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
@@ -570,19 +734,18 @@ def main(args):
         del ckpt  # its tensors now live in the model and optimizer
     info = run_info(device)
     params = count_parameters(model_without_ddp)
-    # On resume, records after the checkpoint are redone; a run restarted by --resume auto (no checkpoint) from zero.
-    keep_until_step = state.step if resume_path else (-1 if args.resume else None)
-    log = MetricsLog(out / "metrics.jsonl", is_main, keep_until_step=keep_until_step)
-    log.write(kind="run", epoch=state.step // sampler.steps_per_epoch, step=state.step, params=params,
-              world_size=world_size, workers=workers, config=asdict(cfg), args=vars(args), **info)
+    log = MetricsLog(out / "metrics.jsonl")
+    checkpoint = out / "checkpoint.pt"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
     def save():
-        if is_main:
+        def write():
             ckpt = {"model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
                     "config": asdict(cfg), "run": info}
-            atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(ckpt, tmp))
+            atomic_write(checkpoint, torch_bytes(ckpt))
+        rank0(write)
+        state.saved_step = state.step
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
@@ -608,10 +771,10 @@ def main(args):
             # Host-device syncs happen only here: at log points, saves, and once a stop is asked for.
             if log_now or save_now or stop.asked_locally():
                 stop.agree(state)
-                state.raise_if_not_finite(epoch, out / "checkpoint.pt")
+                state.raise_if_not_finite(epoch, checkpoint)
             if log_now:
                 metrics = state.log_interval(optimizers[0].param_groups[0]["lr"], args.batch_size)
-                log.write(kind="train", epoch=epoch + 1, step=state.step, **metrics)
+                rank0(log.write, kind="train", epoch=epoch + 1, step=state.step, **metrics)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                      img_s=f"{metrics['img_s']:.0f}")
                 progress.update(state.step - progress.n)
@@ -624,6 +787,11 @@ def main(args):
     failure = None
     with StopSignal(world_size, device) as stop:
         try:
+            # On resume, records after the checkpoint are redone; a run restarted by --resume auto (no checkpoint)
+            # from zero.
+            rank0(log.keep_until, state.step if resume_path else -1)
+            rank0(log.write, kind="run", epoch=start_epoch, step=state.step, params=params, world_size=world_size,
+                  workers=workers, config=asdict(cfg), args=vars(args), **info)
             for epoch in range(start_epoch, end_epoch):
                 if train_epoch(epoch, stop):
                     break
@@ -631,15 +799,15 @@ def main(args):
                     acc, test_loss = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean,
                                               dataset.std, device, rank, world_size, autocast)
                     state.record_eval(acc, epoch + 1)
-                    log.write(kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
+                    rank0(log.write, kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
                     if is_main:
                         progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% "
                                        f"(best {state.best_acc:.2f}% at epoch {state.best_epoch})")
                 save()
                 if stop.agreed:
                     break
-        except NonFiniteLoss as e:
-            failure = e
+        except (NonFiniteLoss, DiskFull, torch.OutOfMemoryError, FailedOnRank0) as e:
+            failure = explain(e, args, world_size, state, checkpoint)
     progress.close()
 
     complete = state.step == total_steps
@@ -653,7 +821,10 @@ def main(args):
         "config": asdict(cfg), "args": vars(args), **info,
     }
     if is_main:
-        write_json(out / "summary.json", summary)
+        try:
+            write_json(out / "summary.json", summary)
+        except DiskFull as e:
+            failure = failure or explain(e, args, world_size, state, checkpoint)
     if failure:
         raise failure
     if is_main:
@@ -672,12 +843,11 @@ def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         summary = main(args)
-    except (ValueError, FileNotFoundError) as e:
+    except FailedOnRank0 as e:
+        sys.exit(e.exit_code)  # rank 0 says why
+    except tuple(EXIT_CODES) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(exit_code(e))
     if summary["stopped_by_signal"]:
         sys.exit(128 + summary["stopped_by_signal"])  # the shell's convention for a process ended by a signal
 

@@ -1,15 +1,26 @@
+import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
+import platform
 import random
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision.datasets import CIFAR10
 
 import train
 from conftest import RunsCode, write_cifar
@@ -451,3 +462,245 @@ def test_an_interrupted_muon_run_resumes_bit_exactly(tmp_path):
     assert_same_run(tmp_path / "full", tmp_path / "split")
     (adamw, muon) = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["optimizers"]
     assert all(set(s) == {"momentum_buffer"} for s in muon["state"].values())
+
+
+# ---- the environment fails: offline download, full disk, cut writes, a second process, out of memory
+FAULT_RUN = ["--epochs", "2", "--ra-reps", "1"]  # 22 steps per epoch, a log record every 5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference every recovered run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(out, *FAULT_RUN)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_epoch(tmp_path_factory):
+    out = tmp_path_factory.mktemp("first-epoch")
+    run(out, *FAULT_RUN, "--stop-after-epochs", "1")
+    return out
+
+
+@pytest.fixture
+def half_run(first_epoch, tmp_path):
+    """A copy of a run stopped after its first epoch (checkpoint at step 22), to continue under a fault."""
+    out = tmp_path / "run"
+    shutil.copytree(first_epoch, out)
+    return out
+
+
+def error_line(capsys, out, *flags):
+    """train.cli that must fail: its exit code and its one `train.py: error:` line (no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, "--output-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert err.count("train.py: error:") == 1 and "Traceback" not in err, err[-3000:]
+    return exit_info.value.code, err[err.index("train.py: error:"):].splitlines()[0]
+
+
+def fill_disk_at(monkeypatch, name, at, partial=False):
+    """Fault injection: the `at`-th os.write to a file called `name` finds the disk full. It raises ENOSPC, or with
+    `partial` writes only half of its bytes first, as a nearly full disk does. Returns the bytes of every such write."""
+    real_write, writes = os.write, []
+
+    def write(fd, data):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == name:
+            writes.append(bytes(data))
+            if len(writes) == at:
+                if partial:
+                    return real_write(fd, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return writes
+
+
+def disk_full_line(out, needed, step):
+    return (f"train.py: error: disk full: writing {out / needed[0]} needs {needed[1]:,} bytes free; the last good "
+            f"checkpoint is {out / 'checkpoint.pt'} (step {step}): free space, then --resume auto continues the run")
+
+
+def summary_failed(out):
+    return json.loads((out / "summary.json").read_text())["failed"]
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_leaves_no_temp_file(half_run, uninterrupted, monkeypatch,
+                                                                              capsys):
+    writes = fill_disk_at(monkeypatch, ".checkpoint.pt.tmp", at=2)
+    # Resumed at step 22, saving every 8 steps: step 24 is saved, step 32 finds the disk full.
+    code, line = error_line(capsys, half_run, *FAULT_RUN, "--resume", "auto", "--save-every", "8")
+    assert code == 5 and line == disk_full_line(half_run, ("checkpoint.pt", len(writes[1])), 24)
+    assert torch.load(half_run / "checkpoint.pt", weights_only=True)["step"] == 24
+    assert not (half_run / ".checkpoint.pt.tmp").exists()
+    assert summary_failed(half_run) == line.removeprefix("train.py: error: ")
+    monkeypatch.undo()  # space freed
+    run(half_run, *FAULT_RUN, "--resume", "auto")
+    assert_same_run(uninterrupted, half_run)
+
+
+def test_disk_full_at_a_metrics_record_leaves_whole_lines_only(half_run, uninterrupted, monkeypatch, capsys):
+    before = (half_run / "metrics.jsonl").read_bytes()
+    writes = fill_disk_at(monkeypatch, "metrics.jsonl", at=4, partial=True)
+    # Records of the resumed run: its run record, steps 25, 30, then 35 finds the disk full half-way.
+    code, line = error_line(capsys, half_run, *FAULT_RUN, "--resume", "auto", "--save-every", "8")
+    assert code == 5 and line == disk_full_line(half_run, ("metrics.jsonl", len(writes[3])), 32)
+    assert all(w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)  # each record: one write of one line
+    assert (half_run / "metrics.jsonl").read_bytes() == before + b"".join(writes[:3])
+    assert [r["step"] for r in records(half_run, "train")][-1] == 30
+    assert summary_failed(half_run) == line.removeprefix("train.py: error: ")
+    monkeypatch.undo()
+    run(half_run, *FAULT_RUN, "--resume", "auto")
+    assert_same_run(uninterrupted, half_run)
+
+
+def test_disk_full_at_the_summary_keeps_the_previous_one_and_resume_writes_it(half_run, uninterrupted, monkeypatch,
+                                                                             capsys):
+    before = (half_run / "summary.json").read_bytes()
+    writes = fill_disk_at(monkeypatch, ".summary.json.tmp", at=1)
+    code, line = error_line(capsys, half_run, *FAULT_RUN, "--resume", "auto")
+    assert code == 5 and line == disk_full_line(half_run, ("summary.json", len(writes[0])), 44)
+    assert (half_run / "summary.json").read_bytes() == before and not (half_run / ".summary.json.tmp").exists()
+    monkeypatch.undo()
+    summary = run(half_run, *FAULT_RUN, "--resume", "auto")  # the run is finished: only its summary is written
+    assert summary["complete"] and json.loads((half_run / "summary.json").read_text())["complete"]
+    assert_same_run(uninterrupted, half_run)
+
+
+def test_a_partial_last_metrics_line_is_dropped_at_resume_and_said_once(half_run, uninterrupted, capsys):
+    torn = b'{"kind": "train", "epoch": 2, "step": 25, "lr": 0.00'  # what a kill in the middle of a log write leaves
+    with open(half_run / "metrics.jsonl", "ab") as f:
+        f.write(torn)
+    train.cli([*TINY, "--output-dir", str(half_run), *FAULT_RUN, "--resume", "auto"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "train.py: note:" in line]
+    assert notes == [f"train.py: note: dropped the partial last line of {half_run / 'metrics.jsonl'} ({len(torn)} "
+                     f"bytes, a write cut short): its record is redone"]
+    assert_same_run(uninterrupted, half_run)
+
+
+def test_a_stale_temp_checkpoint_of_a_killed_run_is_removed_at_the_next_start(half_run, uninterrupted, monkeypatch):
+    # A kill during a save leaves its temp file; on a full disk it holds the space the resumed run needs.
+    stale = half_run / ".checkpoint.pt.tmp"
+    stale.write_bytes(b"\0" * 2**20)
+    real_atomic_write = train.atomic_write
+
+    def write_on_a_disk_full_while_stale_exists(path, *args):
+        if stale.exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_atomic_write(path, *args)
+
+    monkeypatch.setattr(train, "atomic_write", write_on_a_disk_full_while_stale_exists)
+    run(half_run, *FAULT_RUN, "--resume", "auto")
+    assert not stale.exists()
+    assert_same_run(uninterrupted, half_run)
+
+
+def test_out_of_memory_names_the_batch_and_the_flags_and_resume_continues(half_run, uninterrupted, monkeypatch,
+                                                                          capsys):
+    real_forward, calls = train.ViT.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # in step 34
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.ViT, "forward", forward)
+    code, line = error_line(capsys, half_run, *FAULT_RUN, "--resume", "auto", "--save-every", "8")
+    assert code == 7 and line == (
+        f"train.py: error: out of memory after 33 steps, with 64 images per process (--batch-size 64 over 1 process); "
+        f"the last good checkpoint is {half_run / 'checkpoint.pt'} (step 32): free the device's memory, then "
+        f"--resume auto continues the run; or start a new run that needs less: a smaller --batch-size, more "
+        f"processes (torchrun --nproc_per_node), --amp, --data-loader workers")
+    assert torch.load(half_run / "checkpoint.pt", weights_only=True)["step"] == 32
+    assert summary_failed(half_run) == line.removeprefix("train.py: error: ")
+    monkeypatch.undo()  # memory freed
+    run(half_run, *FAULT_RUN, "--resume", "auto")
+    assert_same_run(uninterrupted, half_run)
+
+
+def test_a_second_process_on_a_folder_in_use_is_refused_and_the_lock_ends_with_its_holder(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    holder = start(out, *FAULT_RUN)
+    try:
+        wait_for_step(out, 25, holder)  # past its first checkpoint
+        holder.send_signal(signal.SIGSTOP)  # held mid-run
+        second = subprocess.run([sys.executable, "train.py", *TINY, "--output-dir", str(out), *FAULT_RUN,
+                                 "--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()  # kill -9: the lock must go with it
+        holder.communicate()
+    assert second.returncode == 6 and "Traceback" not in second.stderr
+    assert second.stderr.strip().splitlines() == [
+        f"train.py: error: --output-dir {out} is in use by pid {holder.pid} on {platform.node()}: wait for that run "
+        f"to end (or stop it), or choose another --output-dir"]
+    assert len(records(out, "run")) == 1  # the second process wrote nothing
+    run(out, *FAULT_RUN, "--resume", "auto")
+    assert_same_run(uninterrupted, out)
+
+
+def fake_cifar_archive(folder):
+    """A small CIFAR-10 archive in the real layout; torchvision's md5s are patched to accept it."""
+    write_cifar(folder / "src", per_batch=64)
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive
+
+
+def md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_offline_download_names_the_archive_and_an_archive_placed_by_hand_is_used(tmp_path, monkeypatch, capsys):
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    data_dir, out = tmp_path / "data", tmp_path / "run"
+    flags = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--download", *FAULT_RUN, "--resume", "auto"]
+    code, line = error_line(capsys, out, *flags)
+    assert code == 4 and line == (
+        f"train.py: error: could not fetch cifar10 (URLError: [Errno -3] Temporary failure in name resolution): "
+        f"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz elsewhere and place it as "
+        f"{data_dir / 'cifar-10-python.tar.gz'} (md5 c58f30108f718f92721af3b95e74349a), then run again: it is "
+        f"checked and extracted instead of fetched")
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing of a run was written
+
+    archive = fake_cifar_archive(tmp_path / "elsewhere")
+    shutil.copy(archive, data_dir)  # placed by hand; the network is still off
+    src = tmp_path / "elsewhere" / "src" / "cifar-10-batches-py"
+    monkeypatch.setattr(CIFAR10, "tgz_md5", md5(archive))
+    for files in ("train_list", "test_list"):
+        monkeypatch.setattr(CIFAR10, files, [[name, md5(src / name)] for name, _ in getattr(CIFAR10, files)])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(src / CIFAR10.meta["filename"])})
+    train.cli([*TINY, "--output-dir", str(out), *flags])
+    assert (data_dir / "cifar-10-batches-py" / "data_batch_5").read_bytes() == (src / "data_batch_5").read_bytes()
+    run(tmp_path / "reference", "--dataset", "cifar10", "--data-dir", str(tmp_path / "elsewhere" / "src"), *FAULT_RUN)
+    assert_same_run(tmp_path / "reference", out)
+
+
+@pytest.mark.parametrize("fault", ["offline", "in-use"])
+def test_a_failure_on_rank_0_stops_every_ddp_rank_and_is_said_once(tmp_path, fault):
+    out = tmp_path / "run"
+    # An unreachable proxy: urllib fails as it does offline.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "https_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           *FAULT_RUN, "--output-dir", str(out)]
+    with contextlib.ExitStack() as held:
+        if fault == "offline":
+            cmd += ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--download"]
+        else:
+            out.mkdir()
+            train.lock_output_dir(out, held)  # this process runs in the folder
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    expected = {"offline": "train.py: error: could not fetch cifar10 (URLError: ",
+                "in-use": f"train.py: error: --output-dir {out} is in use by pid {os.getpid()} on"}[fault]
+    ours = [line for line in result.stderr.splitlines() if "train.py: error:" in line]
+    assert len(ours) == 1 and ours[0].startswith(expected), result.stderr[-3000:]
+    # torchrun's report: each rank ended with the code of the failure, or by torchrun's SIGTERM once the other had.
+    codes = set(re.findall(r"rank +: \d \(local_rank.*\n +exitcode +: (-?\d+)", result.stderr))
+    code = {"offline": "4", "in-use": "6"}[fault]
+    assert code in codes and codes <= {code, str(-signal.SIGTERM)}, result.stderr[-3000:]
