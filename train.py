@@ -34,9 +34,10 @@ from lion import Lion
 from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs
 
 EVAL_CHUNK = 1024
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
-RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "log_every",
-                     "stop_after_epochs", "save_every"}
+RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "compile_mode",
+                     "log_every", "stop_after_epochs", "save_every"}
 
 
 def get_args_parser():
@@ -93,7 +94,11 @@ def get_args_parser():
     parser.add_argument("--warmup-lr", default=1e-6, type=float, help="learning rate at step 0")
     parser.add_argument("--min-lr", default=1e-6, type=float, help="learning rate at the end of the cosine")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (no effect on CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model (default: on for CUDA, off on the CPU)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode: reduce-overhead adds CUDA graphs, max-autotune also tunes kernels "
+                             "(minutes of compiling)")
     # Run
     parser.add_argument("--eval-every", default=5, type=int, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--log-every", default=50, type=int, help="log training loss every N steps")
@@ -160,6 +165,15 @@ def setup_distributed(device_name):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def resolve_compile(args, device):
+    """--compile defaults to on for CUDA, where an eager step is mostly kernel launches, and to off on the CPU, where
+    compiling takes longer than a short run saves."""
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if not args.compile and args.compile_mode != "default":
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
 
 
 def model_config(args, num_classes) -> ViTConfig:
@@ -459,6 +473,7 @@ class StopSignal:
 def main(args):
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
+    resolve_compile(args, device)
     data.check_sampling(args.batch_size, args.ra_reps, world_size)
     is_main = rank == 0
     resume_path = resume_checkpoint(args)
@@ -500,7 +515,7 @@ def main(args):
     optimizer = build_optimizer(args, model.parameters(), device)
     scheduler = build_scheduler(optimizer, args, sampler.steps_per_epoch)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile_mode)
     if world_size > 1:
         # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

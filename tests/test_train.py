@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import einops
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import train
 from conftest import RunsCode, write_cifar
@@ -99,6 +101,51 @@ def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, loader):
     again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), *loader)
     assert again["complete"] and again["final_acc"] == records(full, "eval")[-1]["acc"]
     assert_same_run(full, split)
+
+
+def test_compiled_training_compiles_once_and_evaluation_adds_a_bounded_number_of_graphs(tmp_path, monkeypatch):
+    # Backend aot_eager: the step-2 recompile was a Dynamo guard (on einops' backend table), the same whatever the
+    # backend, and inductor's C++ build of these graphs takes about a minute on 2 cores.
+    real_compile, modes = torch.compile, []
+
+    def compile_aot_eager(model, mode):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager")
+
+    graphs, real_evaluate = [], train.evaluate  # Dynamo's graph count before and after each evaluation
+
+    def evaluate(*args):
+        before = counters["stats"]["unique_graphs"]
+        result = real_evaluate(*args)
+        graphs.append((before, counters["stats"]["unique_graphs"]))
+        return result
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "EVAL_CHUNK", 256)  # 359 test images: a full chunk and a partial one
+    monkeypatch.setattr(einops._backends, "_type2backend", {})  # as in a fresh process: no tensor type seen yet
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run(tmp_path, "--epochs", "2", "--ra-reps", "1", "--compile", "--compile-mode", "max-autotune")
+    finally:
+        torch._dynamo.reset()
+    assert modes == ["max-autotune"]
+    # The 22 steps of epoch 1 run one graph. Evaluation (eval mode, no grad) adds at most two: its own, and one for
+    # the partial last chunk unless the first is already dynamic in the batch. Epoch 2 and its evaluation add none.
+    (before_1, after_1), second = graphs
+    assert before_1 == 1 and after_1 <= 3 and second == (after_1, after_1), graphs
+
+
+def test_compile_defaults_to_cuda_only_and_its_mode_needs_it():
+    parse = train.get_args_parser().parse_args
+    for flags, device, compiled in (([], "cuda", True), ([], "cpu", False), (["--no-compile"], "cuda", False),
+                                    (["--compile"], "cpu", True)):
+        args = parse(flags)
+        train.resolve_compile(args, torch.device(device))
+        assert args.compile is compiled, (flags, device)
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        train.resolve_compile(parse(["--compile-mode", "reduce-overhead"]), torch.device("cpu"))
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
