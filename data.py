@@ -52,8 +52,9 @@ def channel_stats(images: torch.Tensor):
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift."""
-    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift.
+    mean and std: sequences, or tensors already on the images' device (then nothing is copied)."""
+    mean, std = torch.as_tensor(mean).view(-1, 1, 1), torch.as_tensor(std).view(-1, 1, 1)
     # Made on the CPU and copied without blocking: a tensor built on a GPU from a list would wait for the GPU.
     scale = (1 / (255 * std)).to(images.device, non_blocking=True)
     shift = (mean / std).to(images.device, non_blocking=True)

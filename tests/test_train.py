@@ -8,13 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import einops
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.overrides import TorchFunctionMode
 
 import train
 from conftest import RunsCode, write_cifar
+from conftest import images as conftest_images
+from model import ViT, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
@@ -146,6 +152,35 @@ def test_compile_defaults_to_cuda_only_and_its_mode_needs_it():
         assert args.compile is compiled, (flags, device)
     with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
         train.resolve_compile(parse(["--compile-mode", "reduce-overhead"]), torch.device("cpu"))
+
+
+class HostTraffic(TorchFunctionMode):
+    """Counts tensors built from host data (on a GPU: a copy to the device) and values read back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.built = self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.built += func in (torch.tensor, torch.as_tensor) and not isinstance(args[0], torch.Tensor)
+        self.reads += func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_evaluation_in_chunks_copies_nothing_per_chunk_and_reads_its_counts_once(monkeypatch):
+    model = ViT(ViTConfig(patch_size=8, dim=32, depth=2, heads=4)).eval()
+    images, labels = conftest_images(300), torch.arange(300) % 10
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    monkeypatch.setattr(train, "EVAL_CHUNK", 128)  # 3 chunks
+    with HostTraffic() as traffic:
+        acc, loss = train.evaluate(model, images, labels, mean, std, torch.device("cpu"), 0, 1, nullcontext())
+    assert traffic.built == 2 and traffic.reads == 1  # mean and std once, not per chunk; the counts once
+    # The independent computation: one forward over the whole set, normalised the textbook way.
+    x = (images / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    with torch.no_grad():
+        logits = model(x)
+    assert acc == pytest.approx(100 * (logits.argmax(1) == labels).double().mean().item())
+    assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
