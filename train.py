@@ -176,6 +176,21 @@ def resolve_compile(args, device):
         raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
 
 
+def download_dataset(args, rank, world_size):
+    """--download: rank 0 fetches first, then the first process of every other node. On a shared filesystem those
+    find the files in place (torchvision checks their md5); on node-local disks each node fetches its own copy. So
+    two processes never fetch into one folder at once."""
+    if not args.download:
+        return
+    if rank == 0:
+        data.download(args.dataset, args.data_dir)
+    if world_size > 1:
+        dist.barrier()
+        if rank != 0 and int(os.environ["LOCAL_RANK"]) == 0:
+            data.download(args.dataset, args.data_dir)
+        dist.barrier()
+
+
 def model_config(args, num_classes) -> ViTConfig:
     try:
         return ViTConfig(
@@ -338,6 +353,17 @@ def load_checkpoint(path, args, cfg):
     return ckpt
 
 
+def load_resume(path, args, cfg, world_size):
+    """The checkpoint to continue from (None: start the run), read by rank 0 alone and sent to the other ranks: under
+    multi-node torchrun their nodes need not see rank 0's output dir."""
+    ckpt = load_checkpoint(path, args, cfg) if path is not None else None
+    if world_size > 1:
+        shared = [ckpt]
+        dist.broadcast_object_list(shared, src=0)
+        ckpt = shared[0]
+    return ckpt
+
+
 class MetricsLog:
     """metrics.jsonl on rank 0. On resume, records after the checkpoint's step are dropped: they are redone."""
 
@@ -478,18 +504,15 @@ def main(args):
     resolve_compile(args, device)
     data.check_sampling(args.batch_size, args.ra_reps, world_size)
     is_main = rank == 0
-    resume_path = resume_checkpoint(args)
+    # Only rank 0 writes the run's files, and only it reads the checkpoint (load_resume).
+    resume_path = resume_checkpoint(args) if is_main else None
     if args.output_dir is None:
         fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
         args.output_dir = str(resume_path.parent) if resume_path else fresh
     out = prepare_output_dir(args) if is_main else Path(args.output_dir)
     torch.manual_seed(data.derive_seed(args.seed, "init"))
 
-    if args.download:
-        if is_main:
-            data.download(args.dataset, args.data_dir)
-        if world_size > 1:
-            dist.barrier()  # the other ranks read the files rank 0 fetched
+    download_dataset(args, rank, world_size)
     dataset = data.load_dataset(args.dataset, args.data_dir)
     # Like the training set, the test set lives on the device as uint8: evaluation copies nothing per chunk.
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
@@ -525,8 +548,8 @@ def main(args):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     state = TrainingState(device)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, args, cfg)
+    ckpt = load_resume(resume_path, args, cfg, world_size)
+    if ckpt is not None:
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

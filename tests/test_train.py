@@ -3,6 +3,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,7 +211,11 @@ def torchrun(out, nproc, *flags):
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
     run(tmp_path / "one", "--epochs", "1", *augment)
     torchrun(tmp_path / "two", 2, "--epochs", "1", *augment)
-    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert_same_run_on_two_processes(tmp_path / "one", tmp_path / "two")
+
+
+def assert_same_run_on_two_processes(one_dir, two_dir):
+    one, two = final_weights(one_dir), final_weights(two_dir)
     # Only the order of floating-point sums differs (gradients are averaged across ranks). Tolerance: 1e-4, a tenth
     # of what one AdamW step at lr 1e-3 moves a weight; measured here 2.5e-6 (off) and 5e-5 (on, 44 steps), with
     # relative L2 differences of 7e-7 and 6e-6.
@@ -218,9 +223,44 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     flat_one, flat_two = (torch.cat([v.flatten() for v in w.values()]) for w in (one, two))
     assert (flat_one - flat_two).norm() < 1e-4 * flat_one.norm()
     assert not all(torch.equal(one[k], two[k]) for k in one)  # it really ran on two processes
-    evals_one, evals_two = records(tmp_path / "one", "eval"), records(tmp_path / "two", "eval")
+    evals_one, evals_two = records(one_dir, "eval"), records(two_dir, "eval")
     assert [r["acc"] for r in evals_one] == [r["acc"] for r in evals_two]  # counts gathered from both ranks
     assert evals_one[-1]["loss"] == pytest.approx(evals_two[-1]["loss"], rel=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(node_dirs, *flags):
+    """One job on two torchrun agents (nodes) of this machine, c10d rendezvous, gloo, each agent in its own folder as
+    on a node's own disk; --output-dir run is relative, so each node has its own. The rendezvous ranks nodes by their
+    address: node 0 (127.0.0.1) holds rank 0 at every launch, as the first host name would on a cluster."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    processes = []
+    for node, folder in enumerate(node_dirs):
+        folder.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+               "--local-addr", f"127.0.0.{node + 1}", str(ROOT / "train.py"), *TINY, "--output-dir", "run", *flags]
+        processes.append(subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+
+
+def test_a_run_continued_as_a_two_node_torchrun_job_matches_one_process(tmp_path):
+    run(tmp_path / "one", "--epochs", "2", *NO_AUGMENT)
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    run(nodes[0] / "run", "--epochs", "2", "--stop-after-epochs", "1", *NO_AUGMENT)
+    # Epoch 2 on two nodes; node 1 cannot see node 0's checkpoint: rank 0 reads it and sends it to rank 1.
+    torchrun_two_nodes(nodes, "--epochs", "2", "--resume", "auto", *NO_AUGMENT)
+    assert not (nodes[1] / "run").exists()  # only rank 0 writes
+    assert records(nodes[0] / "run", "run")[-1]["world_size"] == 2
+    assert_same_run_on_two_processes(tmp_path / "one", nodes[0] / "run")
 
 
 @pytest.mark.parametrize(
