@@ -125,6 +125,37 @@ def load_cifar(root, name: str = "cifar10") -> ImageData:
     return ImageData(*parts["train"], *parts["test"], classes, mean, std)
 
 
+def write_cifar(root, name: str = "cifar10", per_batch: int = 6, seed: int = 0):
+    """Random images and labels in CIFAR-10/100's real on-disk format (python pickles of uint8 rows: 1024 R, 1024 G,
+    1024 B), `per_batch` images per file, for tests and machines that cannot download. Returns the folder and each
+    file's content."""
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder, files = Path(root) / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)]
+        label_key = "labels"
+        meta, meta_key, classes = "batches.meta", "label_names", [f"class{i}" for i in range(10)]
+        test_file = "test_batch"
+    else:
+        folder, files, label_key = Path(root) / "cifar-100-python", ["train"], "fine_labels"
+        meta, meta_key, classes = "meta", "fine_label_names", [f"class{i}" for i in range(100)]
+        test_file = "test"
+    folder.mkdir(parents=True)
+    written = {}
+    for filename in files + [test_file]:
+        batch = {
+            "batch_label": filename,
+            "data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, len(classes), size=per_batch).tolist(),
+            "filenames": [f"{filename}_{i}.png" for i in range(per_batch)],
+        }
+        with open(folder / filename, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[filename] = batch
+    with open(folder / meta, "wb") as f:
+        pickle.dump({meta_key: classes, "num_cases_per_batch": per_batch}, f, protocol=2)
+    return folder, written
+
+
 def load_digits(test_fraction: float = 0.2) -> ImageData:
     """scikit-learn's 1,797 bundled 8x8 handwritten digits (0-16), upsampled to 32x32 RGB; a fixed train/test split."""
     from sklearn.datasets import load_digits as sklearn_digits

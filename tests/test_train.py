@@ -19,8 +19,9 @@ from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
 import train
-from conftest import RunsCode, write_cifar
+from conftest import RunsCode
 from conftest import images as conftest_images
+from data import write_cifar
 from model import ViT, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
