@@ -2,6 +2,7 @@
 
     python train.py --download --output-dir runs/baseline                  # the paper's baseline, 1 process
     torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 train.py ...  # 2 nodes
 
 Outputs in --output-dir: metrics.jsonl (one JSON record per log point and evaluation), checkpoint.pt (after every
 epoch, written atomically) and summary.json (at the end of every invocation).
