@@ -2,6 +2,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,9 +255,11 @@ def torchrun_two_nodes(node_dirs, *flags):
 
 
 def test_a_run_continued_as_a_two_node_torchrun_job_matches_one_process(tmp_path):
-    run(tmp_path / "one", "--epochs", "2", *NO_AUGMENT)
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     run(nodes[0] / "run", "--epochs", "2", "--stop-after-epochs", "1", *NO_AUGMENT)
+    # The 1-process reference continues a copy (a resume equals an uninterrupted run: tested above).
+    shutil.copytree(nodes[0] / "run", tmp_path / "one")
+    run(tmp_path / "one", "--epochs", "2", "--resume", "auto", *NO_AUGMENT)
     # Epoch 2 on two nodes; node 1 cannot see node 0's checkpoint: rank 0 reads it and sends it to rank 1.
     torchrun_two_nodes(nodes, "--epochs", "2", "--resume", "auto", *NO_AUGMENT)
     assert not (nodes[1] / "run").exists()  # only rank 0 writes
