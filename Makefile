@@ -24,7 +24,7 @@ COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk ml
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
 # The demo model on digits, and two ablations of it: the example table and plots of the README.
 DEMO_COLUMNS := demo-base demo-mla-qkv demo-cls-4
-.PHONY: test demo bench table plots table-runs demo-table $(COLUMNS) $(DEMO_COLUMNS)
+.PHONY: test demo bench gpu-check table plots table-runs demo-table $(COLUMNS) $(DEMO_COLUMNS)
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q
@@ -72,6 +72,11 @@ demo-cls-4:
 # Throughput figures for this machine (README, Performance).
 bench: $(VENV)/installed
 	$(PY) bench.py
+
+# One command for a GPU machine, at most 8 minutes: step, sync, pipeline and 1-epoch train.py figures in
+# OUT/gpu-check/gpu-check.md and .json (gpu_check.py; with --device cpu --smoke it runs anywhere at a tiny size).
+gpu-check: $(VENV)/installed
+	$(PY) gpu_check.py --output-dir $(OUT)/gpu-check
 
 $(COLUMNS): $(VENV)/installed
 

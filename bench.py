@@ -30,7 +30,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="PoorViTs throughput benchmarks.")
     parser.add_argument("--sections", default="step,augment,pipeline", type=str, help="comma-separated sections")
     parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch-size", default=128, type=int, help="images per step")
+    parser.add_argument("--batch-size", default=256, type=int, help="images per step (the recipe's global batch)")
     parser.add_argument("--steps", default=None, type=int, help="timed steps per round (default: 1 CPU, 50 GPU)")
     parser.add_argument("--warmup", default=None, type=int, help="untimed steps first (default: 2 CPU, 20 GPU)")
     parser.add_argument("--rounds", default=None, type=int,
@@ -75,14 +75,15 @@ def interleaved(fns, steps, warmup, rounds, device):
     return seconds
 
 
-def make_trainer(overrides, device, opts):
-    """A model with the paper's AdamW and schedule, and a step function train.py's loop would run."""
+def make_trainer(overrides, device, compile_options=None):
+    """A model with the paper's AdamW and schedule, and a step function train.py's loop would run; compile_options:
+    torch.compile's keyword arguments (None: eager)."""
     cfg = ViTConfig(**overrides)
     model = ViT(cfg).to(device)
     defaults = train.get_args_parser().parse_args([])
     optimizers = train.build_optimizers(defaults, model, device)
     schedulers = [train.build_scheduler(optimizer, defaults, steps_per_epoch=10_000) for optimizer in optimizers]
-    compiled = torch.compile(model) if opts.compile else model
+    compiled = model if compile_options is None else torch.compile(model, **compile_options)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(images, labels, mix):
@@ -97,22 +98,36 @@ def random_batch(n, device, seed=0):
     return images.to(device), torch.randint(0, 10, (n,), generator=g).to(device)
 
 
+def fixed_batch(batch_size, device):
+    """The bare step's input: a normalised batch, its labels, and a mixer that leaves it unmixed."""
+    images, labels = random_batch(batch_size, device)
+    return data.normalize(images, *data.CIFAR10_STATS), labels, data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
+
+
+def time_steps(steps, opts, device):
+    """Seconds per step of each step function on one fixed batch, per round of interleaved rounds."""
+    images, labels, no_mix = fixed_batch(opts.batch_size, device)
+    fns = {name: (lambda step=step: step(images, labels, no_mix)) for name, step in steps.items()}
+    return interleaved(fns, opts.steps, opts.warmup, opts.rounds, device)
+
+
+def speedup(rounds, reference, name):
+    """How many times faster `name` ran than `reference`: the median of per-round ratios, each comparing steps timed
+    moments apart."""
+    return statistics.median(r / n for r, n in zip(rounds[reference], rounds[name]))
+
+
 def bench_step(device, opts):
     print(f"\n(a) train step, batch {opts.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
           f"median of {opts.rounds} interleaved rounds of {opts.steps} timed steps, after {opts.warmup} warm-up steps")
-    images, labels = random_batch(opts.batch_size, device)
-    images = data.normalize(images, *data.CIFAR10_STATS)
-    no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
-    trainers = {name: make_trainer(overrides, device, opts) for name, overrides in VARIANTS.items()}
-    steps = {name: (lambda step=step: step(images, labels, no_mix)) for name, (_, _, step) in trainers.items()}
-    rounds = interleaved(steps, opts.steps, opts.warmup, opts.rounds, device)
+    compile_options = {} if opts.compile else None
+    trainers = {name: make_trainer(overrides, device, compile_options) for name, overrides in VARIANTS.items()}
+    rounds = time_steps({name: step for name, (_, _, step) in trainers.items()}, opts, device)
     print("| variant | params | forward GMAC/img | img/s | ms/step | vs baseline |\n|---|---|---|---|---|---|")
     for name, (cfg, model, _) in trainers.items():
         s = statistics.median(rounds[name])
-        # The speed-up is the median of per-round ratios: each compares steps timed moments apart.
-        speedup = statistics.median(b / v for b, v in zip(rounds["baseline"], rounds[name]))
         print(f"| {name} | {count_parameters(model):,} | {forward_macs(cfg) / 1e9:.3f} | {opts.batch_size / s:,.0f} "
-              f"| {1000 * s:.1f} | {speedup:.3f}x |")
+              f"| {1000 * s:.1f} | {speedup(rounds, 'baseline', name):.3f}x |")
 
 
 def bench_augment(device, opts):
@@ -156,20 +171,25 @@ def bench_augment(device, opts):
         print(f"| {name} | {rate:,.0f} | {rate / pil:.1f}x |")
 
 
-def bench_pipeline(device, opts):
-    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe; "
-          f"mean over rounds of whole augmentation chunks")
-    _, _, step = make_trainer({}, device, opts)
-    images, labels = random_batch(10_000, device)
-    sampler = data.RepeatedAugmentationSampler(len(images), opts.batch_size, reps=3)
+def recipe_loader(images, labels, batch_size, device, chunk_images):
+    """train.py's device loader over `images` with the full recipe's augmentation (3 repeats per epoch)."""
+    sampler = data.RepeatedAugmentationSampler(len(images), batch_size, reps=3)
+    return data.DeviceLoader(images, labels, sampler, data.BatchAugment(*data.CIFAR10_STATS, **RECIPE), device,
+                             chunk_images=chunk_images)
+
+
+def measure_pipeline(step, device, opts):
+    """img/s of the training loop (device loader, augmentation, mixing, `step` of the baseline model from
+    make_trainer) and of the bare step on a fixed batch, full recipe: the mean over rounds of whole augmentation
+    chunks. On a GPU also the peak memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     # On the CPU a chunk of 4 batches keeps the run short; every round times whole chunks, augmentation included.
     chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size
-    loader = data.DeviceLoader(images, labels, sampler, data.BatchAugment(*data.CIFAR10_STATS, **RECIPE), device,
-                               chunk_images=chunk)
+    loader = recipe_loader(*random_batch(10_000, device), opts.batch_size, device, chunk)
+    sampler = loader.sampler
     mix = data.BatchMix(10)
-    fixed_images = data.normalize(images[: opts.batch_size], *data.CIFAR10_STATS)
-    fixed_labels = labels[: opts.batch_size]
-    no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
+    fixed_images, fixed_labels, no_mix = fixed_batch(opts.batch_size, device)
     batches = iter(())
     step_count = 0
 
@@ -189,15 +209,26 @@ def bench_pipeline(device, opts):
     rounds = interleaved({"bare": lambda: step(fixed_images, fixed_labels, no_mix), "loop": loop_step},
                          per_round, per_round, rounds, device)
     seconds = {name: statistics.mean(values) for name, values in rounds.items()}
-    bare_rate, loop_rate = opts.batch_size / seconds["bare"], opts.batch_size / seconds["loop"]
+    bare, loop = opts.batch_size / seconds["bare"], opts.batch_size / seconds["loop"]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"bare_img_s": bare, "bare_ms": 1000 * seconds["bare"], "loop_img_s": loop,
+            "loop_ms": 1000 * seconds["loop"], "loop_over_bare": loop / bare,
+            "projected_baseline_s": BASELINE_SAMPLES / loop, "peak_memory_gib": peak}
+
+
+def bench_pipeline(device, opts):
+    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe; "
+          f"mean over rounds of whole augmentation chunks")
+    _, _, step = make_trainer({}, device, {} if opts.compile else None)
+    figures = measure_pipeline(step, device, opts)
     print("| measurement | img/s | ms/step |\n|---|---|---|")
-    print(f"| bare step (fixed batch, no mixing) | {bare_rate:,.0f} | {1000 * seconds['bare']:.1f} |")
-    print(f"| training loop (device loader, augmentation, mixing, step) | {loop_rate:,.0f} "
-          f"| {1000 * seconds['loop']:.1f} |")
-    print(f"loop / bare = {loop_rate / bare_rate:.3f}")
-    print(f"projected baseline (100 epochs x 150k samples, no evaluation): {BASELINE_SAMPLES / loop_rate:,.0f} s")
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print(f"| bare step (fixed batch, no mixing) | {figures['bare_img_s']:,.0f} | {figures['bare_ms']:.1f} |")
+    print(f"| training loop (device loader, augmentation, mixing, step) | {figures['loop_img_s']:,.0f} "
+          f"| {figures['loop_ms']:.1f} |")
+    print(f"loop / bare = {figures['loop_over_bare']:.3f}")
+    print(f"projected baseline (100 epochs x 150k samples, no evaluation): {figures['projected_baseline_s']:,.0f} s")
+    if figures["peak_memory_gib"] is not None:
+        print(f"peak GPU memory: {figures['peak_memory_gib']:.2f} GiB")
 
 
 def main(opts):

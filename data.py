@@ -52,8 +52,9 @@ def channel_stats(images: torch.Tensor):
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift."""
-    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift.
+    mean and std: sequences, or tensors already on the images' device (then nothing is copied)."""
+    mean, std = torch.as_tensor(mean).view(-1, 1, 1), torch.as_tensor(std).view(-1, 1, 1)
     # Made on the CPU and copied without blocking: a tensor built on a GPU from a list would wait for the GPU.
     scale = (1 / (255 * std)).to(images.device, non_blocking=True)
     shift = (mean / std).to(images.device, non_blocking=True)
@@ -135,6 +136,37 @@ def load_cifar(root, name: str = "cifar10") -> ImageData:
         classes = list(_NumpyOnlyUnpickler(f, encoding="latin1").load()[tv_class.meta["key"]])
     mean, std = CIFAR10_STATS if name == "cifar10" else CIFAR100_STATS
     return ImageData(*parts["train"], *parts["test"], classes, mean, std)
+
+
+def write_cifar(root, name: str = "cifar10", per_batch: int = 6, seed: int = 0):
+    """Random images and labels in CIFAR-10/100's real on-disk format (python pickles of uint8 rows: 1024 R, 1024 G,
+    1024 B), `per_batch` images per file, for tests and machines that cannot download. Returns the folder and each
+    file's content."""
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder, files = Path(root) / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)]
+        label_key = "labels"
+        meta, meta_key, classes = "batches.meta", "label_names", [f"class{i}" for i in range(10)]
+        test_file = "test_batch"
+    else:
+        folder, files, label_key = Path(root) / "cifar-100-python", ["train"], "fine_labels"
+        meta, meta_key, classes = "meta", "fine_label_names", [f"class{i}" for i in range(100)]
+        test_file = "test"
+    folder.mkdir(parents=True)
+    written = {}
+    for filename in files + [test_file]:
+        batch = {
+            "batch_label": filename,
+            "data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, len(classes), size=per_batch).tolist(),
+            "filenames": [f"{filename}_{i}.png" for i in range(per_batch)],
+        }
+        with open(folder / filename, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[filename] = batch
+    with open(folder / meta, "wb") as f:
+        pickle.dump({meta_key: classes, "num_cases_per_batch": per_batch}, f, protocol=2)
+    return folder, written
 
 
 def load_digits(test_fraction: float = 0.2) -> ImageData:

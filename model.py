@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import pack, rearrange, repeat, unpack
+from einops import pack, rearrange, unpack
 from einops.layers.torch import Rearrange
 from torch import nn
 from torchvision.ops import StochasticDepth
@@ -147,7 +147,9 @@ class ViT(nn.Module):
 
     def forward(self, images, fused_attn: bool = True):
         patches = self.to_patch_embedding(images)
-        cls = repeat(self.cls_tokens, "1 k d -> b k d", b=patches.shape[0])
+        # "1 k d -> b k d" as a view: einops.repeat on the Parameter would register a new einops backend inside the
+        # first compiled call, and Dynamo would recompile the whole model at step 2 when its guard on that table fails.
+        cls = self.cls_tokens.expand(patches.shape[0], -1, -1)
         x, ps = pack([cls, patches], "b * d")
         x = x + self.pos_embedding
         for block in self.blocks:

@@ -2,6 +2,7 @@
 
     python train.py --download --output-dir runs/baseline                  # the paper's baseline, 1 process
     torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 train.py ...  # 2 nodes
 
 Outputs in --output-dir: metrics.jsonl (one JSON record per log point and evaluation), checkpoint.pt (after every
 epoch, written atomically) and summary.json (at the end of every invocation); .lock keeps a second process out.
@@ -38,9 +39,10 @@ from lion import Lion
 from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs
 
 EVAL_CHUNK = 1024
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
-RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "log_every",
-                     "stop_after_epochs", "save_every"}
+RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "compile_mode",
+                     "log_every", "stop_after_epochs", "save_every"}
 
 
 def get_args_parser():
@@ -105,7 +107,11 @@ def get_args_parser():
     parser.add_argument("--warmup-lr", default=1e-6, type=float, help="learning rate at step 0")
     parser.add_argument("--min-lr", default=1e-6, type=float, help="learning rate at the end of the cosine")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (no effect on CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model (default: on for CUDA, off on the CPU)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode: reduce-overhead adds CUDA graphs, max-autotune also tunes kernels "
+                             "(minutes of compiling)")
     # Run
     parser.add_argument("--eval-every", default=5, type=int, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--log-every", default=50, type=int, help="log training loss every N steps")
@@ -175,6 +181,28 @@ def setup_distributed(device_name):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def resolve_compile(args, device):
+    """--compile defaults to on for CUDA, where an eager step is mostly kernel launches, and to off on the CPU, where
+    compiling takes longer than a short run saves."""
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if not args.compile and args.compile_mode != "default":
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
+
+
+def download_dataset(args, rank, world_size, rank0):
+    """--download: rank 0 fetches first (a failure stops every rank and is said once), then the first process of
+    every other node. On a shared filesystem those find the files in place (torchvision checks their md5); on
+    node-local disks each node fetches its own copy. So two processes never fetch into one folder at once."""
+    if not args.download:
+        return
+    rank0(data.download, args.dataset, args.data_dir)
+    if world_size > 1:
+        if rank != 0 and int(os.environ["LOCAL_RANK"]) == 0:
+            data.download(args.dataset, args.data_dir)
+        dist.barrier()
 
 
 def model_config(args, num_classes) -> ViTConfig:
@@ -273,12 +301,14 @@ def train_step(model, optimizers, schedulers, images, labels, mix, autocast, lab
 
 @torch.no_grad()
 def evaluate(model, images, labels, mean, std, device, rank, world_size, autocast):
-    """Top-1 accuracy (%) and mean cross-entropy on the test set; each rank takes every world_size-th image."""
+    """Top-1 accuracy (%) and mean cross-entropy on the test set, held on the device as uint8; each rank takes every
+    world_size-th image. Nothing is copied to the device per chunk, and the counts are read once, at the end."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    mean, std = (torch.tensor(v).to(device, non_blocking=True) for v in (mean, std))
     shard = slice(rank, None, world_size)
     for x, y in zip(images[shard].split(EVAL_CHUNK), labels[shard].split(EVAL_CHUNK)):
-        x, y = data.normalize(x.to(device), mean, std), y.to(device)
+        x = data.normalize(x, mean, std)
         with autocast:
             logits = model(x)
         totals[0] += (logits.argmax(1) == y).sum()
@@ -359,10 +389,11 @@ class Rank0:
         self.rank, self.world_size, self.device = rank, world_size, device
 
     def __call__(self, work, *args, **kwargs):
-        error = None
+        """work(*args, **kwargs)'s result on rank 0, None on the others."""
+        error = result = None
         if self.rank == 0:
             try:
-                work(*args, **kwargs)
+                result = work(*args, **kwargs)
             except Exception as e:
                 error = e
         if self.world_size > 1:
@@ -372,6 +403,7 @@ class Rank0:
                 raise FailedOnRank0(int(code))
         if error is not None:
             raise error
+        return result
 
 
 @contextlib.contextmanager
@@ -510,6 +542,17 @@ def load_checkpoint(path, args, cfg):
         raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: "
                          + ", ".join(f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {vars(args)[k]!r}"
                                      for k in changed))
+    return ckpt
+
+
+def load_resume(path, args, cfg, rank0, world_size):
+    """The checkpoint to continue from (None: start the run), read by rank 0 alone and sent to the other ranks: under
+    multi-node torchrun their nodes need not see rank 0's output dir."""
+    ckpt = rank0(lambda: None if path is None else load_checkpoint(path, args, cfg))
+    if world_size > 1:
+        shared = [ckpt]
+        dist.broadcast_object_list(shared, src=0)
+        ckpt = shared[0]
     return ckpt
 
 
@@ -683,11 +726,13 @@ def run(args, on_exit: contextlib.ExitStack):
     summary → teardown."""
     check_args(args)
     rank, world_size, device = setup_distributed(args.device)
+    resolve_compile(args, device)
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
     is_main = rank == 0
     rank0 = Rank0(rank, world_size, device)
-    resume_path = resume_checkpoint(args)
+    # Only rank 0 writes the run's files, and only it reads the checkpoint (load_resume).
+    resume_path = rank0(resume_checkpoint, args)
     if args.output_dir is None:
         fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
         args.output_dir = str(resume_path.parent) if resume_path else fresh
@@ -695,12 +740,13 @@ def run(args, on_exit: contextlib.ExitStack):
     rank0(claim_output_dir, args, on_exit)
     torch.manual_seed(data.derive_seed(args.seed, "init"))
 
-    if args.download:
-        rank0(data.download, args.dataset, args.data_dir)  # the other ranks then read the files rank 0 fetched
+    download_dataset(args, rank, world_size, rank0)
     dataset = data.load_dataset(args.dataset, args.data_dir)
     if args.batch_size > len(dataset.train_images) * args.ra_reps:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
                          f"samples of an epoch")
+    # Like the training set, the test set lives on the device as uint8: evaluation copies nothing per chunk.
+    test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
     workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
     if args.data_loader == "device":
         workers = 0
@@ -717,14 +763,14 @@ def run(args, on_exit: contextlib.ExitStack):
     optimizers = build_optimizers(args, model, device)
     schedulers = [build_scheduler(optimizer, args, sampler.steps_per_epoch) for optimizer in optimizers]
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile_mode)
     if world_size > 1:
         # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     state = TrainingState(device)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, args, cfg)
+    ckpt = load_resume(resume_path, args, cfg, rank0, world_size)
+    if ckpt is not None:
         model_without_ddp.load_state_dict(ckpt["model"])
         for optimizer, saved in zip(optimizers, ckpt["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
@@ -796,8 +842,8 @@ def run(args, on_exit: contextlib.ExitStack):
                 if train_epoch(epoch, stop):
                     break
                 if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                    acc, test_loss = evaluate(model, dataset.test_images, dataset.test_labels, dataset.mean,
-                                              dataset.std, device, rank, world_size, autocast)
+                    acc, test_loss = evaluate(model, test_images, test_labels, dataset.mean, dataset.std, device,
+                                              rank, world_size, autocast)
                     state.record_eval(acc, epoch + 1)
                     rank0(log.write, kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
                     if is_main:

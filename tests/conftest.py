@@ -1,9 +1,9 @@
 import os
-import pickle
 
-import numpy as np
 import pytest
 import torch
+
+import data
 
 
 def images(n=16, seed=0):
@@ -18,35 +18,7 @@ class RunsCode:
         return (os.system, ("touch pwned",))
 
 
-def write_cifar(root, name="cifar10", per_batch=6, seed=0):
-    """Small CIFAR files in the real on-disk format (python pickles of uint8 rows: 1024 R, 1024 G, 1024 B)."""
-    rng = np.random.default_rng(seed)
-    if name == "cifar10":
-        folder, files, label_key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "labels"
-        meta, meta_key, classes = "batches.meta", "label_names", [f"class{i}" for i in range(10)]
-        test_file = "test_batch"
-    else:
-        folder, files, label_key = root / "cifar-100-python", ["train"], "fine_labels"
-        meta, meta_key, classes = "meta", "fine_label_names", [f"class{i}" for i in range(100)]
-        test_file = "test"
-    folder.mkdir(parents=True)
-    written = {}
-    for filename in files + [test_file]:
-        batch = {
-            "batch_label": filename,
-            "data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
-            label_key: rng.integers(0, len(classes), size=per_batch).tolist(),
-            "filenames": [f"{filename}_{i}.png" for i in range(per_batch)],
-        }
-        with open(folder / filename, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-        written[filename] = batch
-    with open(folder / meta, "wb") as f:
-        pickle.dump({meta_key: classes, "num_cases_per_batch": per_batch}, f, protocol=2)
-    return folder, written
-
-
 @pytest.fixture
 def cifar_root(tmp_path):
-    write_cifar(tmp_path)
+    data.write_cifar(tmp_path)
     return tmp_path

@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import RunsCode, images, write_cifar
+from conftest import RunsCode, images
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -17,7 +17,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 # ---- CIFAR from its on-disk format
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_loader_reads_the_real_file_format(tmp_path, name):
-    folder, written = write_cifar(tmp_path, name)
+    folder, written = data.write_cifar(tmp_path, name)
     ds = data.load_dataset(name, tmp_path)
     train_files = [f for f in written if f not in ("test_batch", "test")]
     assert ds.train_images.shape == (6 * len(train_files), 3, 32, 32) and ds.train_images.dtype == torch.uint8

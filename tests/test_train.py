@@ -18,12 +18,21 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from contextlib import nullcontext
+
+import einops
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.overrides import TorchFunctionMode
 from torchvision.datasets import CIFAR10
 
 import train
-from conftest import RunsCode, write_cifar
+from conftest import RunsCode
+from conftest import images as conftest_images
+from data import write_cifar
+from model import ViT, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
@@ -112,6 +121,80 @@ def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, loader):
     assert_same_run(full, split)
 
 
+def test_compiled_training_compiles_once_and_evaluation_adds_a_bounded_number_of_graphs(tmp_path, monkeypatch):
+    # Backend aot_eager: the step-2 recompile was a Dynamo guard (on einops' backend table), the same whatever the
+    # backend, and inductor's C++ build of these graphs takes about a minute on 2 cores.
+    real_compile, modes = torch.compile, []
+
+    def compile_aot_eager(model, mode):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager")
+
+    graphs, real_evaluate = [], train.evaluate  # Dynamo's graph count before and after each evaluation
+
+    def evaluate(*args):
+        before = counters["stats"]["unique_graphs"]
+        result = real_evaluate(*args)
+        graphs.append((before, counters["stats"]["unique_graphs"]))
+        return result
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "EVAL_CHUNK", 256)  # 359 test images: a full chunk and a partial one
+    monkeypatch.setattr(einops._backends, "_type2backend", {})  # as in a fresh process: no tensor type seen yet
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run(tmp_path, "--epochs", "2", "--ra-reps", "1", "--compile", "--compile-mode", "max-autotune")
+    finally:
+        torch._dynamo.reset()
+    assert modes == ["max-autotune"]
+    # The 22 steps of epoch 1 run one graph. Evaluation (eval mode, no grad) adds at most two: its own, and one for
+    # the partial last chunk unless the first is already dynamic in the batch. Epoch 2 and its evaluation add none.
+    (before_1, after_1), second = graphs
+    assert before_1 == 1 and after_1 <= 3 and second == (after_1, after_1), graphs
+
+
+def test_compile_defaults_to_cuda_only_and_its_mode_needs_it():
+    parse = train.get_args_parser().parse_args
+    for flags, device, compiled in (([], "cuda", True), ([], "cpu", False), (["--no-compile"], "cuda", False),
+                                    (["--compile"], "cpu", True)):
+        args = parse(flags)
+        train.resolve_compile(args, torch.device(device))
+        assert args.compile is compiled, (flags, device)
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        train.resolve_compile(parse(["--compile-mode", "reduce-overhead"]), torch.device("cpu"))
+
+
+class HostTraffic(TorchFunctionMode):
+    """Counts tensors built from host data (on a GPU: a copy to the device) and values read back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.built = self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.built += func in (torch.tensor, torch.as_tensor) and not isinstance(args[0], torch.Tensor)
+        self.reads += func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_evaluation_in_chunks_copies_nothing_per_chunk_and_reads_its_counts_once(monkeypatch):
+    model = ViT(ViTConfig(patch_size=8, dim=32, depth=2, heads=4)).eval()
+    images, labels = conftest_images(300), torch.arange(300) % 10
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    monkeypatch.setattr(train, "EVAL_CHUNK", 128)  # 3 chunks
+    with HostTraffic() as traffic:
+        acc, loss = train.evaluate(model, images, labels, mean, std, torch.device("cpu"), 0, 1, nullcontext())
+    assert traffic.built == 2 and traffic.reads == 1  # mean and std once, not per chunk; the counts once
+    # The independent computation: one forward over the whole set, normalised the textbook way.
+    x = (images / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    with torch.no_grad():
+        logits = model(x)
+    assert acc == pytest.approx(100 * (logits.argmax(1) == labels).double().mean().item())
+    assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     run(tmp_path, "--epochs", "1")
     with pytest.raises(ValueError, match="depth"):
@@ -141,7 +224,11 @@ def torchrun(out, nproc, *flags):
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
     run(tmp_path / "one", "--epochs", "1", *augment)
     torchrun(tmp_path / "two", 2, "--epochs", "1", *augment)
-    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert_same_run_on_two_processes(tmp_path / "one", tmp_path / "two")
+
+
+def assert_same_run_on_two_processes(one_dir, two_dir):
+    one, two = final_weights(one_dir), final_weights(two_dir)
     # Only the order of floating-point sums differs (gradients are averaged across ranks). Tolerance: 1e-4, a tenth
     # of what one AdamW step at lr 1e-3 moves a weight; measured here 2.5e-6 (off) and 5e-5 (on, 44 steps), with
     # relative L2 differences of 7e-7 and 6e-6.
@@ -149,9 +236,46 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     flat_one, flat_two = (torch.cat([v.flatten() for v in w.values()]) for w in (one, two))
     assert (flat_one - flat_two).norm() < 1e-4 * flat_one.norm()
     assert not all(torch.equal(one[k], two[k]) for k in one)  # it really ran on two processes
-    evals_one, evals_two = records(tmp_path / "one", "eval"), records(tmp_path / "two", "eval")
+    evals_one, evals_two = records(one_dir, "eval"), records(two_dir, "eval")
     assert [r["acc"] for r in evals_one] == [r["acc"] for r in evals_two]  # counts gathered from both ranks
     assert evals_one[-1]["loss"] == pytest.approx(evals_two[-1]["loss"], rel=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(node_dirs, *flags):
+    """One job on two torchrun agents (nodes) of this machine, c10d rendezvous, gloo, each agent in its own folder as
+    on a node's own disk; --output-dir run is relative, so each node has its own. The rendezvous ranks nodes by their
+    address: node 0 (127.0.0.1) holds rank 0 at every launch, as the first host name would on a cluster."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    processes = []
+    for node, folder in enumerate(node_dirs):
+        folder.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+               "--local-addr", f"127.0.0.{node + 1}", str(ROOT / "train.py"), *TINY, "--output-dir", "run", *flags]
+        processes.append(subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+
+
+def test_a_run_continued_as_a_two_node_torchrun_job_matches_one_process(tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    run(nodes[0] / "run", "--epochs", "2", "--stop-after-epochs", "1", *NO_AUGMENT)
+    # The 1-process reference continues a copy (a resume equals an uninterrupted run: tested above).
+    shutil.copytree(nodes[0] / "run", tmp_path / "one")
+    run(tmp_path / "one", "--epochs", "2", "--resume", "auto", *NO_AUGMENT)
+    # Epoch 2 on two nodes; node 1 cannot see node 0's checkpoint: rank 0 reads it and sends it to rank 1.
+    torchrun_two_nodes(nodes, "--epochs", "2", "--resume", "auto", *NO_AUGMENT)
+    assert not (nodes[1] / "run").exists()  # only rank 0 writes
+    assert records(nodes[0] / "run", "run")[-1]["world_size"] == 2
+    assert_same_run_on_two_processes(tmp_path / "one", nodes[0] / "run")
 
 
 @pytest.mark.parametrize(
