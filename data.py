@@ -27,6 +27,7 @@ IMAGE_SIZE = 32
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 3.3)  # random erasing: area fraction and aspect ratio ranges
+AA_FILL = 128  # AutoAugment: the grey that translate, shear and rotate leave where the image was, as the seed
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -203,26 +204,29 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
     raise ValueError(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
 
 
-def check_augmentation(crop_padding, auto_augment, random_erase):
+def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL):
     if auto_augment not in AUTO_AUGMENT_POLICIES:
         raise ValueError(f"--auto-augment {auto_augment!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
     if not 0 <= random_erase <= 1:
         raise ValueError(f"--random-erase {random_erase} must be a probability in [0, 1]")
     if crop_padding < 0:
         raise ValueError(f"--crop-padding {crop_padding} must be >= 0")
+    if not (isinstance(aa_fill, int) and 0 <= aa_fill <= 255):
+        raise ValueError(f"--aa-fill {aa_fill} must be an integer in 0..255 (a grey level)")
 
 
-def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, pil=False):
+def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, aa_fill=AA_FILL,
+                    pil=False):
     """The per-image training pipeline on a uint8 (3, 32, 32) tensor (a PIL image with pil=True); each step can be
     switched off."""
-    check_augmentation(crop_padding, auto_augment, random_erase)
+    check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
     steps = []
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if crop_padding:
         steps.append(v2.RandomCrop(IMAGE_SIZE, padding=crop_padding))
     if auto_augment != "none":
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment)))
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment), fill=aa_fill))
     if pil:
         steps.append(v2.PILToTensor())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -429,7 +433,7 @@ class BatchAutoAugment:
     sorts the images by the kind of op they drew; each kind then runs once on its run of images, every image with its
     own magnitude, read on the device from per-variant tables that are copied there once."""
 
-    def __init__(self, policy: str = "cifar10", size: int = IMAGE_SIZE, fill: int = 0):
+    def __init__(self, policy: str = "cifar10", size: int = IMAGE_SIZE, fill: int = AA_FILL):
         # The policy table and magnitude bins are torchvision's (private, pinned version).
         self.tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy), fill=fill)
         self.size, self.fill = size, fill
@@ -562,11 +566,12 @@ class BatchAugment:
     CPU from `generator` (draw), so a batch's augmentation depends only on that generator, not on the device; they
     reach the device in one copy, and apply never reads anything back from it."""
 
-    def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
-        check_augmentation(crop_padding, auto_augment, random_erase)
+    def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25,
+                 aa_fill=AA_FILL):
+        check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
         self.mean, self.std = mean, std
         self.hflip, self.padding, self.random_erase = hflip, crop_padding, random_erase
-        self.auto_augment = BatchAutoAugment(auto_augment) if auto_augment != "none" else None
+        self.auto_augment = BatchAutoAugment(auto_augment, fill=aa_fill) if auto_augment != "none" else None
         self.on_device = {}
 
     def normalization(self, device):

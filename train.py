@@ -57,6 +57,8 @@ def get_args_parser():
                         help="random 32x32 crop after zero padding (pixels; 0: off)")
     parser.add_argument("--auto-augment", default="cifar10", type=str,
                         help=f"AutoAugment policy, one of {', '.join(data.AUTO_AUGMENT_POLICIES)}")
+    parser.add_argument("--aa-fill", default=data.AA_FILL, type=int,
+                        help="grey level (0..255) that AutoAugment's translate/shear/rotate leave uncovered (seed: 128)")
     parser.add_argument("--random-erase", default=0.25, type=float, help="random erasing probability per image")
     parser.add_argument("--mixup-alpha", default=1.0, type=float, help="Mixup Beta(alpha, alpha); 0: no Mixup")
     parser.add_argument("--cutmix-alpha", default=1.0, type=float, help="CutMix Beta(alpha, alpha); 0: no CutMix")
@@ -142,7 +144,7 @@ def check_args(args):
     if args.whiten and 3 * args.patch_size**2 > args.dim:
         raise ValueError(f"--whiten writes 3 * --patch-size**2 = {3 * args.patch_size**2} filters: it needs "
                          f"--dim >= that, got --dim {args.dim}")
-    data.check_augmentation(args.crop_padding, args.auto_augment, args.random_erase)
+    data.check_augmentation(args.crop_padding, args.auto_augment, args.random_erase, args.aa_fill)
     data.check_mixing(args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
     model_config(args, num_classes=1)  # the model flags, checked before any data is fetched
 
@@ -476,7 +478,8 @@ def main(args):
     dataset = data.load_dataset(args.dataset, args.data_dir)
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
                                                world_size, args.seed)
-    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase)
+    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase,
+                    args.aa_fill)
     workers = 0
     if args.data_loader == "device":
         loader = data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,

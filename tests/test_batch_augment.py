@@ -120,7 +120,7 @@ def test_mixed_batch_equals_applying_each_images_ops_in_order():
         expected = batch[i]
         for v in variants[i].tolist():
             if v >= 0:
-                expected = reference_op(expected, *aa.variants[v], 0)
+                expected = reference_op(expected, *aa.variants[v], 128)
         assert torch.equal(out[i], expected), i
 
 
@@ -139,7 +139,7 @@ def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
         img = TF.crop(TF.pad(TF.horizontal_flip(batch[i]) if flip[i] else batch[i], [4]), top[i], left[i], 32, 32)
         for v in variants[i].tolist():
             if v >= 0:
-                img = reference_op(img, *aug.auto_augment.variants[v], 0)
+                img = reference_op(img, *aug.auto_augment.variants[v], 128)
         img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), MEAN, STD)
         img = TF.erase(img, *boxes[i].tolist(), torch.tensor(0.0))
         # Normalisation is one scale and shift here, two steps in torchvision: equal up to float rounding.

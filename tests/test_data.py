@@ -167,7 +167,9 @@ def test_default_pipeline_is_the_papers_recipe():
     assert kinds == [v2.RandomHorizontalFlip, v2.RandomCrop, v2.AutoAugment, v2.ToDtype, v2.Normalize,
                      v2.RandomErasing]
     assert steps[1].padding == [4, 4, 4, 4] and steps[2].policy == v2.AutoAugmentPolicy.CIFAR10
+    assert steps[2].fill == 128  # the seed's grey
     assert (steps[5].p, steps[5].scale, steps[5].ratio) == (0.25, (0.02, 0.4), (0.3, 3.3))
+    assert data.train_transform(MEAN, STD, aa_fill=0).transforms[2].fill == 0
 
 
 def test_sample_augmentation_depends_only_on_its_seed():
@@ -185,7 +187,8 @@ def test_sample_augmentation_depends_only_on_its_seed():
 
 @pytest.mark.parametrize("kwargs, flag", [(dict(auto_augment="randaug"), "--auto-augment"),
                                           (dict(random_erase=1.5), "--random-erase"),
-                                          (dict(crop_padding=-1), "--crop-padding")])
+                                          (dict(crop_padding=-1), "--crop-padding"),
+                                          (dict(aa_fill=256), "--aa-fill"), (dict(aa_fill=0.5), "--aa-fill")])
 def test_bad_augmentation_settings_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         data.train_transform(MEAN, STD, **kwargs)
