@@ -26,7 +26,8 @@ AUTO_AUGMENT_POLICIES = ("cifar10", "imagenet", "svhn", "none")
 IMAGE_SIZE = 32
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 3.3)  # random erasing: area fraction and aspect ratio ranges
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # random erasing: area fraction and aspect ratio ranges
+ERASE_ATTEMPTS = 100  # random erasing: tries at a box that fits, as the seed
 AA_FILL = 128  # AutoAugment: the grey that translate, shear and rotate leave where the image was, as the seed
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -215,6 +216,51 @@ def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL
         raise ValueError(f"--aa-fill {aa_fill} must be an integer in 0..255 (a grey level)")
 
 
+def erasing_boxes(n, h, w, p, generator=None, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=ERASE_ATTEMPTS):
+    """The seed's random erasing draw for n images (from torch's default generator when `generator` is None): with
+    probability p, up to `attempts` tries of an area uniform in scale * h * w and an aspect ratio uniform on a linear
+    scale in `ratio`; the first box with height < h and width < w is placed uniformly. (n, 4) int64 top, left,
+    height, width; height 0 where nothing is erased."""
+    erased = (torch.rand(n, generator=generator) < p).nonzero()[:, 0]
+    tries = (len(erased), attempts)
+    area = h * w * torch.empty(tries, dtype=torch.float64).uniform_(*scale, generator=generator)
+    aspect = torch.empty(tries, dtype=torch.float64).uniform_(*ratio, generator=generator)
+    box_h, box_w = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 if none does)
+    box_h, box_w = box_h.gather(1, first)[:, 0] * fits.any(1), box_w.gather(1, first)[:, 0] * fits.any(1)
+    top = (torch.rand(len(erased), generator=generator, dtype=torch.float64) * (h - box_h + 1)).long()
+    left = (torch.rand(len(erased), generator=generator, dtype=torch.float64) * (w - box_w + 1)).long()
+    boxes = torch.zeros(n, 4, dtype=torch.long)
+    boxes[erased] = torch.stack([top, left, box_h, box_w], dim=1)
+    return boxes
+
+
+def erase(images, boxes, value):
+    """Float images (n, C, H, W) with each image's box (top, left, height, width; height 0: none) filled, in place,
+    with `value`, a float per channel; `boxes` is a tensor on the images' device."""
+    _, _, h, w = images.shape
+    top, left, box_h, box_w = rearrange(boxes, "n box -> box n 1 1")
+    rows = rearrange(torch.arange(h, device=images.device), "h -> h 1")
+    cols = torch.arange(w, device=images.device)
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)  # (n, H, W)
+    for channel, fill in zip(images.unbind(1), value):
+        channel.masked_fill_(inside, fill)
+    return images
+
+
+class RandomErasing:
+    """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline: the box is
+    drawn by erasing_boxes from torch's default generator, which AugmentedImages seeds for each sample."""
+
+    def __init__(self, p, value):
+        self.p, self.value = p, value
+
+    def __call__(self, image):
+        _, h, w = image.shape
+        return erase(image[None], erasing_boxes(1, h, w, self.p), self.value)[0]
+
+
 def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, aa_fill=AA_FILL,
                     pil=False):
     """The per-image training pipeline on a uint8 (3, 32, 32) tensor (a PIL image with pil=True); each step can be
@@ -231,7 +277,8 @@ def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10
         steps.append(v2.PILToTensor())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erase:
-        steps.append(v2.RandomErasing(p=random_erase, scale=ERASE_SCALE, ratio=ERASE_RATIO))
+        # The seed fills the box with the raw channel means, written after normalisation: its quirk, kept.
+        steps.append(RandomErasing(random_erase, mean))
     return v2.Compose(steps)
 
 
@@ -530,36 +577,6 @@ def flip_crop(images, flip, top, left, padding):
     return rearrange(crops, "n c (h w) -> n c h w", h=h)
 
 
-def erasing_boxes(n, h, w, p, generator, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=10):
-    """torchvision's RandomErasing draw for n images at once: with probability p, up to 10 tries of an area and a
-    log-uniform aspect ratio, the first box that fits is placed uniformly. (n, 4) top, left, height, width; height 0
-    where nothing is erased."""
-    area = h * w * torch.empty(n, attempts).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    box_h = (area * log_ratio.exp()).sqrt().round().long()
-    box_w = (area / log_ratio.exp()).sqrt().round().long()
-    fits = (box_h < h) & (box_w < w)
-    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 if none does)
-    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
-    erased = (torch.rand(n, generator=generator) < p) & fits.any(1)
-    top = (torch.rand(n, generator=generator) * (h - box_h + 1)).long()
-    left = (torch.rand(n, generator=generator) * (w - box_w + 1)).long()
-    return torch.stack([top, left, box_h * erased, box_w * erased], dim=1)
-
-
-def erase(images, boxes, value):
-    """Float images (n, C, H, W) with each image's box (top, left, height, width; height 0: none) filled, in place,
-    with `value`, a float per channel; `boxes` is a tensor on the images' device."""
-    _, _, h, w = images.shape
-    top, left, box_h, box_w = rearrange(boxes, "n box -> box n 1 1")
-    rows = rearrange(torch.arange(h, device=images.device), "h -> h 1")
-    cols = torch.arange(w, device=images.device)
-    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)  # (n, H, W)
-    for channel, fill in zip(images.unbind(1), value):
-        channel.masked_fill_(inside, fill)
-    return images
-
-
 class BatchAugment:
     """The pipeline of train_transform for a whole uint8 batch on its device (GPU or CPU), with every random choice
     made per image: flip, crop offsets, AutoAugment sub-policy and signs, erasing box. The choices are drawn on the
@@ -603,7 +620,8 @@ class BatchAugment:
             images = self.auto_augment.apply(images, rows, ends)
         images = scale_shift(images, self.normalization(images.device))
         if self.random_erase:
-            images = erase(images, rows["erase"].T, (0.0,) * len(self.mean))  # the mean colour, normalised
+            # The seed fills the box with the raw channel means, written after normalisation: its quirk, kept.
+            images = erase(images, rows["erase"].T, self.mean)
         return images
 
     def __call__(self, images, generator):

@@ -1,9 +1,9 @@
 """The device pipeline (data.BatchAugment, data.DeviceLoader) against torchvision's per-image ops."""
 import math
+import random
 
 import pytest
 import torch
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -33,22 +33,49 @@ def test_erase_equals_torchvision_erase():
         assert torch.equal(o, TF.erase(img, i, j, h, w, torch.tensor(value)[:, None, None]))
 
 
-def test_erasing_boxes_follow_torchvision_random_erasing():
+def seeds_erasing(rng, h=32, w=32, scale=(0.02, 0.4), r1=0.3):
+    """The seed's RandomErasing loop for one image that is erased (Zhong et al.'s code): (height, width) or None."""
+    for _ in range(100):
+        target_area = rng.uniform(*scale) * h * w
+        aspect_ratio = rng.uniform(r1, 1 / r1)
+        bh, bw = int(round(math.sqrt(target_area * aspect_ratio))), int(round(math.sqrt(target_area / aspect_ratio)))
+        if bw < w and bh < h:
+            return bh, bw
+    return None
+
+
+def test_erasing_boxes_follow_the_seeds_rule():
     n, g = 20000, torch.Generator().manual_seed(0)
     ours = data.erasing_boxes(n, 32, 32, 0.25, g)
-    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
     erased = ours[:, 2] > 0
-    torch.manual_seed(0)
-    transform = v2.RandomErasing(p=1.0, scale=(0.02, 0.4), ratio=(0.3, 3.3))
-    theirs = torch.tensor([[p["h"], p["w"]] for p in (transform.make_params([torch.zeros(3, 32, 32)])
-                                                        for _ in range(4000)) if p["v"] is not None])
-    # p = 0.25 per image; box area and shape distributed as torchvision's (5-sigma bounds).
+    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
+    assert (ours[erased, 2:] < 32).all() and (ours[erased, 2:] >= 1).all()
+    assert (ours[~erased][:, 2:] == 0).all()
+    # p = 0.25 per image (5-sigma bound).
     assert abs(erased.float().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n)
-    area_ours, area_theirs = (ours[erased, 2] * ours[erased, 3]).float(), (theirs[:, 0] * theirs[:, 1]).float()
-    assert abs(area_ours.mean() - area_theirs.mean()) < 5 * area_theirs.std() / math.sqrt(len(theirs))
-    ratio_ours = (ours[erased, 2].float() / ours[erased, 3]).log()
-    ratio_theirs = (theirs[:, 0].float() / theirs[:, 1]).log()
-    assert abs(ratio_ours.mean() - ratio_theirs.mean()) < 5 * ratio_theirs.std() / math.sqrt(len(theirs))
+    rng = random.Random(0)
+    theirs = torch.tensor([seeds_erasing(rng) for _ in range(8000)]).float()
+    hw = ours[erased, 2:].float()
+    # Height, width, area and aspect ratio of the boxes distributed as the seed's (5-sigma bounds on the means).
+    for stat in (lambda b: b[:, 0], lambda b: b[:, 1], lambda b: b[:, 0] * b[:, 1], lambda b: b[:, 0] / b[:, 1]):
+        a, b = stat(hw), stat(theirs)
+        assert abs(a.mean() - b.mean()) < 5 * math.sqrt(a.var() / len(a) + b.var() / len(b))
+    # Placement is uniform: a box's top is on average in the middle of its range 0..32-h.
+    slack = (32 - ours[erased, 2]).float()
+    assert abs((ours[erased, 0] / slack.clamp(min=1)).mean() - 0.5) < 0.02
+
+
+def test_erasing_aspect_ratio_is_uniform_on_a_linear_scale():
+    # On a large image the first try always fits, so the box's h/w is the drawn ratio (up to rounding).
+    n, size = 20000, 2000
+    boxes = data.erasing_boxes(n, size, size, 1.0, torch.Generator().manual_seed(1), scale=(0.02, 0.2))
+    ratio = boxes[:, 2].double() / boxes[:, 3]
+    low, high = 0.3, 1 / 0.3
+    assert ratio.min() > low - 0.01 and ratio.max() < high + 0.02
+    # Uniform on [0.3, 1/0.3]: mean 1.817 and P(ratio < 1) = 0.231; log-uniform would give 1.263 and 0.5.
+    assert abs(ratio.mean() - (low + high) / 2) < 5 * (high - low) / math.sqrt(12 * n) + 0.005
+    below = (ratio < 1).double().mean()
+    assert abs(below - (1 - low) / (high - low)) < 5 * math.sqrt(0.25 / n)
 
 
 def reference_op(img, op, magnitude, fill):
@@ -141,9 +168,18 @@ def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
             if v >= 0:
                 img = reference_op(img, *aug.auto_augment.variants[v], 128)
         img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), MEAN, STD)
-        img = TF.erase(img, *boxes[i].tolist(), torch.tensor(0.0))
+        img = TF.erase(img, *boxes[i].tolist(), torch.tensor(MEAN)[:, None, None])
         # Normalisation is one scale and shift here, two steps in torchvision: equal up to float rounding.
         torch.testing.assert_close(out[i], img)
+
+
+def test_erased_boxes_hold_the_raw_channel_means():
+    batch = images(64)
+    out = data.BatchAugment(MEAN, STD, **{**OFF, "random_erase": 1.0})(batch, torch.Generator().manual_seed(0))
+    changed = out != data.normalize(batch, MEAN, STD)
+    assert changed.any((1, 2, 3)).all()  # p = 1: every image has a box
+    for c, mean in enumerate(MEAN):
+        assert (out[:, c][changed[:, c]] == torch.tensor(mean)).all()
 
 
 def expected_variant_frequencies(aa, slot):
