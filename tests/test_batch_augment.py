@@ -115,9 +115,13 @@ def test_the_reference_is_what_torchvision_autoaugment_runs_with_its_fill():
     assert not torch.equal(reference_op(img, "Rotate", 20.0, 0), reference_op(img, "Rotate", 20.0, 128))
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("fill", [128, 0])
-def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill):
-    batch, tested = images(3), set()
+def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill, device):
+    batch, tested = images(3).to(device), set()
     # Every (op, magnitude) of the CIFAR-10 policy, and the geometric ones of SVHN's, which adds ShearX.
     for policy, ops in (("cifar10", None), ("svhn", data.GEOMETRIC_OPS)):
         aa = data.BatchAutoAugment(policy, fill=fill)
