@@ -400,7 +400,7 @@ def affine_grid(theta, h, w):
     device = theta.device
     base = torch.empty(1, h, w, 3, device=device)
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 1].copy_(rearrange(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device), "h -> h 1"))
     base[..., 2].fill_(1)
     grid = rearrange(base, "1 h w xy1 -> 1 (h w) xy1").bmm(theta)
     return rearrange(grid, "1 (h w) xy -> 1 h w xy", h=h)
@@ -459,7 +459,7 @@ def autocontrast(images):
     return x.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 
-# Each kind of AutoAugment op on a run of uint8 images, with each image's variant (op, magnitude) indexing the tables.
+# One call per kind of op and slot, whatever the magnitudes: each image's variant (op, magnitude) indexes the tables.
 KIND_OPS = {
     "affine": lambda x, v, t: sample_nearest(x, t["grid"][v], t["fill"]),  # shear, translate, rotate
     "Brightness": lambda x, v, t: x.float().mul_(per_image(t["factor"][v])).clamp_(0, 255).to(torch.uint8),

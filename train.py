@@ -58,7 +58,7 @@ def get_args_parser():
     parser.add_argument("--auto-augment", default="cifar10", type=str,
                         help=f"AutoAugment policy, one of {', '.join(data.AUTO_AUGMENT_POLICIES)}")
     parser.add_argument("--aa-fill", default=data.AA_FILL, type=int,
-                        help="grey level (0..255) that AutoAugment's translate/shear/rotate leave uncovered (seed: 128)")
+                        help="grey level (0..255) where AutoAugment's translate/shear/rotate uncover the image")
     parser.add_argument("--random-erase", default=0.25, type=float, help="random erasing probability per image")
     parser.add_argument("--mixup-alpha", default=1.0, type=float, help="Mixup Beta(alpha, alpha); 0: no Mixup")
     parser.add_argument("--cutmix-alpha", default=1.0, type=float, help="CutMix Beta(alpha, alpha); 0: no CutMix")

@@ -69,6 +69,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
     optimizer = train.build_optimizer(args, model.parameters(), META)
     scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=sampler.steps_per_epoch)
     mix, state = data.BatchMix(10, prob=1.0), train.TrainingState(META)
+    autocast = torch.autocast("cpu", enabled=False)
     batches, chunk_counts, step_counts = iter(loader), [], []
     for step in range(chunks * loader.batches_per_chunk):
         with host_to_device() as counts:
@@ -79,9 +80,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
             assert not counts, step
         torch.manual_seed(step)
         with host_to_device() as counts:
-            loss = train.train_step(model, optimizer, scheduler, images, labels, mix, torch.autocast("cpu", enabled=False),
-                                    0.1)
-            state.add(loss)
+            state.add(train.train_step(model, optimizer, scheduler, images, labels, mix, autocast, 0.1))
         step_counts.append(counts)
     return chunk_counts, step_counts
 
