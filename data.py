@@ -19,13 +19,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 AUTO_AUGMENT_POLICIES = ("cifar10", "imagenet", "svhn", "none")
 IMAGE_SIZE = 32
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 3.3)  # random erasing: area fraction and aspect ratio ranges
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # random erasing: area fraction and aspect ratio ranges
+ERASE_ATTEMPTS = 100  # random erasing: tries at a box that fits, as the seed
+AA_FILL = 128  # AutoAugment: the grey that translate, shear and rotate leave where the image was, as the seed
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -51,14 +54,30 @@ def channel_stats(images: torch.Tensor):
     return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift.
-    mean and std: sequences, or tensors already on the images' device (then nothing is copied)."""
-    mean, std = torch.as_tensor(mean).view(-1, 1, 1), torch.as_tensor(std).view(-1, 1, 1)
-    # Made on the CPU and copied without blocking: a tensor built on a GPU from a list would wait for the GPU.
-    scale = (1 / (255 * std)).to(images.device, non_blocking=True)
-    shift = (mean / std).to(images.device, non_blocking=True)
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor copied to `device` without making the host wait: on CUDA from pinned memory, since a non_blocking
+    copy from pageable memory still waits for the device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def normalization(mean, std) -> torch.Tensor:
+    """(2, C, 1, 1) float32 on the CPU: the scale 1 / (255 std) and the shift mean / std that `normalize` applies."""
+    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    return torch.stack([1 / (255 * std), mean / std])
+
+
+def scale_shift(images: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 images * scale - shift, with `constants` from `normalization` on the images' device."""
+    scale, shift = constants
     return images.float().mul_(scale).sub_(shift)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32, standardised per channel: (x / 255 - mean) / std as one scale and shift."""
+    return scale_shift(images, to_device(normalization(mean, std), images.device))
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -230,31 +249,80 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
     raise ValueError(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
 
 
-def check_augmentation(crop_padding, auto_augment, random_erase):
+def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL):
     if auto_augment not in AUTO_AUGMENT_POLICIES:
         raise ValueError(f"--auto-augment {auto_augment!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
     if not 0 <= random_erase <= 1:
         raise ValueError(f"--random-erase {random_erase} must be a probability in [0, 1]")
     if crop_padding < 0:
         raise ValueError(f"--crop-padding {crop_padding} must be >= 0")
+    if not (isinstance(aa_fill, int) and 0 <= aa_fill <= 255):
+        raise ValueError(f"--aa-fill {aa_fill} must be an integer in 0..255 (a grey level)")
 
 
-def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, pil=False):
+def erasing_boxes(n, h, w, p, generator=None, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=ERASE_ATTEMPTS):
+    """The seed's random erasing draw for n images (from torch's default generator when `generator` is None): with
+    probability p, up to `attempts` tries of an area uniform in scale * h * w and an aspect ratio uniform on a linear
+    scale in `ratio`; the first box with height < h and width < w is placed uniformly. (n, 4) int64 top, left,
+    height, width; height 0 where nothing is erased."""
+    erased = (torch.rand(n, generator=generator) < p).nonzero()[:, 0]
+    tries = (len(erased), attempts)
+    area = h * w * torch.empty(tries, dtype=torch.float64).uniform_(*scale, generator=generator)
+    aspect = torch.empty(tries, dtype=torch.float64).uniform_(*ratio, generator=generator)
+    box_h, box_w = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 if none does)
+    box_h, box_w = box_h.gather(1, first)[:, 0] * fits.any(1), box_w.gather(1, first)[:, 0] * fits.any(1)
+    top = (torch.rand(len(erased), generator=generator, dtype=torch.float64) * (h - box_h + 1)).long()
+    left = (torch.rand(len(erased), generator=generator, dtype=torch.float64) * (w - box_w + 1)).long()
+    boxes = torch.zeros(n, 4, dtype=torch.long)
+    boxes[erased] = torch.stack([top, left, box_h, box_w], dim=1)
+    return boxes
+
+
+def erase(images, boxes, value):
+    """Float images (n, C, H, W) with each image's box (top, left, height, width; height 0: none) filled, in place,
+    with `value`, a float per channel; `boxes` is a tensor on the images' device."""
+    _, _, h, w = images.shape
+    top, left, box_h, box_w = rearrange(boxes, "n box -> box n 1 1")
+    rows = rearrange(torch.arange(h, device=images.device), "h -> h 1")
+    cols = torch.arange(w, device=images.device)
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)  # (n, H, W)
+    for channel, fill in zip(images.unbind(1), value):
+        channel.masked_fill_(inside, fill)
+    return images
+
+
+class RandomErasing:
+    """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline: the box is
+    drawn by erasing_boxes from torch's default generator, which AugmentedImages seeds for each sample."""
+
+    def __init__(self, p, value):
+        self.p, self.value = p, value
+
+    def __call__(self, image):
+        _, h, w = image.shape
+        return erase(image[None], erasing_boxes(1, h, w, self.p), self.value)[0]
+
+
+def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, aa_fill=AA_FILL,
+                    pil=False):
     """The per-image training pipeline on a uint8 (3, 32, 32) tensor (a PIL image with pil=True); each step can be
     switched off."""
-    check_augmentation(crop_padding, auto_augment, random_erase)
+    check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
     steps = []
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if crop_padding:
         steps.append(v2.RandomCrop(IMAGE_SIZE, padding=crop_padding))
     if auto_augment != "none":
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment)))
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment), fill=aa_fill))
     if pil:
         steps.append(v2.PILToTensor())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erase:
-        steps.append(v2.RandomErasing(p=random_erase, scale=ERASE_SCALE, ratio=ERASE_RATIO))
+        # The seed fills the box with the raw channel means, written after normalisation: its quirk, kept.
+        steps.append(RandomErasing(random_erase, mean))
     return v2.Compose(steps)
 
 
@@ -330,14 +398,152 @@ class RepeatedAugmentationSampler(Sampler):
             yield order[k], derive_seed(self.seed, "augment", self.epoch, slot)
 
 
-class BatchAutoAugment:
-    """torchvision's AutoAugment with the sub-policy drawn for each image, not once per batch: images are grouped by
-    the (op, signed magnitude) they drew and every group goes through torchvision's own op in one call."""
+def rows_to_device(rows: dict, device) -> dict:
+    """Named int64 tensors of one length n, each (n,) or (k, n), moved to `device` in a single copy; returns views of
+    that copy under the same names and shapes."""
+    if not rows:
+        return {}
+    flat = [rearrange(row, "... n -> (...) n") for row in rows.values()]
+    packed = to_device(torch.cat(flat), device).split([len(f) for f in flat])
+    return {name: part.view(row.shape) for (name, row), part in zip(rows.items(), packed)}
 
-    def __init__(self, policy: str = "cifar10", size: int = IMAGE_SIZE):
-        # The policy table, magnitude bins and op implementations are torchvision's (private, pinned version).
-        self.tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy))
-        self.variants = []  # (op, magnitude) pairs, each applied by one call
+
+def inverse_affine(center, angle, translate, shear):
+    """torchvision's _get_inverse_affine_matrix at scale 1, step for step in Python floats: the 2x3 matrix from an
+    output pixel to the input pixel it reads (coordinates centred on the image), bit for bit the one its affine and
+    rotate build."""
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    (cx, cy), (tx, ty) = center, translate
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -(a * math.tan(sx) + math.sin(rot))
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = math.cos(rot) - c * math.tan(sx)
+    matrix = [d, -b, 0.0, -c, a, 0.0]
+    matrix[2] += cx - matrix[0] * (cx + tx) - matrix[1] * (cy + ty)
+    matrix[5] += cy - matrix[3] * (cx + tx) - matrix[4] * (cy + ty)
+    return matrix
+
+
+def geometry_matrix(op, magnitude, h, w):
+    """The inverse matrix torchvision's AutoAugment builds for a geometric op on an h x w image; identity for the
+    other ops."""
+    if op in ("ShearX", "ShearY"):
+        degrees = math.degrees(math.atan(magnitude))
+        shear = [degrees, 0.0] if op == "ShearX" else [0.0, degrees]
+        # AutoAugment shears about the top-left corner, (-w/2, -h/2) in centred coordinates.
+        return inverse_affine([-0.5 * w, -0.5 * h], 0.0, [0.0, 0.0], shear)
+    if op in ("TranslateX", "TranslateY"):
+        shift = float(int(magnitude))
+        return inverse_affine([0.0, 0.0], 0.0, [shift, 0.0] if op == "TranslateX" else [0.0, shift], [0.0, 0.0])
+    if op == "Rotate":
+        # rotate() first brings the angle into [0, 360), then turns the other way round from affine().
+        return inverse_affine([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], [0.0, 0.0])
+    return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def variant_values(variants, size):
+    """(variants, 10) float32 on the CPU, one row per (op, magnitude): the inverse matrix divided by (w/2, h/2) as
+    torchvision's _affine_grid divides it, the blend factor 1 + m and 1 - factor (brightness, colour, contrast,
+    sharpness), the solarize threshold and the posterize bit mask."""
+    theta = torch.tensor([geometry_matrix(op, m, size, size) for op, m in variants], dtype=torch.float32)
+    theta = rearrange(theta, "v (row col) -> v row col", row=2) / torch.tensor([[0.5 * size], [0.5 * size]])
+    bits = [int(m) if op == "Posterize" else 8 for op, m in variants]
+    params = torch.tensor([[1.0 + m, 1.0 - (1.0 + m), 255 * m, ((1 << b) - 1) << (8 - b)]
+                           for (_, m), b in zip(variants, bits)], dtype=torch.float32)
+    return torch.cat([rearrange(theta, "v row col -> v (row col)"), params], dim=1)
+
+
+def affine_grid(theta, h, w):
+    """torchvision's _affine_grid for one (1, 3, 2) matrix already divided by (w/2, h/2), computed as it does on the
+    device: the grid_sample coordinates each pixel of an h x w output reads."""
+    device = theta.device
+    base = torch.empty(1, h, w, 3, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(rearrange(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device), "h -> h 1"))
+    base[..., 2].fill_(1)
+    grid = rearrange(base, "1 h w xy1 -> 1 (h w) xy1").bmm(theta)
+    return rearrange(grid, "1 (h w) xy -> 1 h w xy", h=h)
+
+
+def sample_nearest(images, grid, fill):
+    """torchvision's _apply_grid_transform (nearest, with a fill) for uint8 images, each with its own grid: a channel
+    of ones, sampled alongside, marks the output pixels that come from outside the image."""
+    n, c, h, w = images.shape
+    ones = torch.ones(n, 1, h, w, device=images.device)
+    sampled = F.grid_sample(torch.cat([images.float(), ones], dim=1), grid, mode="nearest", padding_mode="zeros",
+                            align_corners=False)
+    pixels, inside = sampled.split([c, 1], dim=1)
+    return torch.where(inside < 0.5, float(fill), pixels).to(torch.uint8)
+
+
+def per_image(values):
+    return rearrange(values, "n -> n 1 1 1")
+
+
+def fused_add(a, alpha, b):
+    """a + alpha * b rounded once to float32, as ATen's add(a, b, alpha=...) computes it (a fused multiply-add): here
+    alpha is a tensor. float64 holds these sums of 8-bit-scale terms exactly, so the one rounding is the last."""
+    return (a.double() + alpha.double() * b.double()).float()
+
+
+def grey(images):
+    """torchvision's luma of uint8 RGB images, floored as its saturation and contrast use it: (n, 1, H, W) float32."""
+    r, g, b = images.unbind(-3)
+    return rearrange(r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_(), "n h w -> n 1 h w")
+
+
+def blend(images, other, variant, tables):
+    """torchvision's _blend with each image's factor: images * factor + (1 - factor) * other, clamped to uint8."""
+    scaled = images.float().mul_(per_image(tables["factor"][variant]))
+    return fused_add(scaled, per_image(tables["alpha"][variant]), other).clamp_(0, 255).to(torch.uint8)
+
+
+def sharpen(images, variant, tables):
+    """torchvision's adjust_sharpness with each image's factor: the inner pixels blend with a 3x3 blur (rounded),
+    the border stays."""
+    c = images.shape[1]
+    out = images.float()
+    blurred = F.conv2d(out, tables["blur"].expand(c, 1, 3, 3), groups=c).round_()
+    inner = out[..., 1:-1, 1:-1]
+    inner.copy_(fused_add(inner, per_image(tables["alpha"][variant]), blurred - inner))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def autocontrast(images):
+    """torchvision's autocontrast: each channel stretched to 0..255, a flat channel left as it is."""
+    x = images.float()
+    low, high = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    return x.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
+
+
+# One call per kind of op and slot, whatever the magnitudes: each image's variant (op, magnitude) indexes the tables.
+KIND_OPS = {
+    "affine": lambda x, v, t: sample_nearest(x, t["grid"][v], t["fill"]),  # shear, translate, rotate
+    "Brightness": lambda x, v, t: x.float().mul_(per_image(t["factor"][v])).clamp_(0, 255).to(torch.uint8),
+    "Color": lambda x, v, t: blend(x, grey(x), v, t),
+    "Contrast": lambda x, v, t: blend(x, grey(x).mean((-3, -2, -1), keepdim=True), v, t),
+    "Sharpness": sharpen,
+    "Posterize": lambda x, v, t: x & per_image(t["mask"][v]),
+    "Solarize": lambda x, v, t: torch.where(x >= per_image(t["threshold"][v]), x.bitwise_not(), x),
+    "AutoContrast": lambda x, v, t: autocontrast(x),
+    "Equalize": lambda x, v, t: TF.equalize(x),  # batched already: a 256-bin histogram per image and channel
+    "Invert": lambda x, v, t: x.bitwise_not(),
+}
+GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+class BatchAutoAugment:
+    """torchvision's AutoAugment with the sub-policy drawn for each image, not once per batch. Per op slot one gather
+    sorts the images by the kind of op they drew; each kind then runs once on its run of images, every image with its
+    own magnitude, read on the device from per-variant tables that are copied there once."""
+
+    def __init__(self, policy: str = "cifar10", size: int = IMAGE_SIZE, fill: int = AA_FILL):
+        # The policy table and magnitude bins are torchvision's (private, pinned version).
+        self.tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy), fill=fill)
+        self.size, self.fill = size, fill
+        self.variants = []  # (op, magnitude) pairs
         table = []  # [sub-policy][slot] -> (probability, index of the variant if positive, if negative)
         for sub_policy in self.tv._policies:
             slots = []
@@ -350,6 +556,10 @@ class BatchAutoAugment:
             table.append(slots)
         self.probability = torch.tensor([[slot[0] for slot in sub] for sub in table])  # (policies, 2)
         self.variant_of = torch.tensor([[slot[1:] for slot in sub] for sub in table])  # (policies, 2, sign)
+        kinds = ["affine" if op in GEOMETRIC_OPS else op for op, _ in self.variants]
+        self.kind_of = torch.tensor([list(KIND_OPS).index(kind) for kind in kinds])
+        self.values = variant_values(self.variants, size)
+        self.on_device = {}
 
     def _variant(self, op, magnitude):
         if (op, magnitude) not in self.variants:
@@ -364,93 +574,118 @@ class BatchAutoAugment:
         variant = self.variant_of[sub_policy[:, None], torch.arange(2), negative]
         return torch.where(applied, variant, -1)
 
-    def apply_variant(self, images, variant: int):
-        op, magnitude = self.variants[variant]
-        return self.tv._apply_image_or_video_transform(images, op, magnitude, self.tv.interpolation, self.tv._fill)
+    def plan(self, variants: torch.Tensor):
+        """The host side of __call__: per op slot, the gather that sorts the images by op kind (composed with the
+        previous slot's sort), their variants in that order and where each kind's run ends (host ints); then the
+        gather back to the images' order. Returns (rows for rows_to_device, ends)."""
+        position = torch.arange(len(variants))  # where each image sits in the current order
+        gathers, sorted_variants, ends = [], [], []
+        for slot in variants.T:
+            kind = torch.where(slot >= 0, self.kind_of[slot.clamp(min=0)], len(KIND_OPS))  # skipped ops sort last
+            order = torch.argsort(kind, stable=True)
+            gathers.append(position[order])
+            sorted_variants.append(slot[order].clamp(min=0))
+            ends.append(torch.bincount(kind, minlength=len(KIND_OPS)).cumsum(0)[: len(KIND_OPS)].tolist())
+            position = torch.argsort(order)
+        rows = {"aa_gather": torch.stack(gathers), "aa_variant": torch.stack(sorted_variants), "aa_back": position}
+        return rows, ends
+
+    def tables(self, device):
+        """The per-variant parameters on `device`, copied there once: torchvision's sampling grid (made on the device
+        one matrix at a time, as its affine makes it), blend factors, solarize thresholds, posterize masks."""
+        if device not in self.on_device:
+            values = to_device(self.values, device)
+            theta = rearrange(values[:, :6], "v (row col) -> v row col", row=2)
+            grids = [affine_grid(theta[v : v + 1].clone().transpose(1, 2), self.size, self.size)
+                     for v in range(len(theta))]
+            factor, alpha, threshold, mask = values[:, 6:].T
+            a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's sharpness blur
+            blur = to_device(torch.tensor([[a, a, a], [a, b, a], [a, a, a]]), device)
+            self.on_device[device] = {"grid": torch.cat(grids), "factor": factor, "alpha": alpha, "blur": blur,
+                                      "threshold": threshold, "mask": mask.to(torch.uint8), "fill": self.fill}
+        return self.on_device[device]
+
+    def apply(self, images, rows, ends):
+        """images: uint8 (n, C, H, W) on the device; rows: plan's rows on that device; ends: plan's host ints."""
+        tables = self.tables(images.device)
+        for gather, variant, slot_ends in zip(rows["aa_gather"], rows["aa_variant"], ends):
+            images = images[gather]
+            for kind, start, stop in zip(KIND_OPS, [0, *slot_ends], slot_ends):
+                if start < stop:
+                    images[start:stop] = KIND_OPS[kind](images[start:stop], variant[start:stop], tables)
+        return images[rows["aa_back"]]
 
     def __call__(self, images, variants):
-        """images: uint8 (B, C, H, W) on any device; variants: from draw(B). The grouping is planned on the CPU and
-        reaches the device as one permutation per op slot, so the device is never waited for."""
-        for slot in range(variants.shape[1]):
-            group = variants[:, slot]
-            order = torch.argsort(group, stable=True)
-            keys, counts = torch.unique_consecutive(group[order], return_counts=True)
-            order = order.to(images.device, non_blocking=True)
-            sorted_images = images[order]
-            pieces = [chunk if key < 0 else self.apply_variant(chunk, key)
-                      for key, chunk in zip(keys.tolist(), sorted_images.split(counts.tolist()))]
-            images = torch.empty_like(images).index_copy_(0, order, torch.cat(pieces))
-        return images
+        """images: uint8 (B, C, H, W) on any device; variants: from draw(B)."""
+        rows, ends = self.plan(variants)
+        return self.apply(images, rows_to_device(rows, images.device), ends)
+
+
+def flip_crop(images, flip, top, left, padding):
+    """Per image: horizontal flip (where `flip`), then the HxW crop at (top, left) of the zero-padded image. The
+    choices are tensors on the images' device, where the pixel index is made."""
+    n, c, h, w = images.shape
+    padded_w = w + 2 * padding
+    rows = rearrange(top, "n -> n 1") + torch.arange(h, device=images.device)  # (n, h)
+    cols = rearrange(left, "n -> n 1") + torch.arange(w, device=images.device)  # (n, w)
+    # A crop of the flipped padded image reads the mirrored columns of the unflipped one.
+    cols = torch.where(rearrange(flip, "n -> n 1"), padded_w - 1 - cols, cols)
+    pixel = rearrange(rows, "n h -> n h 1") * padded_w + rearrange(cols, "n w -> n 1 w")
+    padded = rearrange(F.pad(images, (padding,) * 4), "n c h w -> n c (h w)")
+    crops = padded.gather(2, rearrange(pixel, "n h w -> n 1 (h w)").expand(n, c, h * w))
+    return rearrange(crops, "n c (h w) -> n c h w", h=h)
 
 
 class BatchAugment:
     """The pipeline of train_transform for a whole uint8 batch on its device (GPU or CPU), with every random choice
     made per image: flip, crop offsets, AutoAugment sub-policy and signs, erasing box. The choices are drawn on the
-    CPU from `generator`, so a batch's augmentation depends only on that generator, not on the device."""
+    CPU from `generator` (draw), so a batch's augmentation depends only on that generator, not on the device; they
+    reach the device in one copy, and apply never reads anything back from it."""
 
-    def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25):
-        check_augmentation(crop_padding, auto_augment, random_erase)
+    def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25,
+                 aa_fill=AA_FILL):
+        check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
         self.mean, self.std = mean, std
         self.hflip, self.padding, self.random_erase = hflip, crop_padding, random_erase
-        self.auto_augment = BatchAutoAugment(auto_augment) if auto_augment != "none" else None
+        self.auto_augment = BatchAutoAugment(auto_augment, fill=aa_fill) if auto_augment != "none" else None
+        self.on_device = {}
 
-    def __call__(self, images, generator):
-        n, _, h, w = images.shape
+    def normalization(self, device):
+        """The scale and shift of normalisation on `device`, copied there once."""
+        if device not in self.on_device:
+            self.on_device[device] = to_device(normalization(self.mean, self.std), device)
+        return self.on_device[device]
+
+    def draw(self, n, generator):
+        """Every random choice for n images, drawn on the CPU: (rows for rows_to_device, host ints for apply)."""
+        rows, ends = {}, []
         if self.hflip or self.padding:
             flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-            top, left = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
-            images = flip_crop(images, flip, top, left, self.padding)
+            offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
+            rows["crop"] = torch.cat([rearrange(flip.long(), "n -> 1 n"), offsets])  # flip, top, left
         if self.auto_augment is not None:
-            images = self.auto_augment(images, self.auto_augment.draw(n, generator))
-        images = normalize(images, self.mean, self.std)
+            aa_rows, ends = self.auto_augment.plan(self.auto_augment.draw(n, generator))
+            rows.update(aa_rows)
         if self.random_erase:
-            images = erase(images, erasing_boxes(n, h, w, self.random_erase, generator))
+            rows["erase"] = erasing_boxes(n, IMAGE_SIZE, IMAGE_SIZE, self.random_erase, generator).T
+        return rows, ends
+
+    def apply(self, images, rows, ends):
+        """draw's choices, with the rows on the images' device, applied to uint8 images (n, C, H, W): float32 out."""
+        if "crop" in rows:
+            flip, top, left = rows["crop"]
+            images = flip_crop(images, flip.bool(), top, left, self.padding)
+        if self.auto_augment is not None:
+            images = self.auto_augment.apply(images, rows, ends)
+        images = scale_shift(images, self.normalization(images.device))
+        if self.random_erase:
+            # The seed fills the box with the raw channel means, written after normalisation: its quirk, kept.
+            images = erase(images, rows["erase"].T, self.mean)
         return images
 
-
-def flip_crop(images, flip, top, left, padding):
-    """Per image: horizontal flip (where `flip`), then the HxW crop at (top, left) of the zero-padded image."""
-    n, c, h, w = images.shape
-    padded_w = w + 2 * padding
-    rows = top[:, None] + torch.arange(h)  # (n, h)
-    cols = left[:, None] + torch.arange(w)  # (n, w)
-    # A crop of the flipped padded image reads the mirrored columns of the unflipped one.
-    cols = torch.where(flip[:, None], padded_w - 1 - cols, cols)
-    pixel = rearrange(rows[:, :, None] * padded_w + cols[:, None, :], "n h w -> n 1 (h w)")
-    padded = rearrange(F.pad(images, (padding,) * 4), "n c h w -> n c (h w)")
-    crops = padded.gather(2, pixel.to(images.device, non_blocking=True).expand(n, c, h * w))
-    return rearrange(crops, "n c (h w) -> n c h w", h=h)
-
-
-def erasing_boxes(n, h, w, p, generator, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=10):
-    """torchvision's RandomErasing draw for n images at once: with probability p, up to 10 tries of an area and a
-    log-uniform aspect ratio, the first box that fits is placed uniformly. (n, 4) top, left, height, width; height 0
-    where nothing is erased."""
-    area = h * w * torch.empty(n, attempts).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    box_h = (area * log_ratio.exp()).sqrt().round().long()
-    box_w = (area / log_ratio.exp()).sqrt().round().long()
-    fits = (box_h < h) & (box_w < w)
-    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 if none does)
-    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
-    erased = (torch.rand(n, generator=generator) < p) & fits.any(1)
-    top = (torch.rand(n, generator=generator) * (h - box_h + 1)).long()
-    left = (torch.rand(n, generator=generator) * (w - box_w + 1)).long()
-    return torch.stack([top, left, box_h * erased, box_w * erased], dim=1)
-
-
-def erase(images, boxes):
-    """Zero (the mean colour, after normalisation) each image's box (top, left, height, width), in place; only the
-    images with a box are touched, and which they are is known on the CPU."""
-    _, _, h, w = images.shape
-    chosen = (boxes[:, 2] > 0).nonzero()[:, 0]
-    top, left, box_h, box_w = boxes[chosen].T[:, :, None]
-    inside_rows = (torch.arange(h) >= top) & (torch.arange(h) < top + box_h)  # (k, h)
-    inside_cols = (torch.arange(w) >= left) & (torch.arange(w) < left + box_w)  # (k, w)
-    inside = (inside_rows[:, None, :, None] & inside_cols[:, None, None, :]).to(images.device, non_blocking=True)
-    chosen = chosen.to(images.device, non_blocking=True)
-    images[chosen] = images[chosen].masked_fill(inside, 0.0)
-    return images
+    def __call__(self, images, generator):
+        rows, ends = self.draw(len(images), generator)
+        return self.apply(images, rows_to_device(rows, images.device), ends)
 
 
 class DeviceLoader:
@@ -462,7 +697,7 @@ class DeviceLoader:
     def __init__(self, images, labels, sampler: RepeatedAugmentationSampler, augment: BatchAugment, device,
                  chunk_images: int = 4096):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.sampler, self.augment, self.device = sampler, augment, device
+        self.sampler, self.augment, self.device = sampler, augment, torch.device(device)
         self.batch = sampler.batch
         self.batches_per_chunk = max(1, chunk_images // self.batch)
 
@@ -475,10 +710,13 @@ class DeviceLoader:
         for first in range(s.start_step // self.batches_per_chunk * self.batches_per_chunk, s.steps_per_epoch,
                            self.batches_per_chunk):
             steps = range(first, min(first + self.batches_per_chunk, s.steps_per_epoch))
-            indices = order[steps.start : steps.stop].flatten().to(self.device, non_blocking=True)
             generator = torch.Generator().manual_seed(derive_seed(s.seed, "augment", s.epoch, s.rank, first))
-            images = self.augment(self.images[indices], generator)
-            batches = zip(steps, images.split(self.batch), self.labels[indices].split(self.batch))
+            indices = order[steps.start : steps.stop].flatten()
+            rows, ends = self.augment.draw(len(indices), generator)
+            # The chunk's image indices and all its random choices reach the device in one copy.
+            rows = rows_to_device({"index": indices, **rows}, self.device)
+            images = self.augment.apply(self.images[rows["index"]], rows, ends)
+            batches = zip(steps, images.split(self.batch), self.labels[rows["index"]].split(self.batch))
             yield from ((x, y) for step, x, y in batches if step >= s.start_step)
 
 

@@ -63,6 +63,8 @@ def get_args_parser():
                         help="random 32x32 crop after zero padding (pixels; 0: off)")
     parser.add_argument("--auto-augment", default="cifar10", type=str,
                         help=f"AutoAugment policy, one of {', '.join(data.AUTO_AUGMENT_POLICIES)}")
+    parser.add_argument("--aa-fill", default=data.AA_FILL, type=int,
+                        help="grey level (0..255) where AutoAugment's translate/shear/rotate uncover the image")
     parser.add_argument("--random-erase", default=0.25, type=float, help="random erasing probability per image")
     parser.add_argument("--mixup-alpha", default=1.0, type=float, help="Mixup Beta(alpha, alpha); 0: no Mixup")
     parser.add_argument("--cutmix-alpha", default=1.0, type=float, help="CutMix Beta(alpha, alpha); 0: no CutMix")
@@ -163,7 +165,7 @@ def check_args(args):
     if args.whiten and 3 * args.patch_size**2 > args.dim:
         raise ValueError(f"--whiten writes 3 * --patch-size**2 = {3 * args.patch_size**2} filters: it needs "
                          f"--dim >= that, got --dim {args.dim}")
-    data.check_augmentation(args.crop_padding, args.auto_augment, args.random_erase)
+    data.check_augmentation(args.crop_padding, args.auto_augment, args.random_erase, args.aa_fill)
     data.check_mixing(args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
     model_config(args, num_classes=1)  # the model flags, checked before any data is fetched
 
@@ -226,7 +228,8 @@ def build_loader(args, dataset, device, rank, world_size, workers):
     Either way `loader.sampler` is the RepeatedAugmentationSampler that fixes the epoch's order."""
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
                                                world_size, args.seed, args.ra_mode)
-    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase)
+    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase,
+                    args.aa_fill)
     if args.data_loader == "device":
         return data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,
                                  data.BatchAugment(*augmentation), device)
@@ -305,10 +308,10 @@ def evaluate(model, images, labels, mean, std, device, rank, world_size, autocas
     world_size-th image. Nothing is copied to the device per chunk, and the counts are read once, at the end."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    mean, std = (torch.tensor(v).to(device, non_blocking=True) for v in (mean, std))
+    constants = data.to_device(data.normalization(mean, std), device)
     shard = slice(rank, None, world_size)
     for x, y in zip(images[shard].split(EVAL_CHUNK), labels[shard].split(EVAL_CHUNK)):
-        x = data.normalize(x, mean, std)
+        x = data.scale_shift(x, constants)
         with autocast:
             logits = model(x)
         totals[0] += (logits.argmax(1) == y).sum()

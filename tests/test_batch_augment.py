@@ -1,9 +1,9 @@
 """The device pipeline (data.BatchAugment, data.DeviceLoader) against torchvision's per-image ops."""
 import math
+import random
 
 import pytest
 import torch
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -11,6 +11,7 @@ import data
 from conftest import images
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+OFF = dict(hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
 
 
 def test_flip_crop_equals_torchvision_flip_pad_crop():
@@ -25,45 +26,72 @@ def test_flip_crop_equals_torchvision_flip_pad_crop():
 
 
 def test_erase_equals_torchvision_erase():
-    batch = torch.randn(6, 3, 32, 32)
+    batch, value = torch.randn(6, 3, 32, 32), (0.4914, 0.4822, 0.4465)
     boxes = torch.tensor([[0, 0, 5, 7], [3, 10, 20, 4], [31, 31, 1, 1], [5, 5, 0, 0], [0, 0, 31, 31], [2, 9, 30, 1]])
-    out = data.erase(batch.clone(), boxes)
+    out = data.erase(batch.clone(), boxes, value)
     for img, o, (i, j, h, w) in zip(batch, out, boxes.tolist()):
-        assert torch.equal(o, TF.erase(img, i, j, h, w, torch.tensor(0.0)))
+        assert torch.equal(o, TF.erase(img, i, j, h, w, torch.tensor(value)[:, None, None]))
 
 
-def test_erasing_boxes_follow_torchvision_random_erasing():
+def seeds_erasing(rng, h=32, w=32, scale=(0.02, 0.4), r1=0.3):
+    """The seed's RandomErasing loop for one image that is erased (Zhong et al.'s code): (height, width) or None."""
+    for _ in range(100):
+        target_area = rng.uniform(*scale) * h * w
+        aspect_ratio = rng.uniform(r1, 1 / r1)
+        bh, bw = int(round(math.sqrt(target_area * aspect_ratio))), int(round(math.sqrt(target_area / aspect_ratio)))
+        if bw < w and bh < h:
+            return bh, bw
+    return None
+
+
+def test_erasing_boxes_follow_the_seeds_rule():
     n, g = 20000, torch.Generator().manual_seed(0)
     ours = data.erasing_boxes(n, 32, 32, 0.25, g)
-    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
     erased = ours[:, 2] > 0
-    torch.manual_seed(0)
-    transform = v2.RandomErasing(p=1.0, scale=(0.02, 0.4), ratio=(0.3, 3.3))
-    theirs = torch.tensor([[p["h"], p["w"]] for p in (transform.make_params([torch.zeros(3, 32, 32)])
-                                                        for _ in range(4000)) if p["v"] is not None])
-    # p = 0.25 per image; box area and shape distributed as torchvision's (5-sigma bounds).
+    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
+    assert (ours[erased, 2:] < 32).all() and (ours[erased, 2:] >= 1).all()
+    assert (ours[~erased][:, 2:] == 0).all()
+    # p = 0.25 per image (5-sigma bound).
     assert abs(erased.float().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n)
-    area_ours, area_theirs = (ours[erased, 2] * ours[erased, 3]).float(), (theirs[:, 0] * theirs[:, 1]).float()
-    assert abs(area_ours.mean() - area_theirs.mean()) < 5 * area_theirs.std() / math.sqrt(len(theirs))
-    ratio_ours = (ours[erased, 2].float() / ours[erased, 3]).log()
-    ratio_theirs = (theirs[:, 0].float() / theirs[:, 1]).log()
-    assert abs(ratio_ours.mean() - ratio_theirs.mean()) < 5 * ratio_theirs.std() / math.sqrt(len(theirs))
+    rng = random.Random(0)
+    theirs = torch.tensor([seeds_erasing(rng) for _ in range(8000)]).float()
+    hw = ours[erased, 2:].float()
+    # Height, width, area and aspect ratio of the boxes distributed as the seed's (5-sigma bounds on the means).
+    for stat in (lambda b: b[:, 0], lambda b: b[:, 1], lambda b: b[:, 0] * b[:, 1], lambda b: b[:, 0] / b[:, 1]):
+        a, b = stat(hw), stat(theirs)
+        assert abs(a.mean() - b.mean()) < 5 * math.sqrt(a.var() / len(a) + b.var() / len(b))
+    # Placement is uniform: a box's top is on average in the middle of its range 0..32-h.
+    slack = (32 - ours[erased, 2]).float()
+    assert abs((ours[erased, 0] / slack.clamp(min=1)).mean() - 0.5) < 0.02
 
 
-def reference_op(img, op, magnitude):
+def test_erasing_aspect_ratio_is_uniform_on_a_linear_scale():
+    # On a large image the first try always fits, so the box's h/w is the drawn ratio (up to rounding).
+    n, size = 20000, 2000
+    boxes = data.erasing_boxes(n, size, size, 1.0, torch.Generator().manual_seed(1), scale=(0.02, 0.2))
+    ratio = boxes[:, 2].double() / boxes[:, 3]
+    low, high = 0.3, 1 / 0.3
+    assert ratio.min() > low - 0.01 and ratio.max() < high + 0.02
+    # Uniform on [0.3, 1/0.3]: mean 1.817 and P(ratio < 1) = 0.231; log-uniform would give 1.263 and 0.5.
+    assert abs(ratio.mean() - (low + high) / 2) < 5 * (high - low) / math.sqrt(12 * n) + 0.005
+    below = (ratio < 1).double().mean()
+    assert abs(below - (1 - low) / (high - low)) < 5 * math.sqrt(0.25 / n)
+
+
+def reference_op(img, op, magnitude, fill):
     """Each AutoAugment op written as the torchvision functional call with its parameters."""
     nearest = InterpolationMode.NEAREST
     shear = math.degrees(math.atan(magnitude))
     calls = {
         "ShearX": lambda: TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
-                                    interpolation=nearest, center=[0, 0]),
+                                    interpolation=nearest, fill=fill, center=[0, 0]),
         "ShearY": lambda: TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, shear],
-                                    interpolation=nearest, center=[0, 0]),
+                                    interpolation=nearest, fill=fill, center=[0, 0]),
         "TranslateX": lambda: TF.affine(img, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0],
-                                        interpolation=nearest),
+                                        interpolation=nearest, fill=fill),
         "TranslateY": lambda: TF.affine(img, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0],
-                                        interpolation=nearest),
-        "Rotate": lambda: TF.rotate(img, angle=magnitude, interpolation=nearest),
+                                        interpolation=nearest, fill=fill),
+        "Rotate": lambda: TF.rotate(img, angle=magnitude, interpolation=nearest, fill=fill),
         "Brightness": lambda: TF.adjust_brightness(img, 1.0 + magnitude),
         "Color": lambda: TF.adjust_saturation(img, 1.0 + magnitude),
         "Contrast": lambda: TF.adjust_contrast(img, 1.0 + magnitude),
@@ -77,16 +105,34 @@ def reference_op(img, op, magnitude):
     return calls[op]()
 
 
-def test_every_autoaugment_op_on_a_group_equals_torchvision_on_each_image():
-    aa = data.BatchAutoAugment("cifar10")
-    batch = images(5)
-    ops = {op for op, _ in aa.variants}
-    assert ops == {"Invert", "Contrast", "Rotate", "TranslateX", "Sharpness", "ShearY", "TranslateY", "AutoContrast",
-                   "Equalize", "Solarize", "Posterize", "Color", "Brightness"}
-    for index, (op, magnitude) in enumerate(aa.variants):
-        out = aa.apply_variant(batch, index)
-        for i in range(len(batch)):
-            assert torch.equal(out[i], reference_op(batch[i], op, magnitude)), (op, magnitude, i)
+def test_the_reference_is_what_torchvision_autoaugment_runs_with_its_fill():
+    img = images(1)[0]
+    for fill in (0, 128):
+        tv = data.BatchAutoAugment(fill=fill).tv
+        for op, m in data.BatchAutoAugment().variants + [("ShearX", 0.2), ("ShearX", -0.1)]:
+            expected = tv._apply_image_or_video_transform(img, op, m, tv.interpolation, tv._fill)
+            assert torch.equal(reference_op(img, op, m, fill), expected), (op, m, fill)
+    assert not torch.equal(reference_op(img, "Rotate", 20.0, 0), reference_op(img, "Rotate", 20.0, 128))
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("fill", [128, 0])
+def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill, device):
+    batch, tested = images(3).to(device), set()
+    # Every (op, magnitude) of the CIFAR-10 policy, and the geometric ones of SVHN's, which adds ShearX.
+    for policy, ops in (("cifar10", None), ("svhn", data.GEOMETRIC_OPS)):
+        aa = data.BatchAutoAugment(policy, fill=fill)
+        for index, (op, magnitude) in enumerate(aa.variants):
+            if ops is None or op in ops:
+                out = aa(batch, torch.tensor([[index, -1]] * len(batch)))
+                for i in range(len(batch)):
+                    assert torch.equal(out[i], reference_op(batch[i], op, magnitude, fill)), (op, magnitude, i)
+                tested.add(op)
+    assert tested == {"Invert", "Contrast", "Rotate", "TranslateX", "Sharpness", "ShearY", "TranslateY",
+                      "AutoContrast", "Equalize", "Solarize", "Posterize", "Color", "Brightness", "ShearX"}
 
 
 def test_signed_ops_come_in_both_signs_with_the_policy_magnitudes():
@@ -97,16 +143,47 @@ def test_signed_ops_come_in_both_signs_with_the_policy_magnitudes():
     assert not any(op == "Solarize" and m < 0 for op, m in aa.variants)
 
 
-def test_grouped_application_equals_applying_each_images_ops_in_order():
+def test_mixed_batch_equals_applying_each_images_ops_in_order():
     aa, batch = data.BatchAutoAugment("cifar10"), images(40)
     variants = aa.draw(40, torch.Generator().manual_seed(3))
     out = aa(batch, variants)
     for i in range(40):
-        expected = batch[i : i + 1]
+        expected = batch[i]
         for v in variants[i].tolist():
             if v >= 0:
-                expected = aa.apply_variant(expected, v)
-        assert torch.equal(out[i], expected[0]), i
+                expected = reference_op(expected, *aa.variants[v], 128)
+        assert torch.equal(out[i], expected), i
+
+
+def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
+    n, batch = 24, images(24)
+    aug = data.BatchAugment(MEAN, STD, random_erase=0.5)
+    out = aug(batch, torch.Generator().manual_seed(4))
+    # BatchAugment's draws, in its order: flips, crop offsets, AutoAugment, erasing boxes.
+    g = torch.Generator().manual_seed(4)
+    flip = torch.rand(n, generator=g) < 0.5
+    top, left = torch.randint(0, 9, (2, n), generator=g)
+    variants = aug.auto_augment.draw(n, g)
+    boxes = data.erasing_boxes(n, 32, 32, 0.5, g)
+    assert flip.any() and (variants >= 0).any() and (boxes[:, 2] > 0).any()
+    for i in range(n):
+        img = TF.crop(TF.pad(TF.horizontal_flip(batch[i]) if flip[i] else batch[i], [4]), top[i], left[i], 32, 32)
+        for v in variants[i].tolist():
+            if v >= 0:
+                img = reference_op(img, *aug.auto_augment.variants[v], 128)
+        img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), MEAN, STD)
+        img = TF.erase(img, *boxes[i].tolist(), torch.tensor(MEAN)[:, None, None])
+        # Normalisation is one scale and shift here, two steps in torchvision: equal up to float rounding.
+        torch.testing.assert_close(out[i], img)
+
+
+def test_erased_boxes_hold_the_raw_channel_means():
+    batch = images(64)
+    out = data.BatchAugment(MEAN, STD, **{**OFF, "random_erase": 1.0})(batch, torch.Generator().manual_seed(0))
+    changed = out != data.normalize(batch, MEAN, STD)
+    assert changed.any((1, 2, 3)).all()  # p = 1: every image has a box
+    for c, mean in enumerate(MEAN):
+        assert (out[:, c][changed[:, c]] == torch.tensor(mean)).all()
 
 
 def expected_variant_frequencies(aa, slot):
@@ -141,9 +218,6 @@ def test_without_augmentation_the_batch_is_only_normalised():
     batch = images()
     aug = data.BatchAugment(MEAN, STD, hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
     torch.testing.assert_close(aug(batch, torch.Generator()), data.normalize(batch, MEAN, STD))
-
-
-OFF = dict(hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
 
 
 @pytest.mark.parametrize("flag, on", [("hflip", True), ("crop_padding", 4), ("auto_augment", "cifar10"),

@@ -161,13 +161,30 @@ def test_crop_is_a_shift_of_the_zero_padded_image():
         assert any(torch.allclose(o, p[:, dy:dy + 32, dx:dx + 32], atol=1e-6) for dy in range(9) for dx in range(9))
 
 
-def test_default_pipeline_is_the_papers_recipe():
+def test_default_pipeline_is_the_seeds_recipe():
     steps = data.train_transform(MEAN, STD).transforms
     kinds = [type(t) for t in steps]
     assert kinds == [v2.RandomHorizontalFlip, v2.RandomCrop, v2.AutoAugment, v2.ToDtype, v2.Normalize,
-                     v2.RandomErasing]
+                     data.RandomErasing]
     assert steps[1].padding == [4, 4, 4, 4] and steps[2].policy == v2.AutoAugmentPolicy.CIFAR10
-    assert (steps[5].p, steps[5].scale, steps[5].ratio) == (0.25, (0.02, 0.4), (0.3, 3.3))
+    assert steps[2].fill == 128  # the seed's grey
+    assert (steps[5].p, steps[5].value) == (0.25, MEAN)  # the seed's erasing fill: the raw channel means
+    assert data.train_transform(MEAN, STD, aa_fill=0).transforms[2].fill == 0
+
+
+def test_erasing_draws_its_box_from_the_samples_seed_and_fills_the_raw_means():
+    batch = images(8)
+    out = augment(data.train_transform(MEAN, STD, **{**OFF, "random_erase": 1.0}), batch, seed=3)
+    plain = data.normalize(batch, MEAN, STD)
+    for i in range(len(batch)):
+        # AugmentedImages seeds torch's default generator with the sample's seed; the box comes from the same
+        # draw as the device pipeline's.
+        top, left, h, w = data.erasing_boxes(1, 32, 32, 1.0, torch.Generator().manual_seed(3000 + i))[0].tolist()
+        assert h > 0
+        expected = plain[i].clone()
+        expected[:, top:top + h, left:left + w] = torch.tensor(MEAN)[:, None, None]
+        torch.testing.assert_close(out[i], expected)
+        assert torch.equal(out[i][:, top:top + h, left:left + w], expected[:, top:top + h, left:left + w])
 
 
 def test_sample_augmentation_depends_only_on_its_seed():
@@ -185,7 +202,8 @@ def test_sample_augmentation_depends_only_on_its_seed():
 
 @pytest.mark.parametrize("kwargs, flag", [(dict(auto_augment="randaug"), "--auto-augment"),
                                           (dict(random_erase=1.5), "--random-erase"),
-                                          (dict(crop_padding=-1), "--crop-padding")])
+                                          (dict(crop_padding=-1), "--crop-padding"),
+                                          (dict(aa_fill=256), "--aa-fill"), (dict(aa_fill=0.5), "--aa-fill")])
 def test_bad_augmentation_settings_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         data.train_transform(MEAN, STD, **kwargs)
