@@ -727,19 +727,42 @@ def check_mixing(mixup_alpha, cutmix_alpha, prob):
         raise ValueError(f"--mix-prob {prob} must be a probability in [0, 1]")
 
 
+def mixup(images, partner, lam):
+    """Mixup (Zhang et al. 2018): each image blended with its partner's, weight lam on its own."""
+    return images * lam + images[partner] * (1 - lam), lam
+
+
+def cutmix(images, partner, lam):
+    """CutMix (Yun et al. 2019) as the seed's rand_bbox: a box of side sqrt(1 - lam) of the image's, centred on a
+    uniform pixel and clipped, copied from the partner into every image; lam then becomes the uncovered fraction."""
+    h, w = images.shape[-2:]
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = torch.randint(h, ()).item(), torch.randint(w, ()).item()
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    images = images.clone()
+    images[..., top:bottom, left:right] = images[partner, :, top:bottom, left:right]
+    return images, 1 - (bottom - top) * (right - left) / (h * w)
+
+
 class BatchMix:
-    """With probability `prob` a batch is mixed, by CutMix or Mixup with equal chance (DeiT/timm's recipe); a flag
-    at alpha 0 removes that mixer. Targets always come back as (B, num_classes) probabilities."""
+    """With probability `prob` a batch is mixed, by CutMix or Mixup with equal chance, as the seed's finetune.py; an
+    alpha of 0 removes that mixer. Each image's partner comes from a random permutation of the batch, as the seed's:
+    torchvision's MixUp/CutMix pair each image with its neighbour, which under in-batch repeats is mostly its own copy.
+    Targets come back as (B, num_classes) probabilities; the draws use torch's default generators (seeded per step)
+    and read nothing back from the device."""
 
     def __init__(self, num_classes, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5):
         check_mixing(mixup_alpha, cutmix_alpha, prob)
         self.num_classes, self.prob = num_classes, prob
-        self.mixers = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []
-        if cutmix_alpha:
-            self.mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mixers = [(mix, alpha) for mix, alpha in ((mixup, mixup_alpha), (cutmix, cutmix_alpha)) if alpha]
 
     def __call__(self, images, labels):
-        if self.mixers and torch.rand(()).item() < self.prob:
-            mixer = self.mixers[torch.randint(len(self.mixers), ()).item()]
-            return mixer(images, labels)
-        return images, F.one_hot(labels, self.num_classes).to(images.dtype)
+        targets = F.one_hot(labels, self.num_classes).to(images.dtype)
+        if not self.mixers or torch.rand(()).item() >= self.prob:
+            return images, targets
+        mix, alpha = self.mixers[torch.randint(len(self.mixers), ()).item()]
+        lam = torch.distributions.Beta(alpha, alpha).sample().item()
+        partner = torch.randperm(len(images), device=images.device)
+        images, lam = mix(images, partner, lam)
+        return images, targets * lam + targets[partner] * (1 - lam)

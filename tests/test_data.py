@@ -1,3 +1,4 @@
+import math
 import os
 import pickle
 
@@ -220,11 +221,11 @@ def classify_mixing(mix, trials=600):
     """Counts of batches left alone, cut-mixed (pixels copied) and mixed-up (pixels blended)."""
     torch.manual_seed(0)
     counts = {"none": 0, "cutmix": 0, "mixup": 0}
-    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
     for _ in range(trials):
         out, targets = mix(x, y)
-        assert torch.allclose(targets.sum(1), torch.ones(4))
-        if torch.equal(out, x):
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        if torch.equal(targets, torch.nn.functional.one_hot(y, 10).float()):
             counts["none"] += 1
         elif torch.isin(out, x).all():
             counts["cutmix"] += 1
@@ -246,13 +247,41 @@ def test_turning_one_mixer_off_leaves_the_other_on_half_the_batches(off, left):
     assert abs(counts[left] - 300) < 60 and counts["none"] + counts[left] == 600
 
 
-def test_mixup_targets_are_the_blend_of_the_labels():
+def partners_and_lam(targets):
+    """Each image's partner and its own weight, read from the mixed one-hot targets of labels 0..B-1."""
+    own = targets.diagonal()
+    partner = torch.where(own == 1, torch.arange(len(targets)), (targets - torch.diag(own)).argmax(1))
+    return partner, own
+
+
+def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
     torch.manual_seed(1)
-    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    out, targets = data.BatchMix(4, cutmix_alpha=0.0, prob=1.0)(x, y)
-    lam = targets[0, 0].item()
-    # torchvision mixes each image with its neighbour in the batch (a roll by one).
-    torch.testing.assert_close(out, lam * x + (1 - lam) * x.roll(1, 0))
+    x, y = torch.rand(8, 3, 8, 8), torch.arange(8)
+    out, targets = data.BatchMix(8, cutmix_alpha=0.0, prob=1.0)(x, y)
+    partner, lam = partners_and_lam(targets)
+    assert sorted(partner.tolist()) == list(range(8))  # a permutation of the batch
+    torch.testing.assert_close(out, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[partner])
+
+
+def test_partners_are_a_uniform_random_permutation_as_the_seeds():
+    torch.manual_seed(2)
+    pairs = torch.zeros(4, 4)
+    for _ in range(2000):
+        _, targets = data.BatchMix(4, cutmix_alpha=0.0, prob=1.0)(torch.rand(4, 3, 2, 2), torch.arange(4))
+        pairs[torch.arange(4), partners_and_lam(targets)[0]] += 1
+    # Every (image, partner) pair has chance 1/4, self-pairs included (a roll by one, torchvision's, has none).
+    assert (pairs - 500).abs().max() < 5 * math.sqrt(2000 * 0.25 * 0.75)
+
+
+def test_cutmix_weights_the_partner_by_the_pixels_it_gave():
+    torch.manual_seed(3)
+    x = torch.arange(8.0)[:, None, None, None].expand(8, 3, 32, 32)  # image i is the constant i
+    for _ in range(20):
+        out, targets = data.BatchMix(8, mixup_alpha=0.0, prob=1.0)(x, torch.arange(8))
+        partner, lam = partners_and_lam(targets)
+        for i in (partner != torch.arange(8)).nonzero()[:, 0]:
+            from_partner = (out[i] == partner[i]).float().mean()
+            assert from_partner == pytest.approx(1 - lam[i].item(), abs=1e-6)
 
 
 # ---- repeated-augmentation sampler
