@@ -25,6 +25,14 @@ def checkpoint_path(path) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
+def device_of(name):
+    """--device, or cuda when available."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return device
+
+
 def load(path, device):
     """(the checkpoint's model on `device`, in eval mode; the checkpoint) from a run folder or a checkpoint file."""
     model, ckpt = train.load_model(checkpoint_path(path), "checkpoint")
@@ -56,7 +64,8 @@ def scores(logits, labels, num_classes) -> dict:
     confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
     per_class = 100 * confusion.diag() / confusion.sum(1).clamp(min=1)
     return {"acc": 100 * (predicted == labels).sum().item() / len(labels),
-            "loss": F.cross_entropy(logits, labels).item(), "per_class": per_class.tolist(), "confusion": confusion}
+            "loss": F.cross_entropy(logits, labels).item(), "per_class": per_class.tolist(), "confusion": confusion,
+            "predicted": predicted}
 
 
 def evaluate(model, dataset: data.ImageData, device) -> dict:
@@ -87,18 +96,24 @@ def write_predictions(path, files, classes, probs, indices):
             writer.writerow([file] + [v for p, c in zip(row_probs, row_indices) for v in (classes[c], f"{p:.6f}")])
 
 
+def add_source_arguments(parser, dataset=True):
+    """The checkpoint and device flags (and which test split: dataset=True) that predict.py and analyze.py share."""
+    parser.add_argument("checkpoint", type=str, help="a run folder (its checkpoint.pt) or a checkpoint file")
+    parser.add_argument("--device", default=None, type=str, choices=["cpu", "cuda"],
+                        help="default: cuda when available")
+    if dataset:
+        parser.add_argument("--dataset", default=None, type=str, choices=data.DATASETS,
+                            help="default: the dataset the checkpoint's run trained on")
+        parser.add_argument("--data-dir", default=None, type=str, help="default: the run's --data-dir")
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Evaluate a trained PoorViT, or predict labels for images.")
     commands = parser.add_subparsers(dest="command", required=True)
     evaluate_parser = commands.add_parser("evaluate", help="accuracy, loss and per-class accuracy on a test split")
     predict_parser = commands.add_parser("predict", help="top-k labels of every image under a folder, as CSV")
-    for sub in (evaluate_parser, predict_parser):
-        sub.add_argument("checkpoint", type=str, help="a run folder (its checkpoint.pt) or a checkpoint file")
-        sub.add_argument("--device", default=None, type=str, choices=["cpu", "cuda"],
-                         help="default: cuda when available")
-    evaluate_parser.add_argument("--dataset", default=None, type=str, choices=data.DATASETS,
-                                 help="default: the dataset the checkpoint's run trained on")
-    evaluate_parser.add_argument("--data-dir", default=None, type=str, help="default: the run's --data-dir")
+    add_source_arguments(evaluate_parser)
+    add_source_arguments(predict_parser, dataset=False)
     predict_parser.add_argument("images", type=str, help="folder of image files (any size; searched recursively)")
     predict_parser.add_argument("--top-k", default=5, type=int, help="labels per image, most probable first")
     predict_parser.add_argument("--out", default="predictions.csv", type=str, help="the CSV file to write")
@@ -129,10 +144,8 @@ def run_predict(args, model, ckpt, device):
 
 
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+        device = device_of(args.device)
         model, ckpt = load(args.checkpoint, device)
         return (run_evaluate if args.command == "evaluate" else run_predict)(args, model, ckpt, device)
     except (ValueError, FileNotFoundError) as e:
