@@ -59,7 +59,7 @@ def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
 
 def low_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
     """The best rank-`rank` approximation of `weight` (the weight itself at or above full rank)."""
-    return torch.matmul(*svd_factors(weight, min(rank, *weight.shape)))
+    return weight if rank >= min(weight.shape) else torch.matmul(*svd_factors(weight, rank))
 
 
 @contextmanager
@@ -84,6 +84,10 @@ def truncation_ranks(width: int, steps: int, smallest: int = 4) -> list[int]:
     return sorted({round(smallest * (width / smallest) ** (i / (steps - 1))) for i in range(steps)})
 
 
+def accuracy(model, images, labels, stats, device) -> float:
+    return predict.scores(predict.logits_of(model, images, *stats, device), labels, model.cfg.num_classes)["acc"]
+
+
 def truncation_curves(model, images, labels, stats, device, ranks, progress) -> dict:
     """{family: [test accuracy % at each rank]}."""
     curves = {}
@@ -91,8 +95,7 @@ def truncation_curves(model, images, labels, stats, device, ranks, progress) -> 
         curves[family] = []
         for rank in ranks:
             with truncated(model, names, rank):
-                logits = predict.logits_of(model, images, *stats, device)
-            curves[family].append(100 * (logits.argmax(1) == labels).sum().item() / len(labels))
+                curves[family].append(accuracy(model, images, labels, stats, device))
             progress.update()
     return curves
 
@@ -253,10 +256,10 @@ def analyse(model, dataset, device, args) -> dict:
     images, labels = dataset.test_images, dataset.test_labels
     if args.images:
         images, labels = images[: args.images], labels[: args.images]
-    width = min(min(w.shape) for w, _ in dense.blocks[0].dense().values())
+    width = max(min(w.shape) for w, _ in dense.blocks[0].dense().values())
     ranks = truncation_ranks(width, args.rank_steps, args.min_rank)
     with tqdm(total=3 + len(FAMILIES) * len(ranks), desc="analyze", dynamic_ncols=True) as progress:
-        result = predict.evaluate(dense, dataset, device)
+        result = predict.evaluate(model, dataset, device)
         progress.update()
         spectrum = spectra(dense)
         effective = {key: {e: effective_rank(s, e) for e in ENERGIES} for key, s in spectrum.items()}
@@ -265,8 +268,7 @@ def analyse(model, dataset, device, args) -> dict:
         maps = cls_attention(dense, data.normalize(shown.to(device), *stats)).cpu()
         similarity = cls_similarity(dense, images, stats, device)
         progress.update()
-        subset_acc = 100 * (predict.logits_of(dense, images, *stats, device).argmax(1) == labels).sum().item() / len(
-            labels)
+        subset_acc = accuracy(dense, images, labels, stats, device)
         curves = truncation_curves(dense, images, labels, stats, device, ranks, progress)
     return {"result": result, "spectrum": spectrum, "effective": effective, "width": width, "ranks": ranks,
             "curves": curves, "subset_acc": subset_acc, "subset": len(labels), "maps": maps, "shown": shown,

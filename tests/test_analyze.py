@@ -43,11 +43,15 @@ def test_effective_rank_counts_singular_values_up_to_the_energy():
 
 
 def test_truncation_at_full_rank_leaves_the_logits_unchanged():
-    model, x = tiny(latent="kv", latent_dim=32, mlp_latent_dim=32, num_cls=2), images()
+    # Every matrix of this model has rank 8 of 32: truncating at 8 goes through the SVD and must change nothing.
+    model, x = tiny(latent="qkvo", latent_dim=8, mlp_latent_dim=8, num_cls=2), images()
     dense = analyze.full_rank_copy(model)
     assert (dense(x) - model(x)).abs().max() <= 1e-5
-    with analyze.truncated(dense, analyze.MATRICES, rank=32):
-        assert (dense(x) - model(x)).abs().max() <= 1e-5
+    for rank in (8, 32):
+        with analyze.truncated(dense, analyze.MATRICES, rank):
+            assert (dense(x) - model(x)).abs().max() <= 1e-5
+    with analyze.truncated(dense, analyze.MATRICES, rank=7):
+        assert (dense(x) - model(x)).abs().max() > 1e-4
 
 
 def test_rank_r_truncation_is_the_explicit_product_and_drops_the_tail():
