@@ -24,7 +24,7 @@ COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk ml
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
 # The demo model on digits, and two ablations of it: the example table and plots of the README.
 DEMO_COLUMNS := demo-base demo-mla-qkv demo-cls-4
-.PHONY: test demo bench gpu-check table plots table-runs demo-table $(COLUMNS) $(DEMO_COLUMNS)
+.PHONY: test demo bench gpu-check table plots table-runs demo-table analyze-demo $(COLUMNS) $(DEMO_COLUMNS)
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q
@@ -68,6 +68,11 @@ demo-mla-qkv:
 	$(DEMO_TRAIN) --latent qkv --latent-dim 32
 demo-cls-4:
 	$(DEMO_TRAIN) --num-cls 4
+
+# The README's analysis plots: the demo model (trained if missing: demo-base continues or reports its run), then
+# analyze.py on it, into docs/analysis. Ranks from 1: this small model keeps most of its accuracy down to rank 4.
+analyze-demo: demo-base
+	$(PY) analyze.py $(OUT)/demo-base-seed$(SEED) --out docs/analysis --device cpu --min-rank 1 --rank-steps 12
 
 # Throughput figures for this machine (README, Performance).
 bench: $(VENV)/installed

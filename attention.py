@@ -1,32 +1,97 @@
 """Multi-head self-attention for PoorViTs: full projections, or low-rank "latent" ones.
 
 Low-rank projections are the paper's Multi-Head Latent Attention (arXiv 2501.06220, Sec. 3): every projection named
-in `latent` becomes down (dim -> r, no bias) then up (r -> dim, with bias), each with its own latent. DeepSeek-V2
-(arXiv 2405.04434) instead shares one latent between K and V; `shared_kv_latent=True` offers that.
+in `latent` (any of q, k, v and the output projection o) becomes down (dim -> r, no bias) then up (r -> dim, with
+bias), each with its own latent. DeepSeek-V2 (arXiv 2405.04434) instead shares one latent between K and V;
+`shared_kv_latent=True` offers that. Every projection is a module with a `forward`; each also gives its matrix
+(`dense`) and takes one (`load_dense`, by truncated SVD where it is low-rank), for compression and analysis.
 """
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-LATENT_LETTERS = "qkv"
+LATENT_LETTERS = "qkvo"
 
 
 def parse_latent(latent: str) -> set[str]:
-    """Which of q, k, v are low-rank, from a string such as "", "q", "kv" or "vqk"."""
+    """Which of q, k, v, o are low-rank, from a string such as "", "q", "kv" or "qkvo"."""
     letters = set(latent)
     if not letters <= set(LATENT_LETTERS) or len(letters) != len(latent):
-        raise ValueError(f"latent={latent!r}: use each of the letters q, k, v at most once (e.g. '', 'q', 'kv', 'qkv')")
+        raise ValueError(f"latent={latent!r}: use each of the letters q, k, v, o at most once (e.g. '', 'q', 'kv', "
+                         f"'qkvo')")
     return letters
 
 
-class LowRankLinear(nn.Module):
-    """A rank-r factorisation of a dim x dim projection: x -> up(down(x))."""
+def check_shape(dim: int, heads: int, latent: str, latent_dim: int) -> set[str]:
+    """The latent letters, once heads are known to divide dim and the rank to lie in 1..dim (else ValueError)."""
+    if heads <= 0 or dim % heads:
+        raise ValueError(f"heads={heads} must be a positive divisor of dim={dim}")
+    letters = parse_latent(latent)
+    if letters and not 0 < latent_dim <= dim:
+        raise ValueError(f"latent_dim={latent_dim} must be in 1..{dim} (dim={dim})")
+    return letters
 
-    def __init__(self, dim: int, rank: int):
+
+def svd_factors(weight: torch.Tensor, rank: int):
+    """(up, down) whose product up @ down is the best rank-`rank` approximation of `weight` in Frobenius norm
+    (Eckart-Young): the truncated SVD U S V^T split evenly, up = U sqrt(S), down = sqrt(S) V^T."""
+    if not 0 < rank <= min(weight.shape):
+        raise ValueError(f"rank={rank} must be in 1..{min(weight.shape)} for a {tuple(weight.shape)} weight")
+    # float64: a full-rank split then reproduces the float32 weight to rounding.
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+
+
+class FullRankLinear(nn.Linear):
+    """nn.Linear with the interface of the low-rank modules below: the linear that reads the input (`reader`,
+    itself), what turns the reader's output into the result (`finish`, nothing), and its matrix."""
+
+    @property
+    def reader(self):
+        return self
+
+    def finish(self, code):
+        return code
+
+    def dense(self):
+        return self.weight, self.bias
+
+    @torch.no_grad()
+    def load_dense(self, weight, bias):
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+
+
+class LowRankLinear(nn.Module):
+    """A rank-r factorisation of an in_features -> out_features projection: x -> up(down(x))."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, dim)
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features)
+
+    @property
+    def reader(self):
+        return self.down
+
+    def finish(self, code):
+        return self.up(code)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+    def dense(self):
+        return self.up.weight @ self.down.weight, self.up.bias
+
+    @torch.no_grad()
+    def load_dense(self, weight, bias):
+        """up @ down becomes the best approximation of `weight` at this module's rank; up's bias becomes `bias`."""
+        up, down = svd_factors(weight, self.down.out_features)
+        self.up.weight.copy_(up)
+        self.down.weight.copy_(down)
+        self.up.bias.copy_(bias)
 
 
 class SharedKVLatent(nn.Module):
@@ -38,84 +103,117 @@ class SharedKVLatent(nn.Module):
         self.up_k = nn.Linear(rank, dim)
         self.up_v = nn.Linear(rank, dim)
 
+    @property
+    def reader(self):
+        return self.down
 
-def check_shape(dim: int, heads: int, latent: str, latent_dim: int) -> set[str]:
-    """The latent letters, once heads are known to divide dim and the rank to lie below dim (else ValueError)."""
-    if heads <= 0 or dim % heads:
-        raise ValueError(f"heads={heads} must be a positive divisor of dim={dim}")
-    letters = parse_latent(latent)
-    if letters and not 0 < latent_dim < dim:
-        raise ValueError(f"latent_dim={latent_dim} must be in 1..{dim - 1} (below dim={dim})")
-    return letters
+    def finish(self, code):
+        return self.up_k(code), self.up_v(code)
+
+    def forward(self, x):
+        return self.finish(self.down(x))
+
+    def dense(self):
+        return (self.up_k.weight @ self.down.weight, self.up_k.bias), (self.up_v.weight @ self.down.weight,
+                                                                         self.up_v.bias)
+
+    @torch.no_grad()
+    def load_dense(self, k, v):
+        """The best joint approximation of the stacked [W_k; W_v] at this rank: one down, two ups."""
+        up, down = svd_factors(torch.cat([k[0], v[0]]), self.down.out_features)
+        self.down.weight.copy_(down)
+        for linear, part, (_, bias) in zip((self.up_k, self.up_v), up.chunk(2), (k, v)):
+            linear.weight.copy_(part)
+            linear.bias.copy_(bias)
+
+
+def projection(in_features: int, out_features: int, rank: int = 0):
+    """A full projection (rank 0) or a low-rank one of that rank."""
+    return LowRankLinear(in_features, out_features, rank) if rank else FullRankLinear(in_features, out_features)
+
+
+def concat_forward(projections, x):
+    """[p(x) for p in projections], with every linear that reads x (full projections and down-projections) run as
+    one matmul over their concatenated weights. bench.py --sections concat measures what this buys: a first rough
+    CPU run (README, Performance (d)) gave 1.01-1.23x per train step, never slower."""
+    readers = [p.reader for p in projections]
+    weight = torch.cat([r.weight for r in readers])
+    # Down-projections have no bias: with only those, skip adding a zero bias.
+    bias = None
+    if any(r.bias is not None for r in readers):
+        bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
+    codes = F.linear(x, weight, bias).split([r.out_features for r in readers], dim=-1)
+    return [p.finish(code) for p, code in zip(projections, codes)]
+
+
+def attention_probs(q, k):
+    """softmax(q k^T / sqrt(head dim)): (..., queries, keys), each row a distribution over the keys."""
+    scale = q.shape[-1] ** -0.5
+    return (torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale).softmax(dim=-1)
 
 
 def plain_attention(q, k, v):
     """Softmax attention written out; the oracle for F.scaled_dot_product_attention."""
-    scale = q.shape[-1] ** -0.5
-    attn = torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale
-    return torch.einsum("b h i j, b h j d -> b h i d", attn.softmax(dim=-1), v)
+    return torch.einsum("b h i j, b h j d -> b h i d", attention_probs(q, k), v)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; `latent` names the projections (q, k, v) that are low-rank with rank `latent_dim`."""
+    """Multi-head self-attention; `latent` names the projections (q, k, v, o) that are low-rank with rank
+    `latent_dim`. `concat_input_linears` is a speed trick only: the linears that read x run as one matmul."""
 
-    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False):
+    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False,
+                 concat_input_linears: bool = True):
         super().__init__()
         letters = check_shape(dim, heads, latent, latent_dim)
         self.heads = heads
-        self.fused_qkv = not letters
         self.shared_kv = shared_kv_latent and {"k", "v"} <= letters
-
-        def projection(letter):
-            return LowRankLinear(dim, latent_dim) if letter in letters else nn.Linear(dim, dim)
-
-        if self.fused_qkv:
-            # One fused matmul for q, k and v: the fast path of the full-rank baseline.
-            self.to_qkv = nn.Linear(dim, 3 * dim)
-        elif self.shared_kv:
-            self.to_q = projection("q")
+        self.concat_input_linears = concat_input_linears
+        rank = {letter: latent_dim if letter in letters else 0 for letter in LATENT_LETTERS}
+        self.to_q = projection(dim, dim, rank["q"])
+        if self.shared_kv:
             self.to_kv = SharedKVLatent(dim, latent_dim)
         else:
-            self.to_q, self.to_k, self.to_v = projection("q"), projection("k"), projection("v")
-        self.to_out = nn.Linear(dim, dim)
+            self.to_k, self.to_v = projection(dim, dim, rank["k"]), projection(dim, dim, rank["v"])
+        self.to_out = projection(dim, dim, rank["o"])
 
-    def projection_groups(self):
-        """(reader, ups) pairs in q, k, v order: `reader` is the linear that reads x (a full projection or a
-        down-projection); each up-projection in `ups` (None: none) turns its output into one of q, k, v."""
-        if self.shared_kv:
-            return [self._group(self.to_q), (self.to_kv.down, [self.to_kv.up_k, self.to_kv.up_v])]
-        return [self._group(p) for p in (self.to_q, self.to_k, self.to_v)]
-
-    @staticmethod
-    def _group(projection):
-        return (projection.down, [projection.up]) if isinstance(projection, LowRankLinear) else (projection, [None])
-
-    def project_qkv(self, x, fused: bool = True):
-        if self.fused_qkv:
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+    def heads_qkv(self, x):
+        """q, k, v of x (b, n, dim), each (b, heads, n, head dim)."""
+        # On (b n, d) rows the up-projections run as single addmm calls, their bias included.
+        rows = rearrange(x, "b n d -> (b n) d")
+        projections = [self.to_q, self.to_kv] if self.shared_kv else [self.to_q, self.to_k, self.to_v]
+        if self.concat_input_linears:
+            outputs = concat_forward(projections, rows)
         else:
-            groups = self.projection_groups()
-            readers = [reader for reader, _ in groups]
-            # On (b n, d) rows the up-projections of the codes' column slices run as single addmm calls.
-            rows = rearrange(x, "b n d -> (b n) d")
-            if fused:
-                # One matmul for every linear that reads x, instead of up to three small ones.
-                weight = torch.cat([r.weight for r in readers])
-                # Down-projections have no bias: with only those, skip adding a zero bias.
-                bias = None
-                if any(r.bias is not None for r in readers):
-                    bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
-                codes = F.linear(rows, weight, bias).split([r.out_features for r in readers], dim=-1)
-            else:
-                codes = [reader(rows) for reader in readers]
-            qkv = (code if up is None else up(code) for code, (_, ups) in zip(codes, groups) for up in ups)
-            q, k, v = (rearrange(t, "(b n) d -> b n d", b=x.shape[0]) for t in qkv)
-        return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+            outputs = [p(rows) for p in projections]
+        q, *kv = outputs
+        k, v = kv[0] if self.shared_kv else kv
+        return [rearrange(t, "(b n) (h d) -> b h n d", b=x.shape[0], h=self.heads) for t in (q, k, v)]
 
-    def forward(self, x, fused: bool = True):
-        """fused=False computes the same function the plain way (separate matmuls, written-out softmax): an oracle
-        for the tests."""
-        q, k, v = self.project_qkv(x, fused)
+    def forward(self, x, fused_attn: bool = True):
+        """fused_attn=False runs the written-out softmax instead of SDPA over the same q, k, v: an oracle for the
+        tests."""
+        q, k, v = self.heads_qkv(x)
         # SDPA's default scale is 1/sqrt(head dim), the same as plain_attention's.
-        out = F.scaled_dot_product_attention(q, k, v) if fused else plain_attention(q, k, v)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        out = F.scaled_dot_product_attention(q, k, v) if fused_attn else plain_attention(q, k, v)
+        out = self.to_out(rearrange(out, "b h n d -> (b n) (h d)"))
+        return rearrange(out, "(b n) d -> b n d", b=x.shape[0])
+
+    def attention_probs(self, x):
+        """The attention weights of x: (b, heads, n, n), each row a distribution over the n tokens."""
+        q, k, _ = self.heads_qkv(x)
+        return attention_probs(q, k)
+
+    def dense(self) -> dict:
+        """{letter: (weight, bias)} of q, k, v, o: the map each applies (a low-rank one as up @ down)."""
+        k, v = self.to_kv.dense() if self.shared_kv else (self.to_k.dense(), self.to_v.dense())
+        return {"q": self.to_q.dense(), "k": k, "v": v, "o": self.to_out.dense()}
+
+    def load_dense(self, dense: dict):
+        """Takes the maps of `dense` (as `dense()` gives them), each by truncated SVD where it is low-rank."""
+        self.to_q.load_dense(*dense["q"])
+        if self.shared_kv:
+            self.to_kv.load_dense(dense["k"], dense["v"])
+        else:
+            self.to_k.load_dense(*dense["k"])
+            self.to_v.load_dense(*dense["v"])
+        self.to_out.load_dense(*dense["o"])

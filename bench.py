@@ -2,9 +2,12 @@
 
     python bench.py                      # or: make bench
     python bench.py --sections step --rounds 5
+    python bench.py --sections concat    # keep or drop attention's weight-concatenation trick
 
 Sections:
   step      train-step img/s (forward + backward + AdamW) per variant at the paper's config: fp32 on CPU, bf16 on GPU
+  concat    the same train step with Attention.concat_input_linears on vs off (one matmul over the concatenated
+            weights of every linear that reads x, or one per projection), per variant
   augment   img/s of the full training augmentation: the batched device pipeline vs torchvision's per-image PIL one
   pipeline  the training loop (device loader + augmentation + mixing + step) vs the bare step on a fixed batch; on a GPU
             also the projected time of the 100-epoch baseline (15 M samples) and the peak memory
@@ -22,13 +25,16 @@ import train
 from model import ViT, ViTConfig, count_parameters, forward_macs
 
 VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"}, "cls-4": {"num_cls": 4}}
+CONCAT_VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"},
+                   "mla-kv shared": {"latent": "kv", "shared_kv_latent": True}}
 RECIPE = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25)
 BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 training set
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="PoorViTs throughput benchmarks.")
-    parser.add_argument("--sections", default="step,augment,pipeline", type=str, help="comma-separated sections")
+    parser.add_argument("--sections", default="step,augment,pipeline", type=str,
+                        help="comma-separated sections: step, augment, pipeline, concat")
     parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", default=256, type=int, help="images per step (the recipe's global batch)")
     parser.add_argument("--steps", default=None, type=int, help="timed steps per round (default: 1 CPU, 50 GPU)")
@@ -75,11 +81,13 @@ def interleaved(fns, steps, warmup, rounds, device):
     return seconds
 
 
-def make_trainer(overrides, device, compile_options=None):
+def make_trainer(overrides, device, compile_options=None, concat_input_linears=True):
     """A model with the paper's AdamW and schedule, and a step function train.py's loop would run; compile_options:
     torch.compile's keyword arguments (None: eager)."""
     cfg = ViTConfig(**overrides)
     model = ViT(cfg).to(device)
+    for block in model.blocks:
+        block.attn.concat_input_linears = concat_input_linears
     defaults = train.get_args_parser().parse_args([])
     optimizers = train.build_optimizers(defaults, model, device)
     schedulers = [train.build_scheduler(optimizer, defaults, steps_per_epoch=10_000) for optimizer in optimizers]
@@ -128,6 +136,27 @@ def bench_step(device, opts):
         s = statistics.median(rounds[name])
         print(f"| {name} | {count_parameters(model):,} | {forward_macs(cfg) / 1e9:.3f} | {opts.batch_size / s:,.0f} "
               f"| {1000 * s:.1f} | {speedup(rounds, 'baseline', name):.3f}x |")
+
+
+def bench_concat(device, opts):
+    print(f"\n(d) Attention.concat_input_linears on vs off, train step, batch {opts.batch_size}, median of "
+          f"{opts.rounds} interleaved rounds of {opts.steps} timed steps, after {opts.warmup} warm-up steps")
+    images, labels = random_batch(opts.batch_size, device)
+    images = data.normalize(images, *data.CIFAR10_STATS)
+    no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
+    steps = {}
+    for name, overrides in CONCAT_VARIANTS.items():
+        for concat in (True, False):
+            _, _, step = make_trainer(overrides, device, concat_input_linears=concat)
+            steps[name, concat] = lambda step=step: step(images, labels, no_mix)
+    rounds = interleaved(steps, opts.steps, opts.warmup, opts.rounds, device)
+    print("| variant | img/s concat on | img/s concat off | on / off |\n|---|---|---|---|")
+    for name in CONCAT_VARIANTS:
+        on, off = rounds[name, True], rounds[name, False]
+        # The speed-up is the median of per-round ratios: each compares steps timed moments apart.
+        ratio = statistics.median(b / a for a, b in zip(on, off))
+        print(f"| {name} | {opts.batch_size / statistics.median(on):,.0f} "
+              f"| {opts.batch_size / statistics.median(off):,.0f} | {ratio:.3f}x |")
 
 
 def bench_augment(device, opts):
@@ -237,7 +266,7 @@ def main(opts):
     opts.steps = opts.steps or (50 if gpu else 1)
     opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
     opts.rounds = opts.rounds or (5 if gpu else 24)
-    sections = {"step": bench_step, "augment": bench_augment, "pipeline": bench_pipeline}
+    sections = {"step": bench_step, "augment": bench_augment, "pipeline": bench_pipeline, "concat": bench_concat}
     chosen = opts.sections.split(",")
     unknown = [s for s in chosen if s not in sections]
     if unknown:

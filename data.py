@@ -204,9 +204,20 @@ def load_digits(test_fraction: float = 0.2) -> ImageData:
                      *channel_stats(images[train]))
 
 
-def _read_image_folder(folder: Path, classes=None):
+def read_image(path: Path) -> torch.Tensor:
+    """An image file of any size as uint8 (3, 32, 32) RGB, resized bilinearly; a ValueError naming an unreadable
+    file."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def _read_image_folder(folder: Path, classes=None):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory: --data-dir needs train/<class>/* and val/<class>/*")
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
@@ -220,12 +231,7 @@ def _read_image_folder(folder: Path, classes=None):
         for path in sorted((folder / name).glob("*")) if (folder / name).is_dir() else []:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"{path}: cannot read image ({e})") from None
-            images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+            images.append(read_image(path))
             labels.append(label)
     if not images:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")

@@ -1,11 +1,12 @@
 """PoorViTs: a small pre-norm Vision Transformer with several CLS tokens (arXiv 2501.06220).
 
 Baseline (the seed's README table and its models/vit.py): patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12
-heads, MLP ratio 2, stochastic depth 0 -> 0.1, ~2.70 M parameters. Options: low-rank latent attention (attention.py), k CLS tokens
-pooled by concatenation or mean, fixed 2-D sin-cos positions, and whitening init of the patch embedding.
+heads, MLP ratio 2, stochastic depth 0 -> 0.1, ~2.70 M parameters. Options: low-rank latent attention (attention.py)
+and a low-rank MLP, k CLS tokens pooled by concatenation or mean, fixed 2-D sin-cos positions, and whitening init of
+the patch embedding. `transfer_weights` builds a (low-rank) model from a trained one by truncated SVD.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from attention import Attention, check_shape, parse_latent
+from attention import Attention, check_shape, parse_latent, projection
 
 CLS_POOLS = ("concat", "mean")
 POS_EMBEDS = ("learned", "sincos")
@@ -38,6 +39,7 @@ class ViTConfig:
     latent: str = ""
     latent_dim: int = 64
     shared_kv_latent: bool = False
+    mlp_latent_dim: int = 0
     drop_path: float = 0.1
 
     def __post_init__(self):
@@ -58,6 +60,9 @@ class ViTConfig:
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got dim={self.dim}")
         check_shape(self.dim, self.heads, self.latent, self.latent_dim)
+        if not 0 <= self.mlp_latent_dim <= min(self.dim, self.mlp_dim):
+            raise ValueError(f"mlp_latent_dim={self.mlp_latent_dim} must be in 0..{min(self.dim, self.mlp_dim)} "
+                             f"(0: full rank)")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
 
@@ -83,9 +88,24 @@ def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor
     return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).float()
 
 
-class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+class FeedForward(nn.Module):
+    """fc1 -> GELU -> fc2; with rank > 0 each layer is low-rank (down, no bias -> up)."""
+
+    def __init__(self, dim: int, hidden_dim: int, rank: int = 0):
+        super().__init__()
+        self.fc1 = projection(dim, hidden_dim, rank)
+        self.act = nn.GELU()
+        self.fc2 = projection(hidden_dim, dim, rank)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def dense(self) -> dict:
+        return {"fc1": self.fc1.dense(), "fc2": self.fc2.dense()}
+
+    def load_dense(self, dense: dict):
+        self.fc1.load_dense(*dense["fc1"])
+        self.fc2.load_dense(*dense["fc2"])
 
 
 class Block(nn.Module):
@@ -96,12 +116,20 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.attn = Attention(cfg.dim, cfg.heads, cfg.latent, cfg.latent_dim, cfg.shared_kv_latent)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.mlp = FeedForward(cfg.dim, cfg.mlp_dim)
+        self.mlp = FeedForward(cfg.dim, cfg.mlp_dim, cfg.mlp_latent_dim)
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
     def forward(self, x, fused_attn: bool = True):
-        x = x + self.drop_path(self.attn(self.norm1(x), fused=fused_attn))
+        x = x + self.drop_path(self.attn(self.norm1(x), fused_attn=fused_attn))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def dense(self) -> dict:
+        """{name: (weight, bias)} of q, k, v, o, fc1, fc2: the map each applies (a low-rank one as up @ down)."""
+        return {**self.attn.dense(), **self.mlp.dense()}
+
+    def load_dense(self, dense: dict):
+        self.attn.load_dense(dense)
+        self.mlp.load_dense(dense)
 
 
 class ViT(nn.Module):
@@ -145,16 +173,25 @@ class ViT(nn.Module):
         if isinstance(self.pos_embedding, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embedding, std=0.02)
 
-    def forward(self, images, fused_attn: bool = True):
+    def tokens(self, images):
+        """The first block's input: CLS tokens then patch tokens, with positions, and the pack shapes."""
         patches = self.to_patch_embedding(images)
         # "1 k d -> b k d" as a view: einops.repeat on the Parameter would register a new einops backend inside the
         # first compiled call, and Dynamo would recompile the whole model at step 2 when its guard on that table fails.
         cls = self.cls_tokens.expand(patches.shape[0], -1, -1)
         x, ps = pack([cls, patches], "b * d")
-        x = x + self.pos_embedding
+        return x + self.pos_embedding, ps
+
+    def cls_outputs(self, images, fused_attn: bool = True):
+        """The final-norm outputs of the k CLS tokens, (b, k, dim): what the head reads."""
+        x, ps = self.tokens(images)
         for block in self.blocks:
             x = block(x, fused_attn=fused_attn)
         cls, _ = unpack(self.norm(x), ps, "b * d")
+        return cls
+
+    def forward(self, images, fused_attn: bool = True):
+        cls = self.cls_outputs(images, fused_attn)
         pooled = rearrange(cls, "b k d -> b (k d)") if self.cfg.cls_pool == "concat" else cls.mean(dim=1)
         return self.head(pooled)
 
@@ -185,18 +222,44 @@ class ViT(nn.Module):
         return eigvals
 
 
+# The config fields a model may change when it takes another model's weights (transfer_weights): its ranks, and
+# what only matters for training from scratch.
+TRANSFER_FREE_FIELDS = {"latent", "latent_dim", "shared_kv_latent", "mlp_latent_dim", "drop_path", "patch_init"}
+
+
+@torch.no_grad()
+def transfer_weights(source: ViT, target: ViT):
+    """target takes source's weights: each projection (q, k, v, o, fc1, fc2 of every block) as the best
+    approximation of source's map that target's rank allows (truncated SVD: up = U sqrt(S), down = sqrt(S) V^T, up's
+    bias the map's bias), everything else copied. At full rank target computes what source computes."""
+    differing = sorted(f for f in asdict(source.cfg) if f not in TRANSFER_FREE_FIELDS
+                       and getattr(source.cfg, f) != getattr(target.cfg, f))
+    if differing:
+        raise ValueError("source and target differ in " + ", ".join(
+            f"{f} ({getattr(source.cfg, f)!r} vs {getattr(target.cfg, f)!r})" for f in differing))
+    # Configs equal but for the ranks: the parameters outside the blocks' attn and mlp have the same names and shapes.
+    rest = {k: v for k, v in source.state_dict().items() if ".attn." not in k and ".mlp." not in k}
+    target.load_state_dict(rest, strict=False)
+    for source_block, target_block in zip(source.blocks, target.blocks):
+        target_block.load_dense(source_block.dense())
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def forward_macs(cfg: ViTConfig) -> int:
     """Multiply-accumulates of one image's forward pass (matmuls only; norms, GELU and softmax are negligible)."""
-    n, d, r = cfg.num_cls + cfg.num_patches, cfg.dim, cfg.latent_dim
+    n, d, h, r = cfg.num_cls + cfg.num_patches, cfg.dim, cfg.mlp_dim, cfg.latent_dim
     letters = parse_latent(cfg.latent)
-    full, low_rank = n * d * d, n * 2 * d * r
-    projections = sum(low_rank if letter in letters else full for letter in "qkv")
+
+    def linear(in_features, out_features, rank):
+        return n * (rank * (in_features + out_features) if rank else in_features * out_features)
+
+    projections = sum(linear(d, d, r if letter in letters else 0) for letter in "qkvo")
     if cfg.shared_kv_latent and {"k", "v"} <= letters:
         projections -= n * d * r  # K and V share one down-projection
-    per_block = projections + 2 * n * n * d + n * d * d + 2 * n * d * cfg.mlp_dim
+    mlp = linear(d, h, cfg.mlp_latent_dim) + linear(h, d, cfg.mlp_latent_dim)
+    per_block = projections + 2 * n * n * d + mlp
     head_in = cfg.num_cls * d if cfg.cls_pool == "concat" else d
     return cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * d + cfg.depth * per_block + head_in * cfg.num_classes

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import data
 from lion import Lion
-from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs
+from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs, transfer_weights
 
 EVAL_CHUNK = 1024
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -88,14 +88,20 @@ def get_args_parser():
     parser.add_argument("--patch-init", default="pytorch", type=str,
                         help="patch-embedding init: pytorch (the seed's Conv2d default, U(+-1/sqrt(3*p*p))) or "
                              "trunc_normal (std 0.02, as the other linears)")
-    parser.add_argument("--latent", default="", type=str, help="low-rank projections, any of q, k, v (e.g. kv)")
-    parser.add_argument("--latent-dim", default=64, type=int, help="rank of the low-rank projections")
+    parser.add_argument("--latent", default="", type=str,
+                        help="low-rank attention projections, any of q, k, v, o (o: the output projection; e.g. kv)")
+    parser.add_argument("--latent-dim", default=64, type=int, help="rank of the low-rank attention projections")
     parser.add_argument("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
+    parser.add_argument("--mlp-latent-dim", default=0, type=int,
+                        help="rank of both MLP layers, each as down (no bias) -> up; 0: full rank")
     parser.add_argument("--drop-path", default=0.1, type=float, help="stochastic depth rate of the last block")
     parser.add_argument("--whiten", action="store_true", help="whitening init of the patch embedding")
     parser.add_argument("--whiten-images", default=5000, type=int,
                         help="--whiten uses the first whole batches of the training stream holding at least this "
                              "many images (5000 at batch 256: 20 batches, 5120 images, as the seed)")
+    parser.add_argument("--init-from", default=None, type=str,
+                        help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
+                             "SVD to the ranks asked for (the same at full rank), the rest copied")
     # Optimisation
     parser.add_argument("--opt", default="adamw", type=str,
                         help="adamw, lion, or muon (Muon for the blocks' matrices, AdamW at --lr for the rest)")
@@ -162,6 +168,8 @@ def check_args(args):
         raise ValueError(f"--save-every {args.save_every} must be >= 0")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers} must be >= 0")
+    if args.whiten and args.init_from:
+        raise ValueError("--whiten and --init-from both set the patch embedding: choose one")
     if args.whiten and 3 * args.patch_size**2 > args.dim:
         raise ValueError(f"--whiten writes 3 * --patch-size**2 = {3 * args.patch_size**2} filters: it needs "
                          f"--dim >= that, got --dim {args.dim}")
@@ -212,8 +220,9 @@ def model_config(args, num_classes) -> ViTConfig:
         return ViTConfig(
             img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
             depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls,
-            cls_pool=args.cls_pool, pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent, latent_dim=args.latent_dim,
-            shared_kv_latent=args.shared_kv_latent, drop_path=args.drop_path,
+            cls_pool=args.cls_pool, pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent,
+            latent_dim=args.latent_dim, shared_kv_latent=args.shared_kv_latent, mlp_latent_dim=args.mlp_latent_dim,
+            drop_path=args.drop_path,
         )
     except ValueError as e:
         # ViTConfig names its fields ("latent_dim=0"); a command-line user needs the flag ("--latent-dim 0").
@@ -522,20 +531,41 @@ def resume_checkpoint(args):
     return path
 
 
-def load_checkpoint(path, args, cfg):
-    """A checkpoint of this run, loaded without running any code from it (weights_only=True)."""
+def first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
+
+
+def read_checkpoint(path, flag):
+    """A checkpoint written by train.py, loaded without running any code from it (weights_only=True); a damaged or
+    foreign file is a one-line ValueError naming `flag`."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function it would have to call
-            raise ValueError(f"--resume {path}: refused: it holds objects that would run code when loaded; only "
+            raise ValueError(f"{flag} {path}: refused: it holds objects that would run code when loaded; only "
                              f"tensors and plain values are loaded (weights_only=True)") from None
-        raise ValueError(f"--resume {path}: not a readable checkpoint (damaged or not a torch file)") from None
+        raise ValueError(f"{flag} {path}: not a readable checkpoint (damaged or not a torch file)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "args", "step"} <= ckpt.keys():
-        raise ValueError(f"--resume {path}: not a checkpoint written by train.py")
+        raise ValueError(f"{flag} {path}: not a checkpoint written by train.py")
+    return ckpt
+
+
+def load_model(path, flag):
+    """(the trained ViT of a checkpoint, on the CPU; the checkpoint), or a one-line ValueError naming `flag`."""
+    ckpt = read_checkpoint(path, flag)
+    try:
+        model = ViT(ViTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{flag} {path}: not a model this code can build ({first_line(e)})") from None
+    return model, ckpt
+
+
+def load_checkpoint(path, args, cfg):
+    """A checkpoint of this run, loaded without running any code from it (weights_only=True)."""
+    ckpt = read_checkpoint(path, "--resume")
     if ckpt["config"] != asdict(cfg):
         differing = sorted(k for k in asdict(cfg) if ckpt["config"].get(k) != asdict(cfg)[k])
         raise ValueError(f"--resume {path}: checkpoint is for a different model: "
@@ -736,6 +766,8 @@ def run(args, on_exit: contextlib.ExitStack):
     rank0 = Rank0(rank, world_size, device)
     # Only rank 0 writes the run's files, and only it reads the checkpoint (load_resume).
     resume_path = rank0(resume_checkpoint, args)
+    # A fresh run may start from another run's weights (checked before any work); a resumed one has its own.
+    source = load_model(args.init_from, "--init-from")[0] if args.init_from and resume_path is None else None
     if args.output_dir is None:
         fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
         args.output_dir = str(resume_path.parent) if resume_path else fresh
@@ -761,6 +793,11 @@ def run(args, on_exit: contextlib.ExitStack):
     model = ViT(cfg)
     if args.whiten:
         model.whiten_patch_embedding(whitening_images(args, dataset, device))
+    if source is not None:
+        try:
+            transfer_weights(source, model)
+        except ValueError as e:
+            raise ValueError(f"--init-from {args.init_from}: {e}") from None
     model.to(device)
     model_without_ddp = model
     optimizers = build_optimizers(args, model, device)
@@ -791,7 +828,8 @@ def run(args, on_exit: contextlib.ExitStack):
         def write():
             ckpt = {"model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
-                    "config": asdict(cfg), "run": info}
+                    "config": asdict(cfg), "run": info,
+                    "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}}
             atomic_write(checkpoint, torch_bytes(ckpt))
         rank0(write)
         state.saved_step = state.step

@@ -1,26 +1,44 @@
 import pytest
 import torch
 
-from attention import Attention, plain_attention
+from attention import Attention, LowRankLinear, SharedKVLatent, plain_attention, svd_factors
 
-VARIANTS = ["", "q", "k", "v", "kv", "qk", "qkv", "vq"]
+VARIANTS = ["", "q", "k", "v", "o", "kv", "qk", "qkv", "vq", "qkvo"]
 
 
-def make_attention(latent="", shared=False, dim=32, heads=4, rank=8):
+def make_attention(latent="", shared=False, dim=32, heads=4, rank=8, concat=True):
     torch.manual_seed(0)
-    return Attention(dim, heads, latent=latent, latent_dim=rank, shared_kv_latent=shared)
+    return Attention(dim, heads, latent=latent, latent_dim=rank, shared_kv_latent=shared, concat_input_linears=concat)
 
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+@pytest.mark.parametrize("sdpa, concat", [(True, False), (False, True), (True, True)],
+                         ids=["sdpa", "concat-input-linears", "both"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("latent", VARIANTS)
-def test_sdpa_matches_plain_softmax(latent, shared):
-    attn = make_attention(latent, shared)
+def test_each_switch_matches_the_plain_path(latent, shared, sdpa, concat):
+    """The plain path: separate projection modules, written-out softmax. Each switch alone must not change it."""
+    plain, fast = make_attention(latent, shared, concat=False), make_attention(latent, shared, concat=concat)
     x = torch.randn(3, 7, 32)
-    torch.testing.assert_close(attn(x), attn(x, fused=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(x, fused_attn=sdpa), plain(x, fused_attn=False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("latent", ["", "qv", "qkvo"])
+def test_concat_switch_reads_the_weights_instead_of_calling_the_projections(latent, monkeypatch):
+    attn, x = make_attention(latent), torch.randn(2, 5, 32)
+    expected = attn(x)
+
+    def refuse(*args):
+        raise AssertionError("to_q was called")
+
+    monkeypatch.setattr(attn.to_q, "forward", refuse)
+    torch.testing.assert_close(attn(x), expected)  # concatenated weights: to_q's forward is never called
+    attn.concat_input_linears = False
+    with pytest.raises(AssertionError, match="to_q was called"):
+        attn(x)
 
 
 def test_plain_attention_uses_inverse_sqrt_head_dim_scale():
@@ -29,7 +47,7 @@ def test_plain_attention_uses_inverse_sqrt_head_dim_scale():
     torch.testing.assert_close(plain_attention(q, k, v), weights @ v)
 
 
-@pytest.mark.parametrize("latent", ["q", "k", "v", "kv", "qk", "qkv"])
+@pytest.mark.parametrize("latent", ["q", "k", "v", "o", "kv", "qk", "qkv", "qkvo"])
 def test_each_compressed_projection_saves_12288_at_rank_64(latent):
     full = n_params(Attention(192, 12))
     assert full - n_params(Attention(192, 12, latent=latent, latent_dim=64)) == 12_288 * len(latent)
@@ -46,11 +64,11 @@ def test_shared_kv_latent_needs_both_k_and_v():
     assert n_params(make_attention("k", shared=True)) == n_params(make_attention("k"))
 
 
-@pytest.mark.parametrize("latent", ["q", "kv", "qkv"])
+@pytest.mark.parametrize("latent", ["q", "kv", "qkv", "o"])
 def test_latent_projections_have_rank_r(latent):
     attn = make_attention(latent, rank=5)
     for letter in latent:
-        proj = getattr(attn, f"to_{letter}")
+        proj = getattr(attn, "to_out" if letter == "o" else f"to_{letter}")
         assert proj.down.bias is None and proj.up.bias is not None
         assert torch.linalg.matrix_rank(proj.up.weight @ proj.down.weight) == 5
 
@@ -71,7 +89,7 @@ def test_letter_order_does_not_matter():
     [
         (dict(dim=32, heads=5), "heads=5"),
         (dict(dim=32, heads=4, latent="q", latent_dim=0), "latent_dim=0"),
-        (dict(dim=32, heads=4, latent="q", latent_dim=32), "latent_dim=32"),
+        (dict(dim=32, heads=4, latent="q", latent_dim=33), "latent_dim=33"),
         (dict(dim=32, heads=4, latent="qx"), "latent='qx'"),
         (dict(dim=32, heads=4, latent="qq"), "latent='qq'"),
     ],
@@ -79,3 +97,54 @@ def test_letter_order_does_not_matter():
 def test_invalid_settings_raise_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Attention(**kwargs)
+
+
+def test_attention_probs_are_distributions_and_give_the_output():
+    attn, x = make_attention("kv", shared=True), torch.randn(2, 6, 32)
+    probs = attn.attention_probs(x)
+    assert probs.shape == (2, 4, 6, 6) and (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 6))
+    _, _, v = attn.heads_qkv(x)
+    heads_out = torch.einsum("b h i j, b h j d -> b h i d", probs, v)
+    out = attn.to_out(heads_out.permute(0, 2, 1, 3).reshape(2, 6, 32))
+    torch.testing.assert_close(out, attn(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 40)])
+def test_svd_factors_give_the_best_rank_r_approximation(shape):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    for rank in (1, 5, min(shape)):
+        up, down = svd_factors(weight, rank)
+        assert up.shape == (shape[0], rank) and down.shape == (rank, shape[1])
+        explicit = (u[:, :rank] * s[:rank] @ vh[:rank]).float()
+        torch.testing.assert_close(up @ down, explicit, atol=1e-5, rtol=1e-5)
+        # Eckart-Young: the Frobenius error is the norm of the dropped singular values.
+        error = torch.linalg.matrix_norm((up @ down).double() - weight.double())
+        assert error.item() == pytest.approx(s[rank:].norm().item(), abs=1e-4)
+        # The split is even: both factors carry sqrt(S).
+        torch.testing.assert_close(torch.linalg.svdvals(up.double()), s[:rank].sqrt(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.matmul(*svd_factors(weight, min(shape))), weight, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"rank={min(shape) + 1}"):
+        svd_factors(weight, min(shape) + 1)
+
+
+def test_low_rank_modules_load_a_dense_map_by_truncated_svd():
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(20, 12, generator=g), torch.randn(20, generator=g)
+    low = LowRankLinear(12, 20, rank=4)
+    low.load_dense(weight, bias)
+    dense_weight, dense_bias = low.dense()
+    torch.testing.assert_close(dense_weight, torch.matmul(*svd_factors(weight, 4)))
+    assert torch.equal(dense_bias, bias) and low.down.bias is None
+    x = torch.randn(3, 12, generator=g)
+    torch.testing.assert_close(low(x), x @ dense_weight.T + bias)
+    # The shared K/V latent: the best joint approximation of [W_k; W_v], one down-projection for both.
+    shared = SharedKVLatent(12, rank=5)
+    k, v = (torch.randn(12, 12, generator=g), torch.randn(12, generator=g)), (torch.randn(12, 12, generator=g),
+                                                                              torch.zeros(12))
+    shared.load_dense(k, v)
+    stacked = torch.matmul(*svd_factors(torch.cat([k[0], v[0]]), 5))
+    (wk, bk), (wv, bv) = shared.dense()
+    torch.testing.assert_close(torch.cat([wk, wv]), stacked, atol=1e-5, rtol=1e-5)
+    assert torch.equal(bk, k[1]) and torch.equal(bv, v[1])

@@ -10,12 +10,12 @@ def bench(*flags):
 
 
 def test_bench_prints_every_section_table():
-    result = bench("--sections", "step,augment,pipeline", "--rounds", "1", "--steps", "1", "--warmup", "0",
+    result = bench("--sections", "step,augment,pipeline,concat", "--rounds", "1", "--steps", "1", "--warmup", "0",
                    "--batch-size", "8", "--aug-images", "64")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     for row in ("| baseline |", "| mla-q |", "| mla-qkv |", "| cls-4 |", "| torchvision per-image PIL, 1 process |",
-                "| batched, on cpu", "| training loop", "loop / bare ="):
+                "| batched, on cpu", "| training loop", "loop / bare =", "| mla-kv shared |"):
         assert row in out, row
 
 

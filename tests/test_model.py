@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ViT, ViTConfig, count_parameters, forward_macs, sincos_2d
+from attention import svd_factors
+from model import ViT, ViTConfig, count_parameters, forward_macs, sincos_2d, transfer_weights
 
 TINY = dict(dim=32, depth=2, heads=4, latent_dim=8, mlp_ratio=2.0)
-LATENTS = ["", "q", "k", "v", "kv", "qk", "qkv"]
+LATENTS = ["", "q", "k", "v", "o", "kv", "qk", "qkv", "qkvo"]
 
 
 def tiny(**overrides):
@@ -40,21 +41,32 @@ def test_latent_variant_saves_12288_per_projection_per_block(latent):
     assert plain_vit_params() - count == 12_288 * 9 * len(latent)
 
 
+@pytest.mark.parametrize("rank", [32, 64, 128])
+def test_low_rank_mlp_saves_the_difference_of_the_factorisations(rank):
+    # Each of fc1 (192 -> 384) and fc2 (384 -> 192): 192 * 384 weights become rank * (192 + 384); biases stay.
+    count = count_parameters(ViT(ViTConfig(mlp_latent_dim=rank)))
+    assert plain_vit_params() - count == 9 * 2 * (192 * 384 - rank * (192 + 384))
+    assert plain_vit_params() - count_parameters(ViT(ViTConfig(mlp_latent_dim=64, latent="o"))) == 9 * (
+        2 * 36_864 + 12_288)
+
+
 def test_shared_kv_latent_saves_three_projections_worth():
     count = count_parameters(ViT(ViTConfig(latent="kv", shared_kv_latent=True)))
     assert plain_vit_params() - count == 3 * 12_288 * 9
 
 
 @pytest.mark.parametrize(
-    "latent, shared, num_cls, pool, pos",
+    "latent, shared, num_cls, pool, pos, mlp_rank",
     [
-        (latent, shared, num_cls, pool, pos)
+        (latent, shared, num_cls, pool, pos, mlp_rank)
         for latent, num_cls, pool, pos in itertools.product(LATENTS, [1, 4], ["concat", "mean"], ["learned", "sincos"])
         for shared in ([False, True] if latent == "kv" else [False])
+        for mlp_rank in ([0, 8] if num_cls == 1 and pool == "concat" else [0])
     ],
 )
-def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos):
-    model = tiny(latent=latent, shared_kv_latent=shared, num_cls=num_cls, cls_pool=pool, pos_embed=pos).eval()
+def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos, mlp_rank):
+    model = tiny(latent=latent, shared_kv_latent=shared, num_cls=num_cls, cls_pool=pool, pos_embed=pos,
+                 mlp_latent_dim=mlp_rank).eval()
     x = torch.randn(2, 3, 32, 32)
     fused = model(x)
     assert fused.shape == (2, 10)
@@ -62,9 +74,9 @@ def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos
 
 
 @pytest.mark.parametrize("pos", ["learned", "sincos"])
-@pytest.mark.parametrize("latent", ["", "q", "kv"])
-def test_every_parameter_gets_a_gradient(latent, pos):
-    model = tiny(latent=latent, pos_embed=pos, num_cls=2)
+@pytest.mark.parametrize("latent, mlp_rank", [("", 0), ("q", 0), ("kv", 0), ("qkvo", 8)])
+def test_every_parameter_gets_a_gradient(latent, mlp_rank, pos):
+    model = tiny(latent=latent, pos_embed=pos, num_cls=2, mlp_latent_dim=mlp_rank)
     model(torch.randn(4, 3, 32, 32)).square().sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -110,9 +122,9 @@ def test_stochastic_depth_rises_linearly_to_drop_path():
 
 def test_init_follows_recipe():
     model = ViT(ViTConfig())
-    qkv = model.blocks[0].attn.to_qkv
-    assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
-    assert not qkv.bias.any()
+    q = model.blocks[0].attn.to_q
+    assert q.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert not q.bias.any()
     assert model.blocks[0].norm1.eps == 1e-6
     assert model.cls_tokens.std().item() == pytest.approx(0.02, rel=0.3)
 
@@ -132,7 +144,7 @@ def test_patch_embedding_keeps_the_seeds_conv2d_default_init(patch_size):
         assert abs(mine.std().item() - bound / math.sqrt(3)) < 5 * sigma
     # Every other linear keeps trunc-normal 0.02 with zero bias.
     assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.15) and not model.head.bias.any()
-    assert model.blocks[3].mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks[3].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_trunc_normal_patch_init_is_the_other_linears_init():
@@ -159,8 +171,8 @@ def test_whitening_makes_patch_features_second_moment_identity():
     eigvals = model.whiten_patch_embedding(images, eps=eps)
     assert torch.all(eigvals[:-1] >= eigvals[1:])
     linear = model.to_patch_embedding[1]
-    # The filters whiten; the bias keeps its init (as the seed's conv bias).
-    features = F.linear(stride1_patches(images), linear.weight[:48]).double()
+    # The filters alone: whitening leaves the bias at its init (PyTorch's default is not zero, as the seed's conv's).
+    features = (stride1_patches(images) @ linear.weight[:48].T).double()
     moment = features.T @ features / len(features)
     # Exactly diag(lambda / (lambda + eps)): identity up to eps / lambda_min.
     torch.testing.assert_close(moment, torch.diag(eigvals / (eigvals + eps)), atol=1e-4, rtol=1e-4)
@@ -190,7 +202,8 @@ def test_whitening_is_deterministic_and_independent_of_init():
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(latent="q"), dict(latent="qkv"), dict(latent="kv", shared_kv_latent=True), dict(num_cls=4),
-     dict(num_cls=3, cls_pool="mean", latent="k")],
+     dict(num_cls=3, cls_pool="mean", latent="k"), dict(latent="o"), dict(mlp_latent_dim=8),
+     dict(latent="qkvo", shared_kv_latent=True, mlp_latent_dim=16)],
 )
 def test_forward_macs_match_torch_flop_counter(overrides):
     model = tiny(**overrides).eval()
@@ -213,15 +226,65 @@ def test_rank_is_only_checked_when_a_projection_is_latent():
     [
         (dict(dim=30, heads=4), "heads=4"),
         (dict(latent="q", latent_dim=0), "latent_dim=0"),
-        (dict(latent="kv", latent_dim=192), "latent_dim=192"),
+        (dict(latent="kv", latent_dim=193), "latent_dim=193"),
         (dict(latent="qa"), "latent='qa'"),
         (dict(cls_pool="max"), "cls_pool='max'"),
         (dict(pos_embed="rope"), "pos_embed='rope'"),
         (dict(num_cls=0), "num_cls=0"),
         (dict(patch_size=5), "patch_size=5"),
         (dict(drop_path=1.0), "drop_path=1.0"),
+        (dict(mlp_latent_dim=-1), "mlp_latent_dim=-1"),
+        (dict(dim=32, heads=4, mlp_ratio=0.5, mlp_latent_dim=17), "mlp_latent_dim=17 must be in 0..16"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(overrides, flag):
     with pytest.raises(ValueError, match=flag):
         ViTConfig(**overrides)
+
+
+def logits(model, x):
+    return model.eval()(x)
+
+
+FULL_RANK = dict(latent="qkvo", latent_dim=32, mlp_latent_dim=32)
+
+
+@pytest.mark.parametrize("target", [FULL_RANK, {**FULL_RANK, "shared_kv_latent": True}, {}],
+                         ids=["every-projection-low-rank", "shared-kv-latent", "full"])
+def test_transfer_at_full_rank_reproduces_the_logits(target):
+    source, x = tiny(num_cls=2), torch.randn(4, 3, 32, 32)
+    compressed = tiny(num_cls=2, **target)
+    transfer_weights(source, compressed)
+    assert (logits(compressed, x) - logits(source, x)).abs().max() <= 1e-5
+    # And back: a full-rank model takes the product up @ down of each latent projection.
+    restored = tiny(num_cls=2)
+    transfer_weights(compressed, restored)
+    assert (logits(restored, x) - logits(source, x)).abs().max() <= 1e-5
+
+
+def test_transfer_at_rank_r_equals_the_truncated_svd_of_every_projection():
+    torch.manual_seed(1)
+    source, x = tiny(), torch.randn(4, 3, 32, 32)
+    compressed = tiny(latent="qkvo", latent_dim=5, mlp_latent_dim=7)
+    transfer_weights(source, compressed)
+    # The same model built by hand: every matrix of a full-rank copy replaced by its rank-r truncation.
+    expected = tiny()
+    expected.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        for block in expected.blocks:
+            for name, module in [("q", block.attn.to_q), ("k", block.attn.to_k), ("v", block.attn.to_v),
+                                 ("o", block.attn.to_out), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)]:
+                module.weight.copy_(torch.matmul(*svd_factors(module.weight, 7 if name.startswith("fc") else 5)))
+    torch.testing.assert_close(logits(compressed, x), logits(expected, x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(compressed, x), logits(source, x), atol=1e-3)
+    up, down = compressed.blocks[1].attn.to_q.up, compressed.blocks[1].attn.to_q.down
+    assert torch.equal(up.bias, source.blocks[1].attn.to_q.bias)
+    # The split is even: up = U sqrt(S) and down = sqrt(S) V^T have the same singular values.
+    torch.testing.assert_close(torch.linalg.svdvals(up.weight), torch.linalg.svdvals(down.weight))
+
+
+def test_transfer_refuses_a_model_of_another_shape():
+    with pytest.raises(ValueError, match=r"dim \(32 vs 64\)"):
+        transfer_weights(tiny(), tiny(dim=64, latent="q"))
+    with pytest.raises(ValueError, match="num_cls"):
+        transfer_weights(tiny(), tiny(num_cls=2))

@@ -32,7 +32,7 @@ import train
 from conftest import RunsCode
 from conftest import images as conftest_images
 from data import write_cifar
-from model import ViT, ViTConfig
+from model import ViT, ViTConfig, transfer_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
@@ -294,6 +294,9 @@ def test_a_run_continued_as_a_two_node_torchrun_job_matches_one_process(tmp_path
         (["--whiten", "--dim", "96"], "--whiten writes 3 * --patch-size**2 = 192 filters"),
         (["--dataset", "cifar10", "--data-dir", "nowhere", "--auto-augment", "rand"], "--auto-augment 'rand'"),
         (["--mix-prob", "2"], "--mix-prob 2.0"),
+        (["--mlp-latent-dim", "33"], "--mlp-latent-dim 33 must be in 0..32"),
+        (["--init-from", "nowhere.pt"], "--init-from nowhere.pt: not a readable checkpoint"),
+        (["--whiten", "--init-from", "nowhere.pt"], "--whiten and --init-from"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, flags, message, capsys):
@@ -453,19 +456,59 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_names_the_step
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == message.removeprefix("train.py: error: ")
 
 
+@pytest.mark.parametrize("flag", ["--resume", "--init-from"])
 @pytest.mark.parametrize("content, message", [
     (lambda path: torch.save({"model": RunsCode()}, path), "refused: it holds objects that would run code"),
     (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
     (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
 ])
-def test_untrusted_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch, capsys, content, message):
+def test_untrusted_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch, capsys, content, message, flag):
     monkeypatch.chdir(tmp_path)
     content(tmp_path / "evil.pt")
     with pytest.raises(SystemExit) as exit_info:
-        train.cli([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"),
-                   "--resume", str(tmp_path / "evil.pt")])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        train.cli([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), flag, str(tmp_path / "evil.pt")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and f"{flag} {tmp_path / 'evil.pt'}: {message}" in lines[0]
     assert not (tmp_path / "pwned").exists()
+    if flag == "--init-from":  # read before any work; a --resume checkpoint is read into a prepared output dir
+        assert not (tmp_path / "out").exists()
+
+
+# An lr of 1e-30 moves no float32 weight: the run's checkpoint holds the model --init-from built.
+STILL = ["--epochs", "1", "--num-cls", "2", *NO_AUGMENT, "--lr", "1e-30", "--warmup-epochs", "0", "--min-lr", "0"]
+
+
+def test_init_from_at_full_rank_reproduces_the_source_models_logits(trained_run, tmp_path):
+    source, _ = train.load_model(trained_run / "checkpoint.pt", "source")
+    summary = run(tmp_path, *STILL, "--init-from", str(trained_run / "checkpoint.pt"), "--latent", "qkvo",
+                  "--latent-dim", "32", "--mlp-latent-dim", "32", "--shared-kv-latent")
+    compressed, _ = train.load_model(tmp_path / "checkpoint.pt", "compressed")
+    assert "blocks.1.attn.to_kv.up_v.weight" in compressed.state_dict()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert (compressed.eval()(x) - source.eval()(x)).abs().max() <= 1e-5
+    source_eval = records(trained_run, "eval")[-1]
+    assert summary["final_acc"] == source_eval["acc"]
+    assert records(tmp_path, "eval")[-1]["loss"] == pytest.approx(source_eval["loss"], rel=1e-5)
+
+
+def test_init_from_at_rank_r_equals_the_truncated_svd(trained_run, tmp_path):
+    source, _ = train.load_model(trained_run / "checkpoint.pt", "source")
+    run(tmp_path, *STILL, "--init-from", str(trained_run / "checkpoint.pt"), "--latent", "qv", "--latent-dim", "4",
+        "--mlp-latent-dim", "6")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    expected = ViT(ViTConfig(**ckpt["config"]))
+    transfer_weights(source, expected)
+    assert ckpt["config"]["mlp_latent_dim"] == 6 and ckpt["model"].keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_init_from_a_model_of_another_shape_is_a_one_line_error(trained_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([*TINY, *STILL, "--dim", "48", "--output-dir", str(tmp_path / "out"),
+                   "--init-from", str(trained_run / "checkpoint.pt")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "dim (32 vs 48)" in lines[0], lines
 
 
 def test_bad_dataset_files_give_one_line_errors(tmp_path, capsys):

@@ -1,0 +1,378 @@
+"""What a trained PoorViT holds: singular-value spectra, post-hoc rank truncation, CLS attention (arXiv 2501.06220).
+
+    python analyze.py runs/demo                        # -> runs/demo/analysis/report.md and PNGs
+    python analyze.py runs/demo/checkpoint.pt --out docs/analysis --device cuda --images 2000
+
+For every block's q, k, v, o, fc1 and fc2 (a low-rank layer: the product up @ down) it writes
+  spectra_per_block.png, spectra_per_family.png   singular values, each matrix's divided by its largest
+  effective_rank.png                              the rank holding 90/95/99% of the squared-singular-value energy
+  truncation.png                                  test accuracy when every matrix of a family (q, k, v, qk, kv, qkv,
+                                                  o, mlp) is replaced by its best rank-r approximation, no retraining
+  cls_attention.png                               each CLS token's last-block attention over the patch grid (mean
+                                                  over heads) on a few test images
+  cls_similarity.png                              with k >= 2 CLS tokens: the mean cosine similarity of their outputs
+  confusion.png, per_class.png                    the confusion matrix and per-class accuracy
+and report.md with the tables. The README's "Analysing a trained model" says how to read them.
+"""
+import argparse
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+import data
+import predict
+from attention import svd_factors
+from model import ViT, transfer_weights
+
+MATRICES = ("q", "k", "v", "o", "fc1", "fc2")
+FAMILIES = {"q": ("q",), "k": ("k",), "v": ("v",), "qk": ("q", "k"), "kv": ("k", "v"), "qkv": ("q", "k", "v"),
+            "o": ("o",), "mlp": ("fc1", "fc2")}
+ENERGIES = (0.90, 0.95, 0.99)
+
+
+def full_rank_copy(model: ViT) -> ViT:
+    """The same function as a model whose every projection is one full matrix (a low-rank one: up @ down)."""
+    dense = ViT(replace(model.cfg, latent="", shared_kv_latent=False, mlp_latent_dim=0))
+    transfer_weights(model, dense)
+    return dense.to(next(model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def spectra(model: ViT) -> dict:
+    """{(block, matrix): singular values, largest first} for q, k, v, o, fc1, fc2 of every block."""
+    return {(i, name): torch.linalg.svdvals(weight.detach().double().cpu())
+            for i, block in enumerate(model.blocks) for name, (weight, _) in block.dense().items()}
+
+
+def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values whose squares hold `energy` of the sum of all squares."""
+    cumulative = singular_values.square().cumsum(0)
+    return int((cumulative < energy * cumulative[-1]).sum()) + 1
+
+
+def low_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-`rank` approximation of `weight` (the weight itself at or above full rank)."""
+    return weight if rank >= min(weight.shape) else torch.matmul(*svd_factors(weight, rank))
+
+
+@contextmanager
+def truncated(model: ViT, names, rank: int):
+    """Inside: every block's matrices `names` (of q, k, v, o, fc1, fc2) replaced by their best rank-`rank`
+    approximations, biases kept; restored on exit."""
+    originals = [{name: (w.detach().clone(), b.detach().clone()) for name, (w, b) in block.dense().items()}
+                 for block in model.blocks]
+    for block, original in zip(model.blocks, originals):
+        block.load_dense({**original, **{n: (low_rank(original[n][0], rank), original[n][1]) for n in names}})
+    try:
+        yield model
+    finally:
+        for block, original in zip(model.blocks, originals):
+            block.load_dense(original)
+
+
+def truncation_ranks(width: int, steps: int, smallest: int = 4) -> list[int]:
+    """About `steps` ranks from `smallest` to `width`, evenly spaced on a log scale, `width` included."""
+    if width <= smallest or steps < 2:
+        return [width]
+    return sorted({round(smallest * (width / smallest) ** (i / (steps - 1))) for i in range(steps)})
+
+
+def accuracy(model, images, labels, stats, device) -> float:
+    return predict.scores(predict.logits_of(model, images, *stats, device), labels, model.cfg.num_classes)["acc"]
+
+
+def truncation_curves(model, images, labels, stats, device, ranks, progress) -> dict:
+    """{family: [test accuracy % at each rank]}."""
+    curves = {}
+    for family, names in FAMILIES.items():
+        curves[family] = []
+        for rank in ranks:
+            with truncated(model, names, rank):
+                curves[family].append(accuracy(model, images, labels, stats, device))
+            progress.update()
+    return curves
+
+
+@torch.no_grad()
+def cls_attention(model: ViT, images) -> torch.Tensor:
+    """The last block's attention of each CLS token over all tokens, mean over heads: (b, k, tokens), rows sum
+    to 1. Tokens are the k CLS tokens, then the patches row by row."""
+    x, _ = model.tokens(images)
+    for block in model.blocks[:-1]:
+        x = block(x)
+    last = model.blocks[-1]
+    return last.attn.attention_probs(last.norm1(x)).mean(1)[:, : model.cfg.num_cls]
+
+
+@torch.no_grad()
+def cls_similarity(model: ViT, images, stats, device) -> torch.Tensor:
+    """(k, k): the cosine similarity between the final outputs of CLS tokens i and j, averaged over `images`."""
+    total = torch.zeros(model.cfg.num_cls, model.cfg.num_cls, dtype=torch.float64)
+    for chunk in images.split(512):
+        cls = F.normalize(model.cls_outputs(data.normalize(chunk.to(device), *stats)).float(), dim=-1)
+        total += torch.einsum("b i d, b j d -> i j", cls, cls).double().cpu()
+    return total / len(images)
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def grid_of_axes(n, per_row, width=3.0, height=2.6):
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(rows, min(n, per_row), figsize=(width * min(n, per_row), height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def plot_spectra(spectrum, depth, out: Path):
+    colors = dict(zip(MATRICES, plt.cm.tab10.colors))
+    fig, axes = grid_of_axes(depth, per_row=3)
+    for i, ax in enumerate(axes):
+        for name in MATRICES:
+            s = spectrum[i, name]
+            ax.semilogy(range(1, len(s) + 1), s / s[0], color=colors[name], label=name)
+        ax.set(title=f"block {i}", xlabel="index", ylabel="σ / σ_max")
+    axes[0].legend(fontsize=7)
+    save(fig, out / "spectra_per_block.png")
+    fig, axes = grid_of_axes(len(MATRICES), per_row=3)
+    shades = plt.cm.viridis(torch.linspace(0, 0.9, depth).tolist())
+    for ax, name in zip(axes, MATRICES):
+        for i in range(depth):
+            s = spectrum[i, name]
+            ax.semilogy(range(1, len(s) + 1), s / s[0], color=shades[i], label=f"block {i}")
+        ax.set(title=name, xlabel="index", ylabel="σ / σ_max")
+    axes[0].legend(fontsize=7)
+    save(fig, out / "spectra_per_family.png")
+
+
+def plot_effective_rank(ranks, depth, width, out: Path):
+    fig, axes = plt.subplots(1, len(ENERGIES), figsize=(4 * len(ENERGIES), 3.2), sharey=True)
+    for ax, energy in zip(axes, ENERGIES):
+        for name in MATRICES:
+            ax.plot(range(depth), [ranks[i, name][energy] for i in range(depth)], marker="o", label=name)
+        ax.axhline(width, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(title=f"{energy:.0%} of the energy", xlabel="block", ylabel="effective rank")
+        ax.set_xticks(range(depth))
+    axes[0].legend(fontsize=7)
+    save(fig, out / "effective_rank.png")
+
+
+def plot_truncation(curves, ranks, full_acc, chance, out: Path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for family, accs in curves.items():
+        ax.plot(ranks, accs, marker="o", markersize=3, label=family, linestyle="--" if len(family) > 1 else "-")
+    ax.axhline(full_acc, color="black", linewidth=0.8, label="no truncation")
+    # The axis spans the curves; chance level is drawn only where a curve comes near it.
+    low = min(min(accs) for accs in curves.values())
+    if low < chance + 10:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=0.8, label="chance")
+        low = min(low, chance)
+    ax.set_ylim(low - 2, max(full_acc, *map(max, curves.values())) + 1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set(xlabel="rank kept in every block", ylabel="test accuracy %", title="post-hoc rank truncation")
+    ax.legend(fontsize=7, ncol=2)
+    save(fig, out / "truncation.png")
+
+
+def plot_cls_attention(maps, images, captions, grid, out: Path):
+    """One row per image: the image, then each CLS token's attention over the patches drawn on it."""
+    n, k = maps.shape[:2]
+    fig, axes = plt.subplots(n, k + 1, figsize=(2.2 * (k + 1), 2.2 * n), squeeze=False)
+    for row, (image, image_maps) in enumerate(zip(images, maps)):
+        picture = rearrange(image, "c h w -> h w c").numpy()
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title(captions[row], fontsize=7)
+        for j, probs in enumerate(image_maps):
+            patches = rearrange(probs[k:], "(h w) -> h w", h=grid)
+            ax = axes[row, j + 1]
+            ax.imshow(picture.mean(-1), cmap="gray")
+            ax.imshow(patches.numpy(), cmap="inferno", alpha=0.6, extent=(-0.5, picture.shape[1] - 0.5,
+                                                                          picture.shape[0] - 0.5, -0.5))
+            ax.set_title(f"CLS {j}: {probs[k:].sum():.0%} on patches", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    save(fig, out / "cls_attention.png")
+
+
+def plot_matrix(matrix, labels, title, vmin, vmax, fmt="{:.0f}"):
+    """A heat map on a fixed colour range, with the values written in the cells (up to 20 labels)."""
+    size = max(3.5, 0.45 * len(labels) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    ax.imshow(matrix.numpy(), cmap="Blues", vmin=vmin, vmax=vmax)
+    if len(labels) <= 20:
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        for (i, j), value in zip(((i, j) for i in range(len(labels)) for j in range(len(labels))),
+                                 matrix.flatten().tolist()):
+            dark = (value - vmin) / (vmax - vmin) > 0.5
+            ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    ax.set_title(title, fontsize=9)
+    return fig, ax
+
+
+def plot_scores(result, classes, out: Path):
+    fig, ax = plot_matrix(result["confusion"], classes, "confusion matrix (test set)", 0,
+                          max(1, result["confusion"].max().item()))
+    ax.set(xlabel="predicted", ylabel="true")
+    save(fig, out / "confusion.png")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(classes) + 1.5), 3.0))
+    ax.bar(range(len(classes)), result["per_class"])
+    ax.axhline(result["acc"], color="black", linewidth=0.8, label=f"overall {result['acc']:.2f}%")
+    if len(classes) <= 20:
+        ax.set_xticks(range(len(classes)), classes, fontsize=7)
+    ax.set(ylabel="test accuracy %", title="per-class accuracy", ylim=(min(result["per_class"]) - 5, 100))
+    ax.legend(fontsize=7)
+    save(fig, out / "per_class.png")
+
+
+def stable_rank(curve, ranks, full_acc, tolerance=1.0):
+    """The smallest rank from which on every larger rank keeps accuracy within `tolerance` points of full_acc."""
+    kept = None
+    for rank, acc in reversed(list(zip(ranks, curve))):
+        if acc < full_acc - tolerance:
+            break
+        kept = rank
+    return kept
+
+
+def analyse(model, dataset, device, args) -> dict:
+    """Every number the report and plots show, with a progress bar."""
+    dense = full_rank_copy(model)
+    stats = (dataset.mean, dataset.std)
+    images, labels = dataset.test_images, dataset.test_labels
+    if args.images:
+        images, labels = images[: args.images], labels[: args.images]
+    width = max(min(w.shape) for w, _ in dense.blocks[0].dense().values())
+    ranks = truncation_ranks(width, args.rank_steps, args.min_rank)
+    with tqdm(total=3 + len(FAMILIES) * len(ranks), desc="analyze", dynamic_ncols=True) as progress:
+        result = predict.evaluate(model, dataset, device)
+        progress.update()
+        spectrum = spectra(dense)
+        effective = {key: {e: effective_rank(s, e) for e in ENERGIES} for key, s in spectrum.items()}
+        progress.update()
+        shown = dataset.test_images[: args.cls_images]
+        maps = cls_attention(dense, data.normalize(shown.to(device), *stats)).cpu()
+        similarity = cls_similarity(dense, images, stats, device)
+        progress.update()
+        subset_acc = accuracy(dense, images, labels, stats, device)
+        curves = truncation_curves(dense, images, labels, stats, device, ranks, progress)
+    return {"result": result, "spectrum": spectrum, "effective": effective, "width": width, "ranks": ranks,
+            "curves": curves, "subset_acc": subset_acc, "subset": len(labels), "maps": maps, "shown": shown,
+            "shown_labels": dataset.test_labels[: args.cls_images], "similarity": similarity}
+
+
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def report(path, cfg, dataset_name, classes, a) -> str:
+    depth, result = cfg.depth, a["result"]
+    low_rank_parts = [f"latent {cfg.latent} at rank {cfg.latent_dim}" if cfg.latent else "",
+                      f"MLP at rank {cfg.mlp_latent_dim}" if cfg.mlp_latent_dim else ""]
+    shape = ", ".join(part for part in [f"dim {cfg.dim}, depth {depth}, {cfg.heads} heads, {cfg.num_cls} CLS "
+                                        f"({cfg.cls_pool})", *low_rank_parts] if part)
+    effective_rows = [[i] + [" / ".join(str(a["effective"][i, n][e]) for e in ENERGIES) for n in MATRICES]
+                      for i in range(depth)]
+    effective_rows.append(["mean"] + [" / ".join(f"{sum(a['effective'][i, n][e] for i in range(depth)) / depth:.1f}"
+                                                 for e in ENERGIES) for n in MATRICES])
+    curve_rows = [[family] + [f"{acc:.2f}" for acc in accs]
+                  + [stable_rank(accs, a["ranks"], a["subset_acc"]) or "—"] for family, accs in a["curves"].items()]
+    k = cfg.num_cls
+    on_patches = a["maps"][:, :, k:].sum(-1).mean(0).tolist()
+    sections = [
+        f"# Analysis of {path}\n\nModel: {shape}. Test set: {dataset_name}, {len(result['confusion'].sum(1))} "
+        f"classes, {result['confusion'].sum().item()} images: accuracy {result['acc']:.2f}%, loss "
+        f"{result['loss']:.4f}.",
+        f"## Effective rank\n\nThe fewest singular values holding 90 / 95 / 99% of each matrix's squared-singular-"
+        f"value energy (full width {a['width']}); a low-rank layer is measured as up @ down.\n\n"
+        + markdown_table(["block", *MATRICES], effective_rows),
+        f"## Post-hoc rank truncation\n\nTest accuracy % on {a['subset']} test images ({a['subset_acc']:.2f}% "
+        f"untruncated) when every matrix of the family, in every block, is replaced by its best rank-r approximation "
+        f"(truncated SVD, biases kept, no retraining). Last column: the smallest rank from which on accuracy stays "
+        f"within 1 point.\n\n" + markdown_table(["family", *map(str, a["ranks"]), "within 1 point from"],
+                                                 curve_rows),
+        f"## CLS tokens\n\nLast block, mean over heads, on the first {len(a['maps'])} test images: the share of "
+        f"each CLS token's attention on the patches (the rest is on the CLS tokens): "
+        + ", ".join(f"CLS {j} {share:.0%}" for j, share in enumerate(on_patches)) + ".\n\n"
+        + (markdown_table(["cosine similarity", *map(str, range(k))],
+                          [[i] + [f"{v:.3f}" for v in row] for i, row in enumerate(a["similarity"].tolist())])
+           if k > 1 else "One CLS token: no similarity between CLS outputs to show."),
+        "## Per-class accuracy\n\n" + markdown_table(
+            ["class", "images", "accuracy %"], [[c, n, f"{acc:.2f}"] for c, n, acc in
+                                                zip(classes, result["confusion"].sum(1).tolist(), result["per_class"])]),
+        "## Plots\n\n" + "\n".join(f"![{name}]({name}.png)" for name in plot_names(k)),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def plot_names(num_cls):
+    names = ["spectra_per_block", "spectra_per_family", "effective_rank", "truncation", "cls_attention"]
+    return names + (["cls_similarity"] if num_cls > 1 else []) + ["confusion", "per_class"]
+
+
+def write_plots(a, cfg, classes, out: Path):
+    plot_spectra(a["spectrum"], cfg.depth, out)
+    plot_effective_rank(a["effective"], cfg.depth, a["width"], out)
+    plot_truncation(a["curves"], a["ranks"], a["subset_acc"], 100 / len(classes), out)
+    predicted = a["result"]["predicted"][: len(a["shown"])].tolist()
+    captions = [f"label {classes[t]}, predicted {classes[p]}" for t, p in zip(a["shown_labels"].tolist(), predicted)]
+    plot_cls_attention(a["maps"], a["shown"], captions, cfg.grid, out)
+    if cfg.num_cls > 1:
+        labels = [f"CLS {j}" for j in range(cfg.num_cls)]
+        fig, _ = plot_matrix(a["similarity"], labels, "cosine similarity of CLS outputs (test mean)", -1, 1,
+                             fmt="{:.2f}")
+        save(fig, out / "cls_similarity.png")
+    plot_scores(a["result"], classes, out)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Spectra, rank truncation and CLS attention of a trained PoorViT.")
+    predict.add_source_arguments(parser)
+    parser.add_argument("--out", default=None, type=str, help="output folder (default: <run folder>/analysis)")
+    parser.add_argument("--images", default=0, type=int,
+                        help="test images for the truncation curves and CLS similarity (0: all)")
+    parser.add_argument("--min-rank", default=4, type=int, help="smallest rank of the truncation curves")
+    parser.add_argument("--rank-steps", default=10, type=int,
+                        help="ranks per truncation curve, --min-rank to full width on a log scale")
+    parser.add_argument("--cls-images", default=4, type=int, help="test images in cls_attention.png")
+    return parser
+
+
+def main(args):
+    try:
+        if args.images < 0 or min(args.min_rank, args.rank_steps, args.cls_images) <= 0:
+            raise ValueError("--images must be >= 0; --min-rank, --rank-steps and --cls-images positive")
+        device = predict.device_of(args.device)
+        path = predict.checkpoint_path(args.checkpoint)
+        model, ckpt = predict.load(path, device)
+        dataset = predict.test_data(ckpt, args.dataset, args.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = Path(args.out) if args.out else path.parent / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    a = analyse(model, dataset, device, args)
+    dataset_name = args.dataset or ckpt["args"]["dataset"]
+    (out / "report.md").write_text(report(path, model.cfg, dataset_name, dataset.classes, a))
+    write_plots(a, model.cfg, dataset.classes, out)
+    print(f"analysis written to {out}", file=sys.stderr)
+    return a
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

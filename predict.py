@@ -1,0 +1,157 @@
+"""Use a trained PoorViT: evaluate a checkpoint on a dataset's test split, or predict labels for image files.
+
+    python predict.py evaluate runs/demo                           # the run's own dataset: accuracy, loss, per class
+    python predict.py evaluate runs/demo/checkpoint.pt --dataset cifar10 --data-dir data
+    python predict.py predict runs/demo my_images/ --top-k 3 --out predictions.csv
+
+A run folder stands for its checkpoint.pt. `evaluate` computes what train.py's evaluation computes (same
+normalisation, float32 logits); `predict` reads every image under a folder (any size, resized to 32x32 RGB as
+train.py's imagefolder dataset is) and writes the top-k labels with their probabilities as CSV.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+
+
+def checkpoint_path(path) -> Path:
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def device_of(name):
+    """--device, or cuda when available."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def load(path, device):
+    """(the checkpoint's model on `device`, in eval mode; the checkpoint) from a run folder or a checkpoint file."""
+    model, ckpt = train.load_model(checkpoint_path(path), "checkpoint")
+    return model.to(device).eval(), ckpt
+
+
+def test_data(ckpt, dataset=None, data_dir=None) -> data.ImageData:
+    """The dataset to evaluate on: by default the one the checkpoint's run trained on."""
+    name, root = dataset or ckpt["args"]["dataset"], data_dir or ckpt["args"]["data_dir"]
+    images = data.load_dataset(name, root)
+    if len(images.classes) != ckpt["config"]["num_classes"]:
+        raise ValueError(f"--dataset {name} has {len(images.classes)} classes; the checkpoint's model has "
+                         f"{ckpt['config']['num_classes']}")
+    return images
+
+
+@torch.no_grad()
+def logits_of(model, images, mean, std, device):
+    """float32 logits of uint8 images, normalised and chunked as train.py's evaluation does."""
+    model.eval()
+    chunks = images.split(train.EVAL_CHUNK)
+    return torch.cat([model(data.normalize(x.to(device), mean, std)).float().cpu() for x in chunks])
+
+
+def scores(logits, labels, num_classes) -> dict:
+    """Accuracy (%), mean cross-entropy, per-class accuracy (%) and the confusion matrix (rows: true class)."""
+    predicted = logits.argmax(1)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    per_class = 100 * confusion.diag() / confusion.sum(1).clamp(min=1)
+    return {"acc": 100 * (predicted == labels).sum().item() / len(labels),
+            "loss": F.cross_entropy(logits, labels).item(), "per_class": per_class.tolist(), "confusion": confusion,
+            "predicted": predicted}
+
+
+def evaluate(model, dataset: data.ImageData, device) -> dict:
+    logits = logits_of(model, dataset.test_images, dataset.mean, dataset.std, device)
+    return scores(logits, dataset.test_labels, len(dataset.classes))
+
+
+def read_images(folder):
+    """(paths, uint8 images (N, 3, 32, 32)) of every image file under `folder`, in sorted order."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{folder}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
+    return paths, torch.stack([data.read_image(p) for p in paths])
+
+
+def predict(model, images, stats: dict, device, top_k: int):
+    """(probabilities, class indices), each (N, top_k), best first."""
+    logits = logits_of(model, images, stats["mean"], stats["std"], device)
+    return logits.softmax(1).topk(min(top_k, logits.shape[1]), dim=1)
+
+
+def write_predictions(path, files, classes, probs, indices):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        k = probs.shape[1]
+        writer.writerow(["file"] + [col for i in range(1, k + 1) for col in (f"label_{i}", f"prob_{i}")])
+        for file, row_probs, row_indices in zip(files, probs.tolist(), indices.tolist()):
+            writer.writerow([file] + [v for p, c in zip(row_probs, row_indices) for v in (classes[c], f"{p:.6f}")])
+
+
+def add_source_arguments(parser, dataset=True):
+    """The checkpoint and device flags (and which test split: dataset=True) that predict.py and analyze.py share."""
+    parser.add_argument("checkpoint", type=str, help="a run folder (its checkpoint.pt) or a checkpoint file")
+    parser.add_argument("--device", default=None, type=str, choices=["cpu", "cuda"],
+                        help="default: cuda when available")
+    if dataset:
+        parser.add_argument("--dataset", default=None, type=str, choices=data.DATASETS,
+                            help="default: the dataset the checkpoint's run trained on")
+        parser.add_argument("--data-dir", default=None, type=str, help="default: the run's --data-dir")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Evaluate a trained PoorViT, or predict labels for images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluate_parser = commands.add_parser("evaluate", help="accuracy, loss and per-class accuracy on a test split")
+    predict_parser = commands.add_parser("predict", help="top-k labels of every image under a folder, as CSV")
+    add_source_arguments(evaluate_parser)
+    add_source_arguments(predict_parser, dataset=False)
+    predict_parser.add_argument("images", type=str, help="folder of image files (any size; searched recursively)")
+    predict_parser.add_argument("--top-k", default=5, type=int, help="labels per image, most probable first")
+    predict_parser.add_argument("--out", default="predictions.csv", type=str, help="the CSV file to write")
+    return parser
+
+
+def run_evaluate(args, model, ckpt, device):
+    dataset = test_data(ckpt, args.dataset, args.data_dir)
+    result = evaluate(model, dataset, device)
+    print(f"{len(dataset.test_labels)} test images: accuracy {result['acc']:.2f}%, loss {result['loss']:.4f}")
+    print("| class | images | accuracy % |\n|---|---|---|")
+    for name, count, acc in zip(dataset.classes, result["confusion"].sum(1).tolist(), result["per_class"]):
+        print(f"| {name} | {count} | {acc:.2f} |")
+    return result
+
+
+def run_predict(args, model, ckpt, device):
+    if args.top_k <= 0:
+        raise ValueError(f"--top-k {args.top_k} must be positive")
+    if "data" not in ckpt:
+        raise ValueError(f"checkpoint {args.checkpoint}: no class names and normalisation (written before "
+                         f"train.py stored them)")
+    files, images = read_images(args.images)
+    probs, indices = predict(model, images, ckpt["data"], device, args.top_k)
+    write_predictions(args.out, files, ckpt["data"]["classes"], probs, indices)
+    print(f"{len(files)} images: top-{probs.shape[1]} labels written to {args.out}")
+    return probs, indices
+
+
+def main(args):
+    try:
+        device = device_of(args.device)
+        model, ckpt = load(args.checkpoint, device)
+        return (run_evaluate if args.command == "evaluate" else run_predict)(args, model, ckpt, device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

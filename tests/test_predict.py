@@ -1,0 +1,86 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import predict
+
+
+def parse(*argv):
+    return predict.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def logged_eval(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "eval"][-1]
+
+
+def test_evaluate_agrees_with_train_py_evaluation(trained_run):
+    result = predict.main(parse("evaluate", trained_run, "--device", "cpu"))
+    logged = logged_eval(trained_run)
+    assert result["acc"] == logged["acc"] == json.loads((trained_run / "summary.json").read_text())["final_acc"]
+    assert result["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+    # Per class: the confusion matrix counts every test image once, and its diagonal gives the accuracies.
+    dataset = data.load_digits()
+    confusion = result["confusion"]
+    assert confusion.sum() == len(dataset.test_labels)
+    assert torch.equal(confusion.sum(1), torch.bincount(dataset.test_labels, minlength=10))
+    assert 100 * confusion.diag().sum().item() / confusion.sum().item() == pytest.approx(result["acc"])
+    model, _ = predict.load(trained_run, "cpu")
+    predicted = predict.logits_of(model, dataset.test_images, dataset.mean, dataset.std, "cpu").argmax(1)
+    for c in range(10):
+        mine = dataset.test_labels == c
+        assert result["per_class"][c] == pytest.approx(100 * (predicted[mine] == c).float().mean().item())
+
+
+def write_png(path, image_chw):
+    Image.fromarray(image_chw.permute(1, 2, 0).numpy()).save(path)
+
+
+def test_predict_writes_top_k_csv_that_agrees_with_evaluation(trained_run, tmp_path):
+    dataset = data.load_digits()
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(5):  # 32x32 PNGs are lossless and need no resize: the same pixels as the test set
+        write_png(folder / f"{i}.png", dataset.test_images[i])
+    big = np.asarray(Image.fromarray(dataset.test_images[5].permute(1, 2, 0).numpy()).resize((70, 50)))
+    Image.fromarray(big).save(folder / "sub" / "wide.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "predictions.csv"
+    probs, indices = predict.main(parse("predict", trained_run, folder, "--top-k", "3", "--out", out,
+                                        "--device", "cpu"))
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["0.png", "1.png", "2.png", "3.png", "4.png", "wide.jpg"]
+    model, _ = predict.load(trained_run, "cpu")
+    expected = predict.logits_of(model, dataset.test_images[:5], dataset.mean, dataset.std, "cpu").softmax(1)
+    for row, p in zip(rows, expected):
+        top = p.topk(3)
+        assert [row[f"label_{i}"] for i in (1, 2, 3)] == [str(c) for c in top.indices.tolist()]
+        assert [float(row[f"prob_{i}"]) for i in (1, 2, 3)] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(1) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
+    (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
+    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0}, path),
+     "not a model this code can build"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, capsys, content, message):
+    content(tmp_path / "bad.pt")
+    for argv in (["evaluate", tmp_path / "bad.pt"], ["predict", tmp_path / "bad.pt", tmp_path]):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(parse(*argv))
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+        assert lines[0].startswith(f"predict.py: error: checkpoint {tmp_path / 'bad.pt'}")
+
+
+def test_predict_refuses_a_folder_without_images(trained_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        predict.main(parse("predict", trained_run, tmp_path, "--device", "cpu"))
+    assert "no image files" in capsys.readouterr().err
