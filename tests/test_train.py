@@ -584,7 +584,7 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_the_rest():
     adamw, muon = train.build_optimizers(args, model, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = sorted(names[id(p)] for p in muon.param_groups[0]["params"])
-    per_block = ["attn.to_out.weight", "attn.to_qkv.weight", "mlp.0.weight", "mlp.2.weight"]
+    per_block = [f"attn.to_{x}.weight" for x in ("q", "k", "v", "out")] + ["mlp.fc1.weight", "mlp.fc2.weight"]
     assert in_muon == sorted(f"blocks.{b}.{n}" for b in range(2) for n in per_block)
     in_adamw = {names[id(p)] for p in adamw.param_groups[0]["params"]}
     assert in_adamw == set(names.values()) - set(in_muon)
@@ -619,7 +619,7 @@ def test_one_muon_step_equals_muon_and_adamw_applied_by_hand():
         optimizer.step()
     after = {n: p.detach() for n, p in model.named_parameters()}
     # Muon, first step: buffer (1 - m) g, Nesterov update g.lerp(buf, m), orthogonalised, lr * sqrt(max(1, rows/cols)).
-    w = "blocks.0.mlp.0.weight"  # (64, 32): a tall matrix
+    w = "blocks.0.mlp.fc1.weight"  # (64, 32): a tall matrix
     expected = newton_schulz(grads[w].lerp(0.1 * grads[w], 0.9))
     update = (before[w] - after[w]) / (0.02 * math.sqrt(64 / 32))
     assert (update - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 rounding
