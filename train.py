@@ -441,9 +441,9 @@ def copy_to_host(obj):
     training can go on changing the originals while the copy is written. From a GPU the copies go into pinned memory
     without blocking: they have landed once an event recorded after them has."""
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu":
-            return obj.detach().clone()
-        return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj.detach(), non_blocking=True)
+        if obj.is_cuda:
+            return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj.detach(), non_blocking=True)
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {key: copy_to_host(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
