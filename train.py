@@ -5,7 +5,8 @@
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 train.py ...  # 2 nodes
 
 Outputs in --output-dir: metrics.jsonl (one JSON record per log point and evaluation), checkpoint.pt (after every
-epoch, written atomically) and summary.json (at the end of every invocation); .lock keeps a second process out.
+epoch, written atomically in the background) and summary.json (at the end of every invocation); .lock keeps a second
+process out.
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 from datetime import datetime
@@ -478,6 +480,92 @@ def torch_bytes(obj):
     return buffer.getbuffer()
 
 
+def copy_to_host(obj):
+    """`obj` (state dicts: nested dicts, lists and tuples) with every tensor copied into new CPU memory, so that
+    training can go on changing the originals while the copy is written. From a GPU the copies go into pinned memory
+    without blocking: they have landed once an event recorded after them has."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj.detach(), non_blocking=True)
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: copy_to_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copy_to_host(value) for value in obj)
+    return obj  # numbers, strings, None: immutable
+
+
+class CheckpointWriter:
+    """Writes the checkpoint in a background thread, so that training does not wait for its serialisation and fsync:
+    `save` copies the state to host memory and returns. At most one write is in flight: a save first waits for the
+    previous one. Rank 0 writes; under DDP `save` and `join` are collective calls (through Rank0), so that the error
+    of a write (disk full) stops every rank at the next save or at the join."""
+
+    def __init__(self, path: Path, rank0: Rank0, device, saved_step=None):
+        self.path, self.rank0, self.device = path, rank0, device
+        self.saved_step = saved_step  # the step of the newest checkpoint whose write completed; None: none yet
+        self.pending_step = None  # the step of the write in flight
+        self.thread, self.error = None, None
+
+    def save(self, step, content):
+        """Starts writing `content()` (the checkpoint's dict; called on rank 0 only) as the checkpoint of `step`."""
+        self.rank0(self._start, content)
+        self._confirm()
+        self.pending_step = step
+
+    def join(self):
+        """Waits for the write in flight; raises its error."""
+        self.rank0(self._wait)
+        self._confirm()
+
+    def finish(self):
+        """Waits for the write in flight without a collective call, for a run that ends by another error (or exits):
+        that error is the one reported, and `last_good` then names the checkpoint on disk."""
+        if self.thread is None:
+            return
+        self.thread.join()
+        self.thread = None
+        if self.error is None:
+            self._confirm()
+        self.error = None
+
+    def last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.path} (step {self.saved_step})"
+
+    def _start(self, content):
+        snapshot, copied = copy_to_host(content()), None
+        if self.device.type == "cuda":
+            # A blocking-sync event: the writer thread sleeps on it instead of spinning a core.
+            copied = torch.cuda.Event(blocking=True)
+            copied.record(torch.cuda.current_stream(self.device))
+        self._wait()
+        self.thread = threading.Thread(target=self._write, args=(snapshot, copied), name="checkpoint-writer")
+        self.thread.start()
+
+    def _wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def _write(self, snapshot, copied):
+        try:
+            if copied is not None:
+                copied.synchronize()
+            atomic_write(self.path, torch_bytes(snapshot))
+        except Exception as e:  # raised on the training thread by the next save or join
+            self.error = e
+
+    def _confirm(self):
+        """The write in flight completed (rank 0 waited for it, and under DDP told every rank so)."""
+        if self.pending_step is not None:
+            self.saved_step, self.pending_step = self.pending_step, None
+
+
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 
 
@@ -635,7 +723,6 @@ class TrainingState:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.interval_start = time.perf_counter()
         self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
-        self.saved_step = None  # the step of the newest checkpoint, None before the first
 
     def add(self, loss):
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~loss.isfinite(), self.step,
@@ -644,16 +731,12 @@ class TrainingState:
         self.step += 1
         self.interval_steps += 1
 
-    def last_good(self, checkpoint: Path) -> str:
-        if self.saved_step is None:
-            return "no checkpoint was saved yet"
-        return f"the last good checkpoint is {checkpoint} (step {self.saved_step})"
-
-    def raise_if_not_finite(self, epoch, checkpoint: Path):
+    def raise_if_not_finite(self, epoch):
+        """explain() adds the last good checkpoint, once the write in flight has ended."""
         bad = int(self.first_bad_step)
         if bad >= 0:
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
-                                f"without saving: {self.last_good(checkpoint)}")
+                                f"without saving")
 
     def log_interval(self, lr, batch_size):
         """Mean loss and speed of the steps since the last log point; starts the next interval."""
@@ -688,7 +771,6 @@ class TrainingState:
 
     def load(self, ckpt):
         self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
-        self.saved_step = self.step
         self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
         self.loss_sum.fill_(ckpt["interval"]["loss_sum"])
         self.interval_steps = ckpt["interval"]["steps"]
@@ -734,15 +816,19 @@ class StopSignal:
         self.agreed = self.signum is not None
 
 
-def explain(error, args, world_size, state, checkpoint: Path):
-    """A failure met while training, as the user should read it: what happened, the last good checkpoint, what to do."""
+def explain(error, args, world_size, state, writer: CheckpointWriter):
+    """A failure met while training, as the user should read it: what happened, the last good checkpoint (once the
+    write in flight has ended), what to do."""
+    writer.finish()
+    if isinstance(error, NonFiniteLoss):
+        return NonFiniteLoss(f"{error}: {writer.last_good()}")
     if isinstance(error, DiskFull):
-        return DiskFull(f"{error}; {state.last_good(checkpoint)}: free space, then --resume auto continues the run")
+        return DiskFull(f"{error}; {writer.last_good()}: free space, then --resume auto continues the run")
     if isinstance(error, torch.OutOfMemoryError):
         return OutOfMemory(
             f"out of memory after {state.step} steps, with {args.batch_size // world_size} images per process "
             f"(--batch-size {args.batch_size} over {world_size} process{'es' if world_size > 1 else ''}); "
-            f"{state.last_good(checkpoint)}: free the device's memory, then --resume auto continues the run; or start "
+            f"{writer.last_good()}: free the device's memory, then --resume auto continues the run; or start "
             f"a new run that needs less: a smaller --batch-size, more processes (torchrun --nproc_per_node), --amp, "
             f"--data-loader workers")
     return error
@@ -822,17 +908,16 @@ def run(args, on_exit: contextlib.ExitStack):
     params = count_parameters(model_without_ddp)
     log = MetricsLog(out / "metrics.jsonl")
     checkpoint = out / "checkpoint.pt"
+    writer = CheckpointWriter(checkpoint, rank0, device, saved_step=state.step if resume_path else None)
+    on_exit.callback(writer.finish)  # runs before the output dir's lock is released
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
     def save():
-        def write():
-            ckpt = {"model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
-                    "config": asdict(cfg), "run": info,
-                    "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}}
-            atomic_write(checkpoint, torch_bytes(ckpt))
-        rank0(write)
-        state.saved_step = state.step
+        writer.save(state.step, lambda: {
+            "model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
+            "config": asdict(cfg), "run": info,
+            "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}})
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
@@ -858,7 +943,7 @@ def run(args, on_exit: contextlib.ExitStack):
             # Host-device syncs happen only here: at log points, saves, and once a stop is asked for.
             if log_now or save_now or stop.asked_locally():
                 stop.agree(state)
-                state.raise_if_not_finite(epoch, checkpoint)
+                state.raise_if_not_finite(epoch)
             if log_now:
                 metrics = state.log_interval(optimizers[0].param_groups[0]["lr"], args.batch_size)
                 rank0(log.write, kind="train", epoch=epoch + 1, step=state.step, **metrics)
@@ -893,8 +978,9 @@ def run(args, on_exit: contextlib.ExitStack):
                 save()
                 if stop.agreed:
                     break
+            writer.join()
         except (NonFiniteLoss, DiskFull, torch.OutOfMemoryError, FailedOnRank0) as e:
-            failure = explain(e, args, world_size, state, checkpoint)
+            failure = explain(e, args, world_size, state, writer)
     progress.close()
 
     complete = state.step == total_steps
@@ -911,7 +997,7 @@ def run(args, on_exit: contextlib.ExitStack):
         try:
             write_json(out / "summary.json", summary)
         except DiskFull as e:
-            failure = failure or explain(e, args, world_size, state, checkpoint)
+            failure = failure or explain(e, args, world_size, state, writer)
     if failure:
         raise failure
     if is_main:

@@ -1,6 +1,7 @@
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -879,3 +881,95 @@ def test_a_failure_on_rank_0_stops_every_ddp_rank_and_is_said_once(tmp_path, fau
     codes = set(re.findall(r"rank +: \d \(local_rank.*\n +exitcode +: (-?\d+)", result.stderr))
     code = {"offline": "4", "in-use": "6"}[fault]
     assert code in codes and codes <= {code, str(-signal.SIGTERM)}, result.stderr[-3000:]
+
+
+# ---- checkpoints written in the background
+def test_training_goes_on_while_a_checkpoint_is_written_and_the_file_holds_the_saved_step(tmp_path, monkeypatch):
+    real_write, real_step = train.atomic_write, train.train_step
+    weights = {}  # the model's, after each step
+    first_write_held, step_taken = threading.Event(), threading.Event()
+    held, first_payload, active, peak = [], [], [0], [0]
+
+    def train_step(model, *args):
+        if first_write_held.is_set():
+            step_taken.set()
+        loss = real_step(model, *args)
+        weights[len(weights) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return loss
+
+    def slow_write(path, payload):
+        if path.name != "checkpoint.pt":
+            return real_write(path, payload)
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        if not held:  # the first save (step 2) is held until training has taken its next step
+            first_write_held.set()
+            held.append(step_taken.wait(timeout=20))
+            first_payload.append(bytes(payload))
+        time.sleep(0.3)  # longer than a step: a second write started without waiting would overlap this one
+        real_write(path, payload)
+        active[0] -= 1
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    monkeypatch.setattr(train, "atomic_write", slow_write)
+    run(tmp_path, "--epochs", "1", "--ra-reps", "1", "--save-every", "2")
+    assert held == [True]  # step 3 ran while step 2's checkpoint was being written
+    assert peak[0] == 1  # at most one write in flight
+    # The snapshot is step 2's state, though training changed it while the write was held; the file on disk is whole.
+    first = torch.load(io.BytesIO(first_payload[0]), weights_only=True)
+    last = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for ckpt, step in ((first, 2), (last, 22)):
+        assert ckpt["step"] == step and ckpt["model"].keys() == weights[step].keys()
+        assert all(torch.equal(ckpt["model"][k], weights[step][k]) for k in ckpt["model"])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("at, steps, last_good", [(2, 40, 24), (4, 44, 40)], ids=["next-save", "end-of-run"])
+def test_disk_full_in_the_background_write_stops_the_run_at_the_next_save_or_at_its_end(half_run, monkeypatch, capsys,
+                                                                                      at, steps, last_good):
+    real_write, writers = train.atomic_write, []
+
+    def atomic_write(path, payload):
+        writers.append((path.name, threading.current_thread()))
+        real_write(path, payload)
+
+    monkeypatch.setattr(train, "atomic_write", atomic_write)
+    writes = fill_disk_at(monkeypatch, ".checkpoint.pt.tmp", at=at)
+    # Resumed at step 22, saving every 8 steps: 24, 32, 40 and 44 (the end); the failed write is said at the next
+    # save, or at the end of the run.
+    code, line = error_line(capsys, half_run, *FAULT_RUN, "--resume", "auto", "--save-every", "8")
+    assert code == 5 and line == disk_full_line(half_run, ("checkpoint.pt", len(writes[at - 1])), last_good)
+    assert all(thread is not threading.main_thread() for name, thread in writers if name == "checkpoint.pt")
+    summary = json.loads((half_run / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["failed"] == line.removeprefix("train.py: error: ")
+    assert torch.load(half_run / "checkpoint.pt", weights_only=True)["step"] == last_good
+    assert not (half_run / ".checkpoint.pt.tmp").exists()
+
+
+def test_a_run_ending_by_an_error_finishes_the_write_in_flight_before_it_releases_its_folder(tmp_path, monkeypatch):
+    real_write, real_close, real_forward = train.atomic_write, os.close, train.ViT.forward
+    calls, checkpoint_at_unlock = [], []
+
+    def slow_write(path, payload):
+        time.sleep(0.5 if path.name == "checkpoint.pt" else 0)
+        real_write(path, payload)
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # step 9, while step 8's checkpoint is written
+            raise RuntimeError("an unexpected error")
+        return real_forward(self, *args, **kwargs)
+
+    def close(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == ".lock":
+            checkpoint_at_unlock.append((tmp_path / "checkpoint.pt").exists())
+        real_close(fd)
+
+    monkeypatch.setattr(train, "atomic_write", slow_write)
+    monkeypatch.setattr(train.ViT, "forward", forward)
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(RuntimeError, match="an unexpected error"):
+        run(tmp_path, "--epochs", "1", "--ra-reps", "1", "--save-every", "8")
+    assert checkpoint_at_unlock == [True]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert not list(tmp_path.glob(".*.tmp"))
