@@ -120,7 +120,7 @@ def download(name: str, root):
     """Fetch CIFAR-10/100 with torchvision (checks the archive's md5; a no-op when the files are there). An archive
     placed in `root` by hand is checked and extracted instead of fetched, so an offline machine needs only a copy."""
     if name not in ("cifar10", "cifar100"):
-        raise ValueError(f"--download fetches cifar10 or cifar100, not --dataset {name!r}")
+        raise ValueError(f"name={name!r}: only cifar10 and cifar100 are downloaded")
     tv_class = _torchvision_cifar(name)
     try:
         tv_class(root, train=True, download=True)
@@ -138,16 +138,14 @@ def load_cifar(root, name: str = "cifar10") -> ImageData:
     tv_class = _torchvision_cifar(name)
     folder = Path(root) / tv_class.base_folder
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{name} not found in {folder}: pass --download to fetch it, or --data-dir a folder holding {folder.name}"
-        )
+        raise FileNotFoundError(f"{name} not found in {folder}")
     label_key = "labels" if name == "cifar10" else "fine_labels"
     parts = {}
     for split, files in (("train", tv_class.train_list), ("test", tv_class.test_list)):
         paths = [folder / filename for filename, _md5 in files]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: pass --download to fetch {name} again")
+            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}")
         images, labels = zip(*(_read_cifar_batch(p, label_key) for p in paths))
         parts[split] = torch.cat(images), torch.cat(labels)
     meta = folder / tv_class.meta["filename"]
@@ -219,7 +217,7 @@ def read_image(path: Path) -> torch.Tensor:
 
 def _read_image_folder(folder: Path, classes=None):
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a directory: --data-dir needs train/<class>/* and val/<class>/*")
+        raise FileNotFoundError(f"{folder} is not a directory: an image folder holds train/<class>/* and val/<class>/*")
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     classes = classes or found
     if len(classes) < 2:
@@ -252,18 +250,18 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
         return load_digits()
     if name == "imagefolder":
         return load_image_folder(data_dir)
-    raise ValueError(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
+    raise ValueError(f"name={name!r} must be one of {', '.join(DATASETS)}")
 
 
 def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL):
     if auto_augment not in AUTO_AUGMENT_POLICIES:
-        raise ValueError(f"--auto-augment {auto_augment!r} is not one of {', '.join(AUTO_AUGMENT_POLICIES)}")
+        raise ValueError(f"auto_augment={auto_augment!r} must be one of {', '.join(AUTO_AUGMENT_POLICIES)}")
     if not 0 <= random_erase <= 1:
-        raise ValueError(f"--random-erase {random_erase} must be a probability in [0, 1]")
+        raise ValueError(f"random_erase={random_erase} must be a probability in [0, 1]")
     if crop_padding < 0:
-        raise ValueError(f"--crop-padding {crop_padding} must be >= 0")
+        raise ValueError(f"crop_padding={crop_padding} must be >= 0")
     if not (isinstance(aa_fill, int) and 0 <= aa_fill <= 255):
-        raise ValueError(f"--aa-fill {aa_fill} must be an integer in 0..255 (a grey level)")
+        raise ValueError(f"aa_fill={aa_fill} must be an integer in 0..255 (a grey level)")
 
 
 def erasing_boxes(n, h, w, p, generator=None, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=ERASE_ATTEMPTS):
@@ -728,9 +726,9 @@ class DeviceLoader:
 
 def check_mixing(mixup_alpha, cutmix_alpha, prob):
     if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f"--mixup-alpha {mixup_alpha} and --cutmix-alpha {cutmix_alpha} must be >= 0")
+        raise ValueError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
     if not 0 <= prob <= 1:
-        raise ValueError(f"--mix-prob {prob} must be a probability in [0, 1]")
+        raise ValueError(f"prob={prob} must be a probability in [0, 1]")
 
 
 def mixup(images, partner, lam):

@@ -4,8 +4,10 @@
     torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 train.py ...  # 2 nodes
 
+The file reads top to bottom: the flags; building the run (processes, data, model, optimizers); one training step,
+one epoch, the evaluation; the run's files (checkpoints, metrics log, lock) and its failures; `main`, the recipe.
 Outputs in --output-dir: metrics.jsonl (one JSON record per log point and evaluation), checkpoint.pt (after every
-epoch, written atomically in the background) and summary.json (at the end of every invocation); .lock keeps a second
+epoch, written atomically in the background), summary.json (at the end of every invocation); .lock keeps a second
 process out.
 """
 import argparse
@@ -22,7 +24,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -38,153 +41,230 @@ from tqdm import tqdm
 
 import data
 from lion import Lion
-from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs, transfer_weights
+from model import CLS_POOLS, PATCH_INITS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs, transfer_weights
 
 EVAL_CHUNK = 1024
+OPTIMIZERS = ("adamw", "lion", "muon")
+LOADERS = ("device", "workers")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
 RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "compile_mode",
                      "log_every", "stop_after_epochs", "save_every"}
 
 
+# ---- what can go wrong: each cause a job scheduler can act on has its exit code (README, "Reliability")
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
+
+
+class DiskFull(OSError):
+    """No space left on the device for one of the run's files."""
+
+
+class OutputDirInUse(RuntimeError):
+    """Another process is running in the output dir."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during training."""
+
+
+class FailedOnRank0(Exception):
+    """This rank's view of a failure that rank 0 reports: the process ends quietly with the same exit code."""
+
+    def __init__(self, exit_code):
+        super().__init__(f"rank 0 failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+# 2 and 3 need a person; after 4-7 the environment is fixed and the run continued with --resume auto. Also 1: an
+# unexpected error (with its traceback), 128 + N: stopped by signal N.
+EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, DiskFull: 5,
+              OutputDirInUse: 6, OutOfMemory: 7}
+
+
+def exit_code(error) -> int:
+    return next((code for kind, code in EXIT_CODES.items() if isinstance(error, kind)), 1)
+
+
+# ---- flags
+def is_rank0() -> bool:
+    """Rank 0, or a single process: the one that says what every rank would say."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag said in one line (like every other error of train.py), once under torchrun."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n" if is_rank0() else None)
+
+
+def number(kind, interval: str):
+    """An argparse type: an int or float inside `interval`, written as in maths: "(0, inf)", "[0, 1)"."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+
+    def parse(text):
+        value = kind(text)  # a ValueError is argparse's "invalid int value: 'x'"
+        above = low < value if interval[0] == "(" else low <= value
+        below = value < high if interval[-1] == ")" else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"{text} is not in {interval}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, COUNT = number(int, "(0, inf)"), number(int, "[0, inf)")
+POSITIVE, NON_NEGATIVE = number(float, "(0, inf)"), number(float, "[0, inf)")
+PROBABILITY, FRACTION = number(float, "[0, 1]"), number(float, "[0, 1)")
+
+
+def add_data_flags(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="the dataset")
+    group.add_argument("--data-dir", default="data", type=str,
+                       help="dataset root (CIFAR: holds cifar-10-batches-py; imagefolder: holds train/ and val/)")
+    group.add_argument("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
+    group.add_argument("--data-loader", default="device", choices=LOADERS,
+                       help="device: dataset and batched per-image augmentation on the training device; workers: "
+                            "torchvision's per-image pipeline in DataLoader worker processes (a reference, slower)")
+    group.add_argument("-j", "--workers", default=None, type=COUNT,
+                       help="--data-loader workers: processes per rank (default: CPU cores per rank, at most 8)")
+
+
+def add_augment_flags(parser):
+    group = parser.add_argument_group("augmentation (defaults: the paper's baseline)")
+    group.add_argument("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    group.add_argument("--crop-padding", default=4, type=COUNT, help="random 32x32 crop after zero padding (pixels)")
+    group.add_argument("--auto-augment", default="cifar10", choices=data.AUTO_AUGMENT_POLICIES,
+                       help="AutoAugment policy, drawn per image")
+    group.add_argument("--aa-fill", default=data.AA_FILL, type=number(int, "[0, 255]"),
+                       help="grey level where AutoAugment's translate/shear/rotate uncover the image (the seed: 128)")
+    group.add_argument("--random-erase", default=0.25, type=PROBABILITY, help="random erasing probability per image")
+    group.add_argument("--mixup-alpha", default=1.0, type=NON_NEGATIVE, help="Mixup Beta(alpha, alpha); 0: no Mixup")
+    group.add_argument("--cutmix-alpha", default=1.0, type=NON_NEGATIVE, help="CutMix Beta(alpha, alpha); 0: none")
+    group.add_argument("--mix-prob", default=0.5, type=PROBABILITY,
+                       help="probability that a batch is mixed (then CutMix or Mixup, 50/50)")
+    group.add_argument("--label-smoothing", default=0.1, type=FRACTION, help="label smoothing of the cross-entropy")
+    group.add_argument("--ra-reps", default=3, type=POSITIVE_INT,
+                       help="repeated augmentation: times each image is seen per epoch")
+    group.add_argument("--ra-mode", default="shuffles", choices=data.RA_MODES,
+                       help="shuffles: --ra-reps independent shuffles per epoch (the seed, 1 process); in-batch: "
+                            "each image's copies side by side in one batch (the seed under torchrun)")
+
+
+def add_model_flags(parser):
+    group = parser.add_argument_group("model (model.ViTConfig)")
+    group.add_argument("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
+    group.add_argument("--dim", default=192, type=POSITIVE_INT, help="token width")
+    group.add_argument("--depth", default=9, type=POSITIVE_INT, help="transformer blocks")
+    group.add_argument("--heads", default=12, type=POSITIVE_INT, help="attention heads (must divide --dim)")
+    group.add_argument("--mlp-ratio", default=2.0, type=POSITIVE, help="MLP hidden width / --dim")
+    group.add_argument("--num-cls", default=1, type=POSITIVE_INT, help="CLS tokens")
+    group.add_argument("--cls-pool", default="concat", choices=CLS_POOLS, help="how the CLS outputs reach the head")
+    group.add_argument("--pos-embed", default="learned", choices=POS_EMBEDS, help="position embedding")
+    group.add_argument("--patch-init", default="pytorch", choices=PATCH_INITS,
+                       help="patch-embedding init: pytorch (the seed's Conv2d default, U(+-1/sqrt(3*p*p))) or "
+                            "trunc_normal (std 0.02, as the other linears)")
+    group.add_argument("--latent", default="", type=str,
+                       help="low-rank attention projections, any of q, k, v, o (o: the output projection; e.g. kv)")
+    group.add_argument("--latent-dim", default=64, type=POSITIVE_INT, help="rank of the low-rank attention projections")
+    group.add_argument("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
+    group.add_argument("--mlp-latent-dim", default=0, type=COUNT,
+                       help="rank of both MLP layers, each as down (no bias) -> up; 0: full rank")
+    group.add_argument("--drop-path", default=0.1, type=FRACTION, help="stochastic depth rate of the last block")
+    group.add_argument("--whiten", action="store_true", help="whitening init of the patch embedding")
+    group.add_argument("--whiten-images", default=5000, type=POSITIVE_INT,
+                       help="--whiten uses the first whole batches of the training stream holding at least this "
+                            "many images (5000 at batch 256: 20 batches, 5120 images, as the seed)")
+    group.add_argument("--init-from", default=None, type=str,
+                       help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
+                            "SVD to the ranks asked for (the same at full rank), the rest copied")
+
+
+def add_optim_flags(parser):
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--opt", default="adamw", choices=OPTIMIZERS,
+                       help="muon: Muon for the blocks' matrices, AdamW at --lr for the rest")
+    group.add_argument("--lr", default=1e-3, type=POSITIVE, help="peak learning rate (Lion: use 3-10x smaller)")
+    group.add_argument("--muon-lr", default=0.02, type=POSITIVE, help="--opt muon: peak learning rate of Muon")
+    group.add_argument("--muon-momentum", default=0.9, type=FRACTION, help="--opt muon: Muon's Nesterov momentum")
+    group.add_argument("--weight-decay", default=0.05, type=NON_NEGATIVE,
+                       help="decoupled weight decay (Lion: 3-10x larger)")
+    group.add_argument("--batch-size", default=256, type=POSITIVE_INT, help="global batch (all processes together)")
+    group.add_argument("--epochs", default=100, type=POSITIVE_INT,
+                       help="epochs (one epoch: --ra-reps passes over the data)")
+    group.add_argument("--warmup-epochs", default=None, type=NON_NEGATIVE,
+                       help="linear warm-up (epochs; default: a tenth of --epochs, 10 at the paper's 100)")
+    group.add_argument("--warmup-lr", default=1e-6, type=POSITIVE, help="learning rate at step 0")
+    group.add_argument("--min-lr", default=1e-6, type=NON_NEGATIVE, help="learning rate at the end of the cosine")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (no effect on CPU)")
+    group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                       help="torch.compile the model (default: on for CUDA, off on the CPU)")
+    group.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                       help="torch.compile mode: reduce-overhead adds CUDA graphs, max-autotune also tunes kernels "
+                            "(minutes of compiling)")
+
+
+def add_run_flags(parser):
+    group = parser.add_argument_group("run")
+    group.add_argument("--eval-every", default=5, type=POSITIVE_INT, help="evaluate every N epochs (and after the last)")
+    group.add_argument("--log-every", default=50, type=POSITIVE_INT, help="log training loss every N steps")
+    group.add_argument("--seed", default=0, type=int, help="base seed; every random draw derives from it")
+    group.add_argument("--tag", default=None, type=str,
+                       help="the table column this run belongs to (report.py groups runs by it; default: none)")
+    group.add_argument("--output-dir", default=None, type=str,
+                       help="where metrics, checkpoint and summary go (default: runs/<dataset>-<time>)")
+    group.add_argument("--resume", default=None, type=str,
+                       help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
+    group.add_argument("--save-every", default=0, type=COUNT,
+                       help="also checkpoint every N steps (0: only after each epoch); a kill loses at most N steps")
+    group.add_argument("--stop-after-epochs", default=None, type=POSITIVE_INT,
+                       help="end this invocation after N epochs, schedule unchanged; continue with --resume")
+    group.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Train a small ViT (PoorViTs).", add_help=True)
-    # Data
-    parser.add_argument("--dataset", default="cifar10", type=str, help=f"one of {', '.join(data.DATASETS)}")
-    parser.add_argument("--data-dir", default="data", type=str,
-                        help="dataset root (CIFAR: holds cifar-10-batches-py; imagefolder: holds train/ and val/)")
-    parser.add_argument("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
-    parser.add_argument("--data-loader", default="device", type=str,
-                        help="device: dataset and batched per-image augmentation on the training device (fast); "
-                             "workers: torchvision's per-image pipeline in DataLoader worker processes")
-    parser.add_argument("-j", "--workers", default=None, type=int,
-                        help="--data-loader workers: processes per rank (default: CPU cores per rank, at most 8)")
-    # Augmentation (defaults: the paper's baseline)
-    parser.add_argument("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    parser.add_argument("--crop-padding", default=4, type=int,
-                        help="random 32x32 crop after zero padding (pixels; 0: off)")
-    parser.add_argument("--auto-augment", default="cifar10", type=str,
-                        help=f"AutoAugment policy, one of {', '.join(data.AUTO_AUGMENT_POLICIES)}")
-    parser.add_argument("--aa-fill", default=data.AA_FILL, type=int,
-                        help="grey level (0..255) where AutoAugment's translate/shear/rotate uncover the image")
-    parser.add_argument("--random-erase", default=0.25, type=float, help="random erasing probability per image")
-    parser.add_argument("--mixup-alpha", default=1.0, type=float, help="Mixup Beta(alpha, alpha); 0: no Mixup")
-    parser.add_argument("--cutmix-alpha", default=1.0, type=float, help="CutMix Beta(alpha, alpha); 0: no CutMix")
-    parser.add_argument("--mix-prob", default=0.5, type=float,
-                        help="probability that a batch is mixed (then CutMix or Mixup, 50/50)")
-    parser.add_argument("--label-smoothing", default=0.1, type=float, help="label smoothing of the cross-entropy")
-    parser.add_argument("--ra-reps", default=3, type=int,
-                        help="repeated augmentation: times each image is seen per epoch")
-    parser.add_argument("--ra-mode", default="shuffles", choices=data.RA_MODES,
-                        help="shuffles: --ra-reps independent shuffles per epoch (the seed, 1 process); in-batch: "
-                             "each image's copies side by side in one batch (the seed under torchrun)")
-    # Model (mirrors model.ViTConfig)
-    parser.add_argument("--patch-size", default=4, type=int, help="patch side (pixels)")
-    parser.add_argument("--dim", default=192, type=int, help="token width")
-    parser.add_argument("--depth", default=9, type=int, help="transformer blocks")
-    parser.add_argument("--heads", default=12, type=int, help="attention heads (must divide --dim)")
-    parser.add_argument("--mlp-ratio", default=2.0, type=float, help="MLP hidden width / --dim")
-    parser.add_argument("--num-cls", default=1, type=int, help="CLS tokens")
-    parser.add_argument("--cls-pool", default="concat", type=str, help=f"CLS outputs to head: {', '.join(CLS_POOLS)}")
-    parser.add_argument("--pos-embed", default="learned", type=str, help=f"one of {', '.join(POS_EMBEDS)}")
-    parser.add_argument("--patch-init", default="pytorch", type=str,
-                        help="patch-embedding init: pytorch (the seed's Conv2d default, U(+-1/sqrt(3*p*p))) or "
-                             "trunc_normal (std 0.02, as the other linears)")
-    parser.add_argument("--latent", default="", type=str,
-                        help="low-rank attention projections, any of q, k, v, o (o: the output projection; e.g. kv)")
-    parser.add_argument("--latent-dim", default=64, type=int, help="rank of the low-rank attention projections")
-    parser.add_argument("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
-    parser.add_argument("--mlp-latent-dim", default=0, type=int,
-                        help="rank of both MLP layers, each as down (no bias) -> up; 0: full rank")
-    parser.add_argument("--drop-path", default=0.1, type=float, help="stochastic depth rate of the last block")
-    parser.add_argument("--whiten", action="store_true", help="whitening init of the patch embedding")
-    parser.add_argument("--whiten-images", default=5000, type=int,
-                        help="--whiten uses the first whole batches of the training stream holding at least this "
-                             "many images (5000 at batch 256: 20 batches, 5120 images, as the seed)")
-    parser.add_argument("--init-from", default=None, type=str,
-                        help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
-                             "SVD to the ranks asked for (the same at full rank), the rest copied")
-    # Optimisation
-    parser.add_argument("--opt", default="adamw", type=str,
-                        help="adamw, lion, or muon (Muon for the blocks' matrices, AdamW at --lr for the rest)")
-    parser.add_argument("--lr", default=1e-3, type=float, help="peak learning rate (Lion: use 3-10x smaller)")
-    parser.add_argument("--muon-lr", default=0.02, type=float, help="--opt muon: peak learning rate of Muon")
-    parser.add_argument("--muon-momentum", default=0.9, type=float, help="--opt muon: Muon's Nesterov momentum")
-    parser.add_argument("--weight-decay", default=0.05, type=float, help="decoupled weight decay (Lion: 3-10x larger)")
-    parser.add_argument("--batch-size", default=256, type=int, help="global batch (all processes together)")
-    parser.add_argument("--epochs", default=100, type=int, help="epochs (one epoch: --ra-reps passes over the data)")
-    parser.add_argument("--warmup-epochs", default=10, type=float, help="linear warm-up (epochs)")
-    parser.add_argument("--warmup-lr", default=1e-6, type=float, help="learning rate at step 0")
-    parser.add_argument("--min-lr", default=1e-6, type=float, help="learning rate at the end of the cosine")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (no effect on CPU)")
-    parser.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                        help="torch.compile the model (default: on for CUDA, off on the CPU)")
-    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                        help="torch.compile mode: reduce-overhead adds CUDA graphs, max-autotune also tunes kernels "
-                             "(minutes of compiling)")
-    # Run
-    parser.add_argument("--eval-every", default=5, type=int, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--log-every", default=50, type=int, help="log training loss every N steps")
-    parser.add_argument("--seed", default=0, type=int, help="base seed; every random draw derives from it")
-    parser.add_argument("--tag", default=None, type=str,
-                        help="the table column this run belongs to (report.py groups runs by it; default: none)")
-    parser.add_argument("--output-dir", default=None, type=str,
-                        help="where metrics, checkpoint and summary go (default: runs/<dataset>-<time>)")
-    parser.add_argument("--resume", default=None, type=str,
-                        help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
-    parser.add_argument("--save-every", default=0, type=int,
-                        help="also checkpoint every N steps (0: only after each epoch); a kill loses at most N steps")
-    parser.add_argument("--stop-after-epochs", default=None, type=int,
-                        help="end this invocation after N epochs, schedule unchanged; continue with --resume")
-    parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+    parser = Parser(prog="train.py", description="Train a small ViT (PoorViTs).")
+    for add_flags in (add_data_flags, add_augment_flags, add_model_flags, add_optim_flags, add_run_flags):
+        add_flags(parser)
     return parser
 
 
 def check_args(args):
-    """Errors a user can cause, caught before any work: one line naming the flag."""
-    positive = {"epochs": args.epochs, "batch-size": args.batch_size, "lr": args.lr, "eval-every": args.eval_every,
-                "log-every": args.log_every, "warmup-lr": args.warmup_lr, "whiten-images": args.whiten_images,
-                "ra-reps": args.ra_reps, "muon-lr": args.muon_lr}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"--{flag} {value} must be positive")
-    if args.dataset not in data.DATASETS:
-        raise ValueError(f"--dataset {args.dataset!r} is not one of {', '.join(data.DATASETS)}")
-    if args.data_loader not in ("device", "workers"):
-        raise ValueError(f"--data-loader {args.data_loader!r} is not one of device, workers")
-    if args.opt not in ("adamw", "lion", "muon"):
-        raise ValueError(f"--opt {args.opt!r} is not one of adamw, lion, muon")
-    if not 0 <= args.muon_momentum < 1:
-        raise ValueError(f"--muon-momentum {args.muon_momentum} must be in [0, 1)")
-    if args.weight_decay < 0 or args.min_lr < 0:
-        raise ValueError("--weight-decay and --min-lr must be >= 0")
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        raise ValueError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs {args.epochs}]")
-    if args.warmup_epochs and args.warmup_lr > args.lr:
+    """What no flag can check alone, before any work (one line naming the flags); fills in --output-dir's default.
+    The model's own checks (ViTConfig) speak in its field names."""
+    if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
+    if args.warmup_epochs != 0 and args.warmup_lr > args.lr:
         raise ValueError(f"--warmup-lr {args.warmup_lr} must not exceed --lr {args.lr}")
-    if not 0 <= args.label_smoothing < 1:
-        raise ValueError(f"--label-smoothing {args.label_smoothing} must be in [0, 1)")
-    if args.stop_after_epochs is not None and args.stop_after_epochs <= 0:
-        raise ValueError(f"--stop-after-epochs {args.stop_after_epochs} must be positive")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every {args.save_every} must be >= 0")
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers {args.workers} must be >= 0")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
+    if args.download and args.dataset not in ("cifar10", "cifar100"):
+        raise ValueError(f"--download fetches cifar10 or cifar100, not --dataset {args.dataset}")
     if args.whiten and args.init_from:
         raise ValueError("--whiten and --init-from both set the patch embedding: choose one")
     if args.whiten and 3 * args.patch_size**2 > args.dim:
         raise ValueError(f"--whiten writes 3 * --patch-size**2 = {3 * args.patch_size**2} filters: it needs "
                          f"--dim >= that, got --dim {args.dim}")
-    data.check_augmentation(args.crop_padding, args.auto_augment, args.random_erase, args.aa_fill)
-    data.check_mixing(args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
-    model_config(args, num_classes=1)  # the model flags, checked before any data is fetched
+    if args.output_dir is None:
+        if args.resume == "auto":
+            raise ValueError("--resume auto needs --output-dir (the run to continue)")
+        fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+        args.output_dir = str(Path(args.resume).parent) if args.resume else fresh
+    model_config(args, num_classes=1)
 
 
-def setup_distributed(device_name):
+# ---- building the run
+def setup_distributed(args):
     """(rank, world_size, device); a no-op without torchrun. NCCL on CUDA, gloo on CPU."""
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+    resolve_compile(args, device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -204,48 +284,58 @@ def resolve_compile(args, device):
         raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
 
 
-def download_dataset(args, rank, world_size, rank0):
-    """--download: rank 0 fetches first (a failure stops every rank and is said once), then the first process of
-    every other node. On a shared filesystem those find the files in place (torchvision checks their md5); on
-    node-local disks each node fetches its own copy. So two processes never fetch into one folder at once."""
-    if not args.download:
-        return
-    rank0(data.download, args.dataset, args.data_dir)
-    if world_size > 1:
-        if rank != 0 and int(os.environ["LOCAL_RANK"]) == 0:
-            data.download(args.dataset, args.data_dir)
-        dist.barrier()
+def load_data(args, rank0):
+    """--download, then the dataset. Rank 0 goes first, so that an error every rank would meet is said once; with
+    --download the first process of every other node fetches next (on a shared filesystem it finds the files in
+    place and checks their md5), so two processes never fetch into one folder at once."""
+    if args.download:
+        rank0(data.download, args.dataset, args.data_dir)
+        if rank0.world_size > 1:
+            if rank0.rank != 0 and int(os.environ["LOCAL_RANK"]) == 0:
+                data.download(args.dataset, args.data_dir)
+            dist.barrier()
+    return rank0.first(load_dataset, args)
+
+
+def load_dataset(args):
+    try:
+        dataset = data.load_dataset(args.dataset, args.data_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: pass --download to fetch it, or --data-dir the folder that holds it") from None
+    if args.batch_size > len(dataset.train_images) * args.ra_reps:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
+                         f"samples of an epoch")
+    return dataset
 
 
 def model_config(args, num_classes) -> ViTConfig:
-    try:
-        return ViTConfig(
-            img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
-            depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls,
-            cls_pool=args.cls_pool, pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent,
-            latent_dim=args.latent_dim, shared_kv_latent=args.shared_kv_latent, mlp_latent_dim=args.mlp_latent_dim,
-            drop_path=args.drop_path,
-        )
-    except ValueError as e:
-        # ViTConfig names its fields ("latent_dim=0"); a command-line user needs the flag ("--latent-dim 0").
-        message = str(e)
-        for name in sorted((f.name for f in fields(ViTConfig)), key=len, reverse=True):
-            message = message.replace(f"{name}=", f"--{name.replace('_', '-')} ")
-        raise ValueError(message) from None
+    return ViTConfig(
+        img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
+        depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls, cls_pool=args.cls_pool,
+        pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent, latent_dim=args.latent_dim,
+        shared_kv_latent=args.shared_kv_latent, mlp_latent_dim=args.mlp_latent_dim, drop_path=args.drop_path,
+    )
 
 
-def build_loader(args, dataset, device, rank, world_size, workers):
-    """This rank's training batches: the device loader, or torchvision's per-image pipeline in `workers` processes.
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after saving a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_loader(args, dataset, device, rank, world_size):
+    """This rank's training batches: the device loader, or torchvision's per-image pipeline in worker processes.
     Either way `loader.sampler` is the RepeatedAugmentationSampler that fixes the epoch's order."""
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
                                                world_size, args.seed, args.ra_mode)
-    augmentation = (dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment, args.random_erase,
-                    args.aa_fill)
+    augmentation = dict(mean=dataset.mean, std=dataset.std, hflip=args.hflip, crop_padding=args.crop_padding,
+                        auto_augment=args.auto_augment, random_erase=args.random_erase, aa_fill=args.aa_fill)
     if args.data_loader == "device":
         return data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,
-                                 data.BatchAugment(*augmentation), device)
+                                 data.BatchAugment(**augmentation), device)
+    workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
     return DataLoader(
-        data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(*augmentation)),
+        data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(**augmentation)),
         batch_size=sampler.batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
     )
@@ -255,7 +345,7 @@ def whitening_images(args, dataset, device):
     """What --whiten sees, as the seed did: the first whole batches of epoch 0's training stream holding at least
     --whiten-images images, exactly as the model gets them (flipped, cropped, AutoAugmented, normalised, erased;
     mixing comes later). The 1-process stream, so every rank whitens alike."""
-    loader = build_loader(args, dataset, device, rank=0, world_size=1, workers=0)
+    loader = build_loader(args, dataset, device, rank=0, world_size=1)
     loader.sampler.set_epoch(0)
     batches = []
     for images, _ in loader:
@@ -263,6 +353,19 @@ def whitening_images(args, dataset, device):
         if len(batches) * loader.sampler.batch >= args.whiten_images:
             break
     return torch.cat(batches)
+
+
+def build_model(args, num_classes, source, whitening):
+    """The flags' ViT: its patch embedding whitened on `whitening()`'s images, or every weight from `source`."""
+    model = ViT(model_config(args, num_classes))
+    if args.whiten:
+        model.whiten_patch_embedding(whitening())
+    if source is not None:
+        try:
+            transfer_weights(source, model)
+        except ValueError as e:
+            raise ValueError(f"--init-from {args.init_from}: {e}") from None
+    return model
 
 
 def muon_matrices(model):
@@ -290,13 +393,80 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     """Linear warm-up from --warmup-lr, then cosine to --min-lr at the last step; stepped every iteration. An
     optimizer whose peak is not --lr (Muon's) follows the same curve scaled to its own peak."""
     total = args.epochs * steps_per_epoch
-    warmup = round(args.warmup_epochs * steps_per_epoch)
+    warmup_epochs = args.epochs / 10 if args.warmup_epochs is None else args.warmup_epochs
+    warmup = round(warmup_epochs * steps_per_epoch)
     peak = optimizer.param_groups[0]["lr"]
     cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=args.min_lr * peak / args.lr)
     if warmup == 0:
         return cosine
     linear = LinearLR(optimizer, start_factor=args.warmup_lr / args.lr, end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+# ---- training
+NO_BAD_STEP = 2**62  # TrainingState.first_bad_step when every loss so far was finite
+
+
+class TrainingState:
+    """Progress that a checkpoint carries: step, accuracies, training time, and the open log interval (so a resume
+    at any step logs the same numbers as an uninterrupted run)."""
+
+    def __init__(self, device):
+        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
+        self.loss_sum, self.interval_steps = torch.zeros((), device=device), 0
+        # Kept on the device, so that noting a non-finite loss costs no sync.
+        self.first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
+        self.interval_start = time.perf_counter()
+        self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
+
+    def add(self, loss):
+        self.first_bad_step = torch.where(loss.isfinite(), self.first_bad_step, self.first_bad_step.clamp(max=self.step))
+        self.loss_sum += loss
+        self.step += 1
+        self.interval_steps += 1
+
+    def raise_if_not_finite(self, epoch):
+        bad = int(self.first_bad_step)
+        if bad != NO_BAD_STEP:
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
+                                f"without saving")
+
+    def log_interval(self, lr, batch_size):
+        """Mean loss and speed of the steps since the last log point; starts the next interval."""
+        seconds = time.perf_counter() - self.interval_start
+        metrics = {"lr": lr, "loss": self.loss_sum.item() / self.interval_steps,
+                   "img_s": self.interval_steps * batch_size / seconds,
+                   "ms_per_step": 1000 * seconds / self.interval_steps}
+        self.train_seconds += seconds
+        if not self.first_interval:  # the first interval holds warm-up (and compilation): not timed
+            self.timed_steps += self.interval_steps
+            self.timed_seconds += seconds
+        self.first_interval = False
+        self.loss_sum.zero_()
+        self.interval_steps, self.interval_start = 0, time.perf_counter()
+        return metrics
+
+    def record_eval(self, acc, epoch):
+        self.acc = acc
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+
+    def speed(self, batch_size):
+        if not self.timed_seconds:
+            return {"img_per_s": None, "ms_per_step": None}
+        return {"img_per_s": self.timed_steps * batch_size / self.timed_seconds,
+                "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
+
+    def checkpoint(self):
+        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "train_seconds": self.train_seconds,
+                "interval": {"loss_sum": self.loss_sum.item(), "steps": self.interval_steps}}
+
+    def load(self, ckpt):
+        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
+        self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
+        self.loss_sum.fill_(ckpt["interval"]["loss_sum"])
+        self.interval_steps = ckpt["interval"]["steps"]
 
 
 def train_step(model, optimizers, schedulers, images, labels, mix, autocast, label_smoothing):
@@ -311,6 +481,33 @@ def train_step(model, optimizers, schedulers, images, labels, mix, autocast, lab
         optimizer.step()
         scheduler.step()
     return loss.detach()
+
+
+def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, run):
+    """One epoch (on resume, from its saved step, set on loader.sampler); True if a stop signal ended it early,
+    after saving a checkpoint."""
+    args, state = run.args, run.state
+    model.train()
+    state.interval_start = time.perf_counter()
+    for images, labels in loader:
+        # Stochastic depth and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
+        torch.manual_seed(data.derive_seed(args.seed, "step", run.rank0.rank, state.step))
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        state.add(train_step(model, optimizers, schedulers, images, labels, mix, run.autocast, args.label_smoothing))
+        end_of_epoch = state.step % loader.sampler.steps_per_epoch == 0
+        log_now = end_of_epoch or state.step % args.log_every == 0
+        save_now = args.save_every and state.step % args.save_every == 0
+        # The only host-device syncs: at log points, at saves, and once a stop is asked for.
+        if log_now or save_now or run.stop.asked_locally():
+            run.stop.agree(state)
+            state.raise_if_not_finite(epoch)
+        if log_now:
+            run.log_train(epoch, optimizers[0].param_groups[0]["lr"])
+        if not end_of_epoch and (save_now or run.stop.agreed):  # the epoch's end saves after its evaluation
+            run.save()
+            if run.stop.agreed:
+                return True
+    return False
 
 
 @torch.no_grad()
@@ -334,6 +531,7 @@ def evaluate(model, images, labels, mean, std, device, rank, world_size, autocas
     return 100 * correct / count, loss_sum / count
 
 
+# ---- the run's files, its processes and its failures
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -359,45 +557,10 @@ def run_info(device):
             "device_name": device_name(device), "hostname": platform.node()}
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
-
-
-class DiskFull(OSError):
-    """No space left on the device for one of the run's files."""
-
-
-class OutputDirInUse(RuntimeError):
-    """Another process is running in the output dir."""
-
-
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory during training."""
-
-
-class FailedOnRank0(Exception):
-    """This rank's view of a failure on rank 0, which reports it: the process ends quietly with the same exit code."""
-
-    def __init__(self, exit_code):
-        super().__init__(f"rank 0 failed (exit code {exit_code})")
-        self.exit_code = exit_code
-
-
-# Exit codes (README, "Reliability"), one per cause a job scheduler can act on: 2 and 3 need a person; after 4-7 the
-# environment is fixed and the run continued with --resume auto. Also 1: an unexpected error (with its traceback),
-# 128 + N: stopped by signal N.
-EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, DiskFull: 5,
-              OutputDirInUse: 6, OutOfMemory: 7}
-
-
-def exit_code(error) -> int:
-    return next((code for kind, code in EXIT_CODES.items() if isinstance(error, kind)), 1)
-
-
 class Rank0:
-    """Work that rank 0 alone does: claim the output dir, download, write the run's files. Under DDP every rank then
-    learns the outcome (one broadcast), so that a failure there stops all ranks at the same point: rank 0 raises the
-    error (and prints it), the others a FailedOnRank0 with its exit code."""
+    """Work that rank 0 alone does: claim the output dir, download, read the checkpoint, write the run's files.
+    Under DDP every rank then learns the outcome (one broadcast), so that a failure there stops all ranks at the
+    same point: rank 0 raises the error (and says it), the others a FailedOnRank0 with its exit code."""
 
     def __init__(self, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -418,6 +581,19 @@ class Rank0:
         if error is not None:
             raise error
         return result
+
+    def shared(self, work, *args):
+        """work(*args)'s result on rank 0, sent to every rank: under multi-node torchrun the other nodes need not
+        see rank 0's files."""
+        result = [self(work, *args)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0]
+
+    def first(self, work, *args):
+        """work(*args) on rank 0, then on every other rank: an error all would meet is said once, by rank 0."""
+        result = self(work, *args)
+        return result if self.rank == 0 else work(*args)
 
 
 @contextlib.contextmanager
@@ -467,10 +643,6 @@ def append_line(path: Path, line: bytes):
                 raise OSError(errno.ENOSPC, "the disk took only part of the line")
         finally:
             os.close(fd)
-
-
-def write_json(path: Path, obj):
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def torch_bytes(obj):
@@ -609,8 +781,6 @@ def resume_checkpoint(args):
     if args.resume is None:
         return None
     if args.resume == "auto":
-        if args.output_dir is None:
-            raise ValueError("--resume auto needs --output-dir (the run to continue)")
         path = Path(args.output_dir) / "checkpoint.pt"
         return path if path.is_file() else None
     path = Path(args.resume)
@@ -651,8 +821,11 @@ def load_model(path, flag):
     return model, ckpt
 
 
-def load_checkpoint(path, args, cfg):
-    """A checkpoint of this run, loaded without running any code from it (weights_only=True)."""
+def load_resume(path, args, cfg):
+    """The checkpoint of this run to continue from (None: start it), refused if it is for another model or was
+    trained with other flags."""
+    if path is None:
+        return None
     ckpt = read_checkpoint(path, "--resume")
     if ckpt["config"] != asdict(cfg):
         differing = sorted(k for k in asdict(cfg) if ckpt["config"].get(k) != asdict(cfg)[k])
@@ -666,15 +839,13 @@ def load_checkpoint(path, args, cfg):
     return ckpt
 
 
-def load_resume(path, args, cfg, rank0, world_size):
-    """The checkpoint to continue from (None: start the run), read by rank 0 alone and sent to the other ranks: under
-    multi-node torchrun their nodes need not see rank 0's output dir."""
-    ckpt = rank0(lambda: None if path is None else load_checkpoint(path, args, cfg))
-    if world_size > 1:
-        shared = [ckpt]
-        dist.broadcast_object_list(shared, src=0)
-        ckpt = shared[0]
-    return ckpt
+def restore(ckpt, model, optimizers, schedulers, state):
+    model.load_state_dict(ckpt["model"])
+    for optimizer, saved in zip(optimizers, ckpt["optimizers"], strict=True):
+        optimizer.load_state_dict(saved)
+    for scheduler, saved in zip(schedulers, ckpt["schedulers"], strict=True):
+        scheduler.load_state_dict(saved)
+    state.load(ckpt)
 
 
 class MetricsLog:
@@ -706,76 +877,6 @@ class MetricsLog:
         append_line(self.path, (json.dumps(record) + "\n").encode())
 
 
-def ignore_stop_signals(worker_id):
-    """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after saving a checkpoint."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class TrainingState:
-    """Progress that a checkpoint carries: step, accuracies, training time, and the open log interval (so a resume
-    at any step logs the same numbers as an uninterrupted run)."""
-
-    def __init__(self, device):
-        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
-        self.loss_sum, self.interval_steps = torch.zeros((), device=device), 0
-        # The first step whose loss was not finite (-1: none), kept on the device so that checking costs no sync.
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.interval_start = time.perf_counter()
-        self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
-
-    def add(self, loss):
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~loss.isfinite(), self.step,
-                                          self.first_bad_step)
-        self.loss_sum += loss
-        self.step += 1
-        self.interval_steps += 1
-
-    def raise_if_not_finite(self, epoch):
-        """explain() adds the last good checkpoint, once the write in flight has ended."""
-        bad = int(self.first_bad_step)
-        if bad >= 0:
-            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
-                                f"without saving")
-
-    def log_interval(self, lr, batch_size):
-        """Mean loss and speed of the steps since the last log point; starts the next interval."""
-        seconds = time.perf_counter() - self.interval_start
-        metrics = {"lr": lr, "loss": self.loss_sum.item() / self.interval_steps,
-                   "img_s": self.interval_steps * batch_size / seconds,
-                   "ms_per_step": 1000 * seconds / self.interval_steps}
-        self.train_seconds += seconds
-        if not self.first_interval:  # the first interval holds warm-up (and compilation): not timed
-            self.timed_steps += self.interval_steps
-            self.timed_seconds += seconds
-        self.first_interval = False
-        self.loss_sum.zero_()
-        self.interval_steps, self.interval_start = 0, time.perf_counter()
-        return metrics
-
-    def record_eval(self, acc, epoch):
-        self.acc = acc
-        if self.best_acc is None or acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, epoch
-
-    def speed(self, batch_size):
-        if not self.timed_seconds:
-            return {"img_per_s": None, "ms_per_step": None}
-        return {"img_per_s": self.timed_steps * batch_size / self.timed_seconds,
-                "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
-
-    def checkpoint(self):
-        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                "train_seconds": self.train_seconds,
-                "interval": {"loss_sum": self.loss_sum.item(), "steps": self.interval_steps}}
-
-    def load(self, ckpt):
-        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
-        self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
-        self.loss_sum.fill_(ckpt["interval"]["loss_sum"])
-        self.interval_steps = ckpt["interval"]["steps"]
-
-
 class StopSignal:
     """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next step boundary, after saving a
     checkpoint. Under DDP the ranks agree at the next log point or save, so that all stop at the same step.
@@ -803,213 +904,204 @@ class StopSignal:
         return self.world_size == 1 and self.signum is not None
 
     def agree(self, state):
-        """Sets `agreed` when the run should stop now; under DDP (a collective call) the ranks also share their
-        first non-finite step."""
+        """Sets `agreed` when the run should stop now; under DDP (collective calls) the ranks also agree on the
+        first non-finite step, the earliest of theirs."""
         if self.world_size > 1:
-            # One MAX all-reduce: of the signal, and of minus the first bad step (none: -2**52), i.e. its minimum.
-            bad = state.first_bad_step.double()
-            flags = torch.stack([torch.tensor(float(self.signum or 0), dtype=torch.float64, device=self.device),
-                                 torch.where(bad < 0, -(2.0**52), -bad)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            self.signum = self.signum or (int(flags[0]) or None)
-            state.first_bad_step.fill_(-1 if flags[1] == -(2.0**52) else -int(flags[1]))
+            asked = torch.tensor(self.signum or 0, device=self.device)
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            dist.all_reduce(state.first_bad_step, op=dist.ReduceOp.MIN)
+            self.signum = int(asked) or None
         self.agreed = self.signum is not None
 
 
-def explain(error, args, world_size, state, writer: CheckpointWriter):
-    """A failure met while training, as the user should read it: what happened, the last good checkpoint (once the
-    write in flight has ended), what to do."""
-    writer.finish()
-    if isinstance(error, NonFiniteLoss):
-        return NonFiniteLoss(f"{error}: {writer.last_good()}")
-    if isinstance(error, DiskFull):
-        return DiskFull(f"{error}; {writer.last_good()}: free space, then --resume auto continues the run")
-    if isinstance(error, torch.OutOfMemoryError):
-        return OutOfMemory(
-            f"out of memory after {state.step} steps, with {args.batch_size // world_size} images per process "
-            f"(--batch-size {args.batch_size} over {world_size} process{'es' if world_size > 1 else ''}); "
-            f"{writer.last_good()}: free the device's memory, then --resume auto continues the run; or start "
-            f"a new run that needs less: a smaller --batch-size, more processes (torchrun --nproc_per_node), --amp, "
-            f"--data-loader workers")
-    return error
+@dataclass
+class Run:
+    """One invocation's bookkeeping on one rank: its progress, the metrics log, the checkpoint writer, the stop
+    signal and the progress bar; `content()` is the checkpoint's dict, `facts` what every summary repeats."""
+    args: argparse.Namespace
+    device: torch.device
+    rank0: Rank0
+    state: TrainingState
+    log: MetricsLog
+    writer: CheckpointWriter
+    stop: StopSignal
+    autocast: torch.autocast
+    content: Callable[[], dict]
+    facts: dict
+    progress: tqdm = None
+
+    def begin(self, resumed: bool):
+        """The run record; on resume the records after the checkpoint are dropped (they are redone), and a run that
+        --resume auto restarts (no checkpoint) loses all of its."""
+        self.rank0(self.log.keep_until, self.state.step if resumed else -1)
+        epoch = self.state.step // self.facts["steps_per_epoch"]
+        self.rank0(self.log.write, kind="run", epoch=epoch, step=self.state.step, **self.facts)
+        self.progress = tqdm(total=self.facts["total_steps"], initial=self.state.step, disable=self.rank0.rank != 0,
+                             dynamic_ncols=True, desc="train")
+
+    def log_train(self, epoch, lr):
+        metrics = self.state.log_interval(lr, self.args.batch_size)
+        self.rank0(self.log.write, kind="train", epoch=epoch + 1, step=self.state.step, **metrics)
+        self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                  img_s=f"{metrics['img_s']:.0f}")
+        self.progress.update(self.state.step - self.progress.n)
+
+    def log_eval(self, epoch, acc, loss):
+        self.state.record_eval(acc, epoch + 1)
+        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=self.state.step, acc=acc, loss=loss)
+        if self.rank0.rank == 0:
+            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
+                                f"{self.state.best_epoch})")
+
+    def save(self):
+        self.writer.save(self.state.step, self.content)
+
+    def explain(self, error):
+        """A failure met while training, as the user should read it: what happened, the last good checkpoint (once
+        the write in flight has ended), what to do."""
+        self.writer.finish()
+        last_good = self.writer.last_good()
+        if isinstance(error, NonFiniteLoss):
+            return NonFiniteLoss(f"{error}: {last_good}")
+        if isinstance(error, DiskFull):
+            return DiskFull(f"{error}; {last_good}: free space, then --resume auto continues the run")
+        if isinstance(error, torch.OutOfMemoryError):
+            world_size = self.rank0.world_size
+            return OutOfMemory(
+                f"out of memory after {self.state.step} steps, with {self.args.batch_size // world_size} images per "
+                f"process (--batch-size {self.args.batch_size} over {world_size} process"
+                f"{'es' if world_size > 1 else ''}); {last_good}: free the device's memory, then --resume auto "
+                f"continues the run; or start a new run that needs less: a smaller --batch-size, more processes "
+                f"(torchrun --nproc_per_node), --amp, --data-loader workers")
+        return error
+
+    def finish(self, failure, seconds):
+        """Writes summary.json (rank 0) and says how the run ended; raises the failure that ended it."""
+        self.progress.close()
+        state, complete = self.state, self.state.step == self.facts["total_steps"]
+        summary = {
+            "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
+            "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
+            "train_seconds": state.train_seconds, "total_seconds": seconds, **state.speed(self.args.batch_size),
+            "stopped_by_signal": self.stop.signum if self.stop.agreed else None, **self.facts, "steps": state.step,
+            "failed": str(failure) if failure else None,
+        }
+        # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
+        if self.rank0.rank == 0:
+            try:
+                write_json(Path(self.args.output_dir) / "summary.json", summary)
+            except DiskFull as e:
+                failure = failure or self.explain(e)
+        if failure:
+            raise failure
+        if self.rank0.rank == 0:
+            print(final_line(summary, self.args))
+        return summary
+
+
+def write_json(path: Path, obj):
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def final_line(summary, args):
+    out = Path(args.output_dir)
+    if summary["complete"]:
+        return (f"test accuracy: final {summary['final_acc']:.2f}% (epoch {args.epochs}), best "
+                f"{summary['best_acc']:.2f}% (epoch {summary['best_epoch']}); {summary['train_seconds']:.0f} s of "
+                f"training; {out}")
+    return (f"stopped at step {summary['steps']} of {summary['total_steps']} (epoch "
+            f"{summary['steps'] / summary['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
+            f"(or --resume auto)")
+
+
+def train_epochs(model, optimizers, schedulers, loader, mix, test_set, run):
+    """The epochs from the run's step to --epochs (or --stop-after-epochs more), each evaluated every --eval-every
+    epochs and after the last, then saved. Returns the failure that ended them early, as the user should read it."""
+    args, state = run.args, run.state
+    start_epoch, start_step = divmod(state.step, loader.sampler.steps_per_epoch)
+    end_epoch = min(args.epochs, start_epoch + (args.stop_after_epochs or args.epochs))
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+            if train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, run):
+                break
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                run.log_eval(epoch, *evaluate(model, *test_set, run.device, run.rank0.rank, run.rank0.world_size,
+                                              run.autocast))
+            run.save()
+            if run.stop.agreed:
+                break
+        run.writer.join()
+    except (NonFiniteLoss, DiskFull, torch.OutOfMemoryError, FailedOnRank0) as e:
+        return run.explain(e)
+    return None
 
 
 def main(args):
-    """One run (see run); what it holds, such as the output dir's lock, is released however it ends."""
-    with contextlib.ExitStack() as on_exit:
-        return run(args, on_exit)
-
-
-def run(args, on_exit: contextlib.ExitStack):
-    """The recipe: distributed → seed → output dir → data → model → optimizer → compile → DDP → resume → loop →
-    summary → teardown."""
-    check_args(args)
-    rank, world_size, device = setup_distributed(args.device)
-    resolve_compile(args, device)
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
-    is_main = rank == 0
+    """The recipe: flags → processes → output dir → data → model → optimizers → compile → DDP → resume → epochs →
+    summary. Whatever the run holds (its folder's lock, a checkpoint write in flight, the process group) is released
+    however it ends."""
+    start = time.perf_counter()
+    try:
+        check_args(args)
+        rank, world_size, device = setup_distributed(args)
+    except ValueError as e:  # every rank meets these alike: rank 0 says them
+        raise e if is_rank0() else FailedOnRank0(exit_code(e)) from None
     rank0 = Rank0(rank, world_size, device)
-    # Only rank 0 writes the run's files, and only it reads the checkpoint (load_resume).
-    resume_path = rank0(resume_checkpoint, args)
-    # A fresh run may start from another run's weights (checked before any work); a resumed one has its own.
-    source = load_model(args.init_from, "--init-from")[0] if args.init_from and resume_path is None else None
-    if args.output_dir is None:
-        fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-        args.output_dir = str(resume_path.parent) if resume_path else fresh
-    out = Path(args.output_dir)
-    rank0(claim_output_dir, args, on_exit)
-    torch.manual_seed(data.derive_seed(args.seed, "init"))
+    with contextlib.ExitStack() as on_exit:
+        if world_size > 1:
+            on_exit.callback(dist.destroy_process_group)
+        # Only rank 0 reads the checkpoint and writes the run's files.
+        resume_path = rank0.shared(resume_checkpoint, args)
+        # A fresh run may start from another run's weights, read before any work; a resumed one has its own.
+        source = None
+        if args.init_from and resume_path is None:
+            source, _ = rank0.first(load_model, args.init_from, "--init-from")
+        rank0(claim_output_dir, args, on_exit)
+        torch.manual_seed(data.derive_seed(args.seed, "init"))
 
-    download_dataset(args, rank, world_size, rank0)
-    dataset = data.load_dataset(args.dataset, args.data_dir)
-    if args.batch_size > len(dataset.train_images) * args.ra_reps:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
-                         f"samples of an epoch")
-    # Like the training set, the test set lives on the device as uint8: evaluation copies nothing per chunk.
-    test_images, test_labels = dataset.test_images.to(device), dataset.test_labels.to(device)
-    workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
-    if args.data_loader == "device":
-        workers = 0
-    loader = build_loader(args, dataset, device, rank, world_size, workers)
-    sampler = loader.sampler
-    mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
+        dataset = load_data(args, rank0)
+        loader = build_loader(args, dataset, device, rank, world_size)
+        mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
+        # Like the training set, the test set lives on the device as uint8: evaluation copies nothing per chunk.
+        test_set = (dataset.test_images.to(device), dataset.test_labels.to(device), dataset.mean, dataset.std)
 
-    cfg = model_config(args, len(dataset.classes))
-    model = ViT(cfg)
-    if args.whiten:
-        model.whiten_patch_embedding(whitening_images(args, dataset, device))
-    if source is not None:
-        try:
-            transfer_weights(source, model)
-        except ValueError as e:
-            raise ValueError(f"--init-from {args.init_from}: {e}") from None
-    model.to(device)
-    model_without_ddp = model
-    optimizers = build_optimizers(args, model, device)
-    schedulers = [build_scheduler(optimizer, args, sampler.steps_per_epoch) for optimizer in optimizers]
-    if args.compile:
-        model = torch.compile(model, mode=args.compile_mode)
-    if world_size > 1:
-        # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = build_model(args, len(dataset.classes), source, lambda: whitening_images(args, dataset, device))
+        model_without_ddp = model.to(device)
+        optimizers = build_optimizers(args, model, device)
+        schedulers = [build_scheduler(optimizer, args, loader.sampler.steps_per_epoch) for optimizer in optimizers]
+        if args.compile:
+            model = torch.compile(model, mode=args.compile_mode)
+        if world_size > 1:
+            # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    state = TrainingState(device)
-    ckpt = load_resume(resume_path, args, cfg, rank0, world_size)
-    if ckpt is not None:
-        model_without_ddp.load_state_dict(ckpt["model"])
-        for optimizer, saved in zip(optimizers, ckpt["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
-        for scheduler, saved in zip(schedulers, ckpt["schedulers"], strict=True):
-            scheduler.load_state_dict(saved)
-        state.load(ckpt)
-        del ckpt  # its tensors now live in the model and optimizer
-    info = run_info(device)
-    params = count_parameters(model_without_ddp)
-    log = MetricsLog(out / "metrics.jsonl")
-    checkpoint = out / "checkpoint.pt"
-    writer = CheckpointWriter(checkpoint, rank0, device, saved_step=state.step if resume_path else None)
-    on_exit.callback(writer.finish)  # runs before the output dir's lock is released
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
-
-    def save():
-        writer.save(state.step, lambda: {
-            "model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-            "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
-            "config": asdict(cfg), "run": info,
-            "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}})
-
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = args.epochs * steps_per_epoch
-    start_epoch, start_step = divmod(state.step, steps_per_epoch)
-    end_epoch = args.epochs
-    if args.stop_after_epochs is not None:
-        end_epoch = min(args.epochs, start_epoch + args.stop_after_epochs)
-    progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, dynamic_ncols=True, desc="train")
-    run_start = time.perf_counter()
-    def train_epoch(epoch, stop):
-        """One epoch (on resume, from its saved step); True if it stopped early, its checkpoint saved."""
-        model.train()
-        sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-        state.interval_start = time.perf_counter()
-        for images, labels in loader:
-            # Dropout paths and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
-            torch.manual_seed(data.derive_seed(args.seed, "step", rank, state.step))
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            state.add(train_step(model, optimizers, schedulers, images, labels, mix, autocast, args.label_smoothing))
-            end_of_epoch = state.step % steps_per_epoch == 0
-            log_now = state.step % args.log_every == 0 or end_of_epoch
-            save_now = bool(args.save_every) and state.step % args.save_every == 0
-            # Host-device syncs happen only here: at log points, saves, and once a stop is asked for.
-            if log_now or save_now or stop.asked_locally():
-                stop.agree(state)
-                state.raise_if_not_finite(epoch)
-            if log_now:
-                metrics = state.log_interval(optimizers[0].param_groups[0]["lr"], args.batch_size)
-                rank0(log.write, kind="train", epoch=epoch + 1, step=state.step, **metrics)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                                     img_s=f"{metrics['img_s']:.0f}")
-                progress.update(state.step - progress.n)
-            if not end_of_epoch and (save_now or stop.agreed):  # the epoch's end saves after its evaluation
-                save()
-                if stop.agreed:
-                    return True
-        return False
-
-    failure = None
-    with StopSignal(world_size, device) as stop:
-        try:
-            # On resume, records after the checkpoint are redone; a run restarted by --resume auto (no checkpoint)
-            # from zero.
-            rank0(log.keep_until, state.step if resume_path else -1)
-            rank0(log.write, kind="run", epoch=start_epoch, step=state.step, params=params, world_size=world_size,
-                  workers=workers, config=asdict(cfg), args=vars(args), **info)
-            for epoch in range(start_epoch, end_epoch):
-                if train_epoch(epoch, stop):
-                    break
-                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                    acc, test_loss = evaluate(model, test_images, test_labels, dataset.mean, dataset.std, device,
-                                              rank, world_size, autocast)
-                    state.record_eval(acc, epoch + 1)
-                    rank0(log.write, kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=test_loss)
-                    if is_main:
-                        progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% "
-                                       f"(best {state.best_acc:.2f}% at epoch {state.best_epoch})")
-                save()
-                if stop.agreed:
-                    break
-            writer.join()
-        except (NonFiniteLoss, DiskFull, torch.OutOfMemoryError, FailedOnRank0) as e:
-            failure = explain(e, args, world_size, state, writer)
-    progress.close()
-
-    complete = state.step == total_steps
-    summary = {
-        "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
-        "best_epoch": state.best_epoch, "epochs": args.epochs, "epochs_done": state.step // steps_per_epoch,
-        "steps": state.step, "train_seconds": state.train_seconds, "total_seconds": time.perf_counter() - run_start,
-        **state.speed(args.batch_size), "params": params, "forward_macs": forward_macs(cfg),
-        "world_size": world_size, "dataset": args.dataset, "stopped_by_signal": stop.signum if stop.agreed else None,
-        "failed": str(failure) if failure else None,
-        "config": asdict(cfg), "args": vars(args), **info,
-    }
-    if is_main:
-        try:
-            write_json(out / "summary.json", summary)
-        except DiskFull as e:
-            failure = failure or explain(e, args, world_size, state, writer)
-    if failure:
-        raise failure
-    if is_main:
-        if complete:
-            print(f"test accuracy: final {state.acc:.2f}% (epoch {args.epochs}), best {state.best_acc:.2f}% "
-                  f"(epoch {state.best_epoch}); {state.train_seconds:.0f} s of training; {out}")
-        else:
-            print(f"stopped at step {state.step} of {total_steps} (epoch {state.step / steps_per_epoch:.2f}); "
-                  f"continue with --resume {out / 'checkpoint.pt'} (or --resume auto)")
-    if world_size > 1:
-        dist.destroy_process_group()
-    return summary
+        state = TrainingState(device)
+        ckpt = rank0.shared(load_resume, resume_path, args, model_without_ddp.cfg)
+        if ckpt is not None:
+            restore(ckpt, model_without_ddp, optimizers, schedulers, state)
+        del ckpt  # its tensors now live in the model and the optimizers
+        cfg, info = asdict(model_without_ddp.cfg), run_info(device)
+        steps_per_epoch = loader.sampler.steps_per_epoch
+        facts = dict(params=count_parameters(model_without_ddp), forward_macs=forward_macs(model_without_ddp.cfg),
+                     world_size=world_size, workers=getattr(loader, "num_workers", 0), dataset=args.dataset,
+                     epochs=args.epochs, steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
+                     config=cfg, args=vars(args), **info)
+        out = Path(args.output_dir)
+        writer = CheckpointWriter(out / "checkpoint.pt", rank0, device, state.step if resume_path else None)
+        on_exit.callback(writer.finish)  # runs before the output dir's lock is released
+        run = Run(args, device, rank0, state, MetricsLog(out / "metrics.jsonl"), writer,
+                  on_exit.enter_context(StopSignal(world_size, device)),
+                  torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"),
+                  content=lambda: {
+                      "model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                      "schedulers": [s.state_dict() for s in schedulers], **state.checkpoint(), "args": vars(args),
+                      "config": cfg, "run": info,
+                      "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}},
+                  facts=facts)
+        run.begin(resumed=resume_path is not None)
+        failure = train_epochs(model, optimizers, schedulers, loader, mix, test_set, run)
+        return run.finish(failure, time.perf_counter() - start)
 
 
 def cli(argv=None):
