@@ -313,8 +313,9 @@ def report(path, cfg, dataset_name, classes, a) -> str:
                           [[i] + [f"{v:.3f}" for v in row] for i, row in enumerate(a["similarity"].tolist())])
            if k > 1 else "One CLS token: no similarity between CLS outputs to show."),
         "## Per-class accuracy\n\n" + markdown_table(
-            ["class", "images", "accuracy %"], [[c, n, f"{acc:.2f}"] for c, n, acc in
-                                                zip(classes, result["confusion"].sum(1).tolist(), result["per_class"])]),
+            ["class", "images", "accuracy %"],
+            [[c, n, f"{acc:.2f}"]
+             for c, n, acc in zip(classes, result["confusion"].sum(1).tolist(), result["per_class"])]),
         "## Plots\n\n" + "\n".join(f"![{name}]({name}.png)" for name in plot_names(k)),
     ]
     return "\n\n".join(sections) + "\n"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -299,7 +299,7 @@ def erase(images, boxes, value):
 
 class RandomErasing:
     """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline: the box is
-    drawn by erasing_boxes from torch's default generator, which AugmentedImages seeds for each sample."""
+    drawn by erasing_boxes from torch's default generator."""
 
     def __init__(self, p, value):
         self.p, self.value = p, value
@@ -311,8 +311,8 @@ class RandomErasing:
 
 def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, aa_fill=AA_FILL,
                     pil=False):
-    """The per-image training pipeline on a uint8 (3, 32, 32) tensor (a PIL image with pil=True); each step can be
-    switched off."""
+    """The training pipeline of one uint8 (3, 32, 32) tensor (a PIL image with pil=True) in torchvision's own
+    per-image transforms: the reference BatchAugment is tested against, and bench.py's per-image baseline."""
     check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
     steps = []
     if hflip:
@@ -330,23 +330,6 @@ def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10
     return v2.Compose(steps)
 
 
-class AugmentedImages(Dataset):
-    """Indexed by (image index, seed): the seed fixes that sample's augmentation, wherever it is computed."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            # Only the CPU generator, which the v2 transforms draw from: torch.manual_seed would cost ~70 us.
-            torch.default_generator.manual_seed(seed)
-            return self.transform(self.images[index]), self.labels[index]
-
-
 RA_MODES = ("shuffles", "in-batch")
 
 
@@ -356,8 +339,7 @@ class RepeatedAugmentationSampler(Sampler):
     in-batch: one shuffle with each image repeated `reps` times in a row (the seed under torchrun; "batch
     augmentation", Hoffer et al. 2019), so a batch holds about B/reps images in `reps` augmented copies each.
     The order is cut into global batches (the incomplete last one dropped) and rank r takes the r-th contiguous
-    slice of each: a global batch is the same samples on 1 or N processes. Yields (image index, augmentation seed)
-    for AugmentedImages; the seed is a function of the sample's place in the epoch's global order."""
+    slice of each: a global batch is the same samples on 1 or N processes. Yields this rank's image indices."""
 
     def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0, mode="shuffles"):
         if reps < 1:
@@ -395,11 +377,7 @@ class RepeatedAugmentationSampler(Sampler):
         return self.global_order()[:, self.rank].flatten()
 
     def __iter__(self):
-        order = self.epoch_order().tolist()
-        for k in range(self.start_step * self.batch, len(order)):
-            step, j = divmod(k, self.batch)
-            slot = step * self.global_batch + self.rank * self.batch + j  # place in the epoch's global order
-            yield order[k], derive_seed(self.seed, "augment", self.epoch, slot)
+        yield from self.epoch_order()[self.start_step * self.batch :].tolist()
 
 
 def rows_to_device(rows: dict, device) -> dict:
@@ -660,18 +638,26 @@ class BatchAugment:
             self.on_device[device] = to_device(normalization(self.mean, self.std), device)
         return self.on_device[device]
 
-    def draw(self, n, generator):
-        """Every random choice for n images, drawn on the CPU: (rows for rows_to_device, host ints for apply)."""
-        rows, ends = {}, []
+    def choose(self, n, generator):
+        """Every random choice for n images, drawn on the CPU: {name: (k, n) int64}, a column per image."""
+        choices = {}
         if self.hflip or self.padding:
             flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
             offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
-            rows["crop"] = torch.cat([rearrange(flip.long(), "n -> 1 n"), offsets])  # flip, top, left
+            choices["crop"] = torch.cat([rearrange(flip.long(), "n -> 1 n"), offsets])  # flip, top, left
         if self.auto_augment is not None:
-            aa_rows, ends = self.auto_augment.plan(self.auto_augment.draw(n, generator))
-            rows.update(aa_rows)
+            choices["aa"] = rearrange(self.auto_augment.draw(n, generator), "n slot -> slot n")
         if self.random_erase:
-            rows["erase"] = erasing_boxes(n, IMAGE_SIZE, IMAGE_SIZE, self.random_erase, generator).T
+            choices["erase"] = rearrange(erasing_boxes(n, IMAGE_SIZE, IMAGE_SIZE, self.random_erase, generator),
+                                         "n box -> box n")
+        return choices
+
+    def plan(self, choices):
+        """choose's choices as (rows for rows_to_device, host ints for apply): AutoAugment's sort is planned here."""
+        rows, ends = {name: c for name, c in choices.items() if name != "aa"}, []
+        if "aa" in choices:
+            aa_rows, ends = self.auto_augment.plan(rearrange(choices["aa"], "slot n -> n slot"))
+            rows.update(aa_rows)
         return rows, ends
 
     def apply(self, images, rows, ends):
@@ -688,14 +674,15 @@ class BatchAugment:
         return images
 
     def __call__(self, images, generator):
-        rows, ends = self.draw(len(images), generator)
+        rows, ends = self.plan(self.choose(len(images), generator))
         return self.apply(images, rows_to_device(rows, images.device), ends)
 
 
 class DeviceLoader:
     """The training set held once on `device` as uint8; every epoch (set on the sampler) the sampler's order for
-    this rank is cut into batches, augmented on the device a chunk of batches at a time. A chunk's randomness is
-    seeded by (seed, epoch, rank, chunk) and chunks sit at fixed steps of the epoch, so a resume at any step replays
+    this rank is cut into batches, augmented on the device a chunk of batches at a time. A chunk's random choices
+    are drawn for every rank's images, seeded by (seed, epoch, chunk), and each rank applies its part: a global batch
+    is augmented alike on 1 or N processes. Chunks sit at fixed steps of the epoch, so a resume at any step replays
     the same batches."""
 
     def __init__(self, images, labels, sampler: RepeatedAugmentationSampler, augment: BatchAugment, device,
@@ -703,7 +690,8 @@ class DeviceLoader:
         self.images, self.labels = images.to(device), labels.to(device)
         self.sampler, self.augment, self.device = sampler, augment, torch.device(device)
         self.batch = sampler.batch
-        self.batches_per_chunk = max(1, chunk_images // self.batch)
+        # Chunks count global batches, so that they cut an epoch at the same steps on any number of processes.
+        self.batches_per_chunk = max(1, chunk_images // sampler.global_batch)
 
     def __len__(self):
         return self.sampler.steps_per_epoch - self.sampler.start_step
@@ -714,9 +702,12 @@ class DeviceLoader:
         for first in range(s.start_step // self.batches_per_chunk * self.batches_per_chunk, s.steps_per_epoch,
                            self.batches_per_chunk):
             steps = range(first, min(first + self.batches_per_chunk, s.steps_per_epoch))
-            generator = torch.Generator().manual_seed(derive_seed(s.seed, "augment", s.epoch, s.rank, first))
+            generator = torch.Generator().manual_seed(derive_seed(s.seed, "augment", s.epoch, first))
+            choices = self.augment.choose(len(steps) * s.global_batch, generator)  # in the global order
+            mine = rearrange(torch.arange(len(steps) * s.global_batch), "(s w b) -> s w b", s=len(steps),
+                             w=s.world_size)[:, s.rank].flatten()
+            rows, ends = self.augment.plan({name: c[:, mine] for name, c in choices.items()})
             indices = order[steps.start : steps.stop].flatten()
-            rows, ends = self.augment.draw(len(indices), generator)
             # The chunk's image indices and all its random choices reach the device in one copy.
             rows = rows_to_device({"index": indices, **rows}, self.device)
             images = self.augment.apply(self.images[rows["index"]], rows, ends)

@@ -4,11 +4,9 @@
     torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 train.py ...  # 2 nodes
 
-The file reads top to bottom: the flags; building the run (processes, data, model, optimizers); one training step,
-one epoch, the evaluation; the run's files (checkpoints, metrics log, lock) and its failures; `main`, the recipe.
-Outputs in --output-dir: metrics.jsonl (one JSON record per log point and evaluation), checkpoint.pt (after every
-epoch, written atomically in the background), summary.json (at the end of every invocation); .lock keeps a second
-process out.
+Top to bottom: the flags; building the run; a training step, an epoch, the evaluation; the run's files and failures;
+`main`, the recipe. In --output-dir: metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt (each
+epoch, written atomically in the background), summary.json (at every end); .lock keeps a second process out.
 """
 import argparse
 import contextlib
@@ -36,7 +34,6 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
@@ -45,11 +42,10 @@ from model import CLS_POOLS, PATCH_INITS, POS_EMBEDS, ViT, ViTConfig, count_para
 
 EVAL_CHUNK = 1024
 OPTIMIZERS = ("adamw", "lion", "muon")
-LOADERS = ("device", "workers")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
-RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "workers", "device", "compile", "compile_mode",
-                     "log_every", "stop_after_epochs", "save_every"}
+RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "device", "compile", "compile_mode", "log_every",
+                     "stop_after_epochs", "save_every"}
 
 
 # ---- what can go wrong: each cause a job scheduler can act on has its exit code (README, "Reliability")
@@ -122,108 +118,83 @@ PROBABILITY, FRACTION = number(float, "[0, 1]"), number(float, "[0, 1)")
 
 
 def add_data_flags(parser):
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="the dataset")
-    group.add_argument("--data-dir", default="data", type=str,
-                       help="dataset root (CIFAR: holds cifar-10-batches-py; imagefolder: holds train/ and val/)")
-    group.add_argument("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
-    group.add_argument("--data-loader", default="device", choices=LOADERS,
-                       help="device: dataset and batched per-image augmentation on the training device; workers: "
-                            "torchvision's per-image pipeline in DataLoader worker processes (a reference, slower)")
-    group.add_argument("-j", "--workers", default=None, type=COUNT,
-                       help="--data-loader workers: processes per rank (default: CPU cores per rank, at most 8)")
+    add = parser.add_argument_group("data").add_argument
+    add("--dataset", default="cifar10", choices=data.DATASETS, help="the dataset (digits: bundled, offline)")
+    add("--data-dir", default="data", help="dataset root (CIFAR: its folder's parent; imagefolder: train/, val/)")
+    add("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
 
 
 def add_augment_flags(parser):
-    group = parser.add_argument_group("augmentation (defaults: the paper's baseline)")
-    group.add_argument("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    group.add_argument("--crop-padding", default=4, type=COUNT, help="random 32x32 crop after zero padding (pixels)")
-    group.add_argument("--auto-augment", default="cifar10", choices=data.AUTO_AUGMENT_POLICIES,
-                       help="AutoAugment policy, drawn per image")
-    group.add_argument("--aa-fill", default=data.AA_FILL, type=number(int, "[0, 255]"),
-                       help="grey level where AutoAugment's translate/shear/rotate uncover the image (the seed: 128)")
-    group.add_argument("--random-erase", default=0.25, type=PROBABILITY, help="random erasing probability per image")
-    group.add_argument("--mixup-alpha", default=1.0, type=NON_NEGATIVE, help="Mixup Beta(alpha, alpha); 0: no Mixup")
-    group.add_argument("--cutmix-alpha", default=1.0, type=NON_NEGATIVE, help="CutMix Beta(alpha, alpha); 0: none")
-    group.add_argument("--mix-prob", default=0.5, type=PROBABILITY,
-                       help="probability that a batch is mixed (then CutMix or Mixup, 50/50)")
-    group.add_argument("--label-smoothing", default=0.1, type=FRACTION, help="label smoothing of the cross-entropy")
-    group.add_argument("--ra-reps", default=3, type=POSITIVE_INT,
-                       help="repeated augmentation: times each image is seen per epoch")
-    group.add_argument("--ra-mode", default="shuffles", choices=data.RA_MODES,
-                       help="shuffles: --ra-reps independent shuffles per epoch (the seed, 1 process); in-batch: "
-                            "each image's copies side by side in one batch (the seed under torchrun)")
+    add = parser.add_argument_group("augmentation (defaults: the paper's baseline, as the seed ran it)").add_argument
+    add("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    add("--crop-padding", default=4, type=COUNT, help="random 32x32 crop after zero padding (pixels)")
+    add("--auto-augment", default="cifar10", choices=data.AUTO_AUGMENT_POLICIES, help="AutoAugment policy, per image")
+    add("--aa-fill", default=data.AA_FILL, type=number(int, "[0, 255]"),
+        help="grey level where AutoAugment's translate/shear/rotate uncover the image")
+    add("--random-erase", default=0.25, type=PROBABILITY, help="random erasing probability per image")
+    add("--mixup-alpha", default=1.0, type=NON_NEGATIVE, help="Mixup Beta(alpha, alpha); 0: no Mixup")
+    add("--cutmix-alpha", default=1.0, type=NON_NEGATIVE, help="CutMix Beta(alpha, alpha); 0: no CutMix")
+    add("--mix-prob", default=0.5, type=PROBABILITY, help="probability that a batch is mixed (CutMix or Mixup, 50/50)")
+    add("--label-smoothing", default=0.1, type=FRACTION, help="label smoothing of the cross-entropy")
+    add("--ra-reps", default=3, type=POSITIVE_INT, help="repeated augmentation: times each image is seen per epoch")
+    add("--ra-mode", default="shuffles", choices=data.RA_MODES,
+        help="shuffles: --ra-reps independent shuffles per epoch (the seed, 1 process); in-batch: an image's copies "
+             "side by side in a batch (the seed under torchrun)")
 
 
 def add_model_flags(parser):
-    group = parser.add_argument_group("model (model.ViTConfig)")
-    group.add_argument("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
-    group.add_argument("--dim", default=192, type=POSITIVE_INT, help="token width")
-    group.add_argument("--depth", default=9, type=POSITIVE_INT, help="transformer blocks")
-    group.add_argument("--heads", default=12, type=POSITIVE_INT, help="attention heads (must divide --dim)")
-    group.add_argument("--mlp-ratio", default=2.0, type=POSITIVE, help="MLP hidden width / --dim")
-    group.add_argument("--num-cls", default=1, type=POSITIVE_INT, help="CLS tokens")
-    group.add_argument("--cls-pool", default="concat", choices=CLS_POOLS, help="how the CLS outputs reach the head")
-    group.add_argument("--pos-embed", default="learned", choices=POS_EMBEDS, help="position embedding")
-    group.add_argument("--patch-init", default="pytorch", choices=PATCH_INITS,
-                       help="patch-embedding init: pytorch (the seed's Conv2d default, U(+-1/sqrt(3*p*p))) or "
-                            "trunc_normal (std 0.02, as the other linears)")
-    group.add_argument("--latent", default="", type=str,
-                       help="low-rank attention projections, any of q, k, v, o (o: the output projection; e.g. kv)")
-    group.add_argument("--latent-dim", default=64, type=POSITIVE_INT, help="rank of the low-rank attention projections")
-    group.add_argument("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
-    group.add_argument("--mlp-latent-dim", default=0, type=COUNT,
-                       help="rank of both MLP layers, each as down (no bias) -> up; 0: full rank")
-    group.add_argument("--drop-path", default=0.1, type=FRACTION, help="stochastic depth rate of the last block")
-    group.add_argument("--whiten", action="store_true", help="whitening init of the patch embedding")
-    group.add_argument("--whiten-images", default=5000, type=POSITIVE_INT,
-                       help="--whiten uses the first whole batches of the training stream holding at least this "
-                            "many images (5000 at batch 256: 20 batches, 5120 images, as the seed)")
-    group.add_argument("--init-from", default=None, type=str,
-                       help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
+    add = parser.add_argument_group("model (model.ViTConfig)").add_argument
+    add("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
+    add("--dim", default=192, type=POSITIVE_INT, help="token width")
+    add("--depth", default=9, type=POSITIVE_INT, help="transformer blocks")
+    add("--heads", default=12, type=POSITIVE_INT, help="attention heads (must divide --dim)")
+    add("--mlp-ratio", default=2.0, type=POSITIVE, help="MLP hidden width / --dim")
+    add("--num-cls", default=1, type=POSITIVE_INT, help="CLS tokens")
+    add("--cls-pool", default="concat", choices=CLS_POOLS, help="how the CLS outputs reach the head")
+    add("--pos-embed", default="learned", choices=POS_EMBEDS, help="position embedding")
+    add("--patch-init", default="pytorch", choices=PATCH_INITS,
+        help="pytorch: the seed's (Conv2d's default, U(+-1/sqrt(3 p^2))); trunc_normal: std 0.02, as other linears")
+    add("--latent", default="", help="low-rank attention projections, any of q, k, v, o (o: the output; e.g. kv)")
+    add("--latent-dim", default=64, type=POSITIVE_INT, help="rank of the low-rank attention projections")
+    add("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
+    add("--mlp-latent-dim", default=0, type=COUNT, help="rank of both MLP layers (down, no bias -> up); 0: full")
+    add("--drop-path", default=0.1, type=FRACTION, help="stochastic depth rate of the last block")
+    add("--whiten", action="store_true", help="whitening init of the patch embedding")
+    add("--whiten-images", default=5000, type=POSITIVE_INT,
+        help="--whiten uses the first whole training batches holding at least this many images (as the seed)")
+    add("--init-from", help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
                             "SVD to the ranks asked for (the same at full rank), the rest copied")
 
 
 def add_optim_flags(parser):
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--opt", default="adamw", choices=OPTIMIZERS,
-                       help="muon: Muon for the blocks' matrices, AdamW at --lr for the rest")
-    group.add_argument("--lr", default=1e-3, type=POSITIVE, help="peak learning rate (Lion: use 3-10x smaller)")
-    group.add_argument("--muon-lr", default=0.02, type=POSITIVE, help="--opt muon: peak learning rate of Muon")
-    group.add_argument("--muon-momentum", default=0.9, type=FRACTION, help="--opt muon: Muon's Nesterov momentum")
-    group.add_argument("--weight-decay", default=0.05, type=NON_NEGATIVE,
-                       help="decoupled weight decay (Lion: 3-10x larger)")
-    group.add_argument("--batch-size", default=256, type=POSITIVE_INT, help="global batch (all processes together)")
-    group.add_argument("--epochs", default=100, type=POSITIVE_INT,
-                       help="epochs (one epoch: --ra-reps passes over the data)")
-    group.add_argument("--warmup-epochs", default=None, type=NON_NEGATIVE,
-                       help="linear warm-up (epochs; default: a tenth of --epochs, 10 at the paper's 100)")
-    group.add_argument("--warmup-lr", default=1e-6, type=POSITIVE, help="learning rate at step 0")
-    group.add_argument("--min-lr", default=1e-6, type=NON_NEGATIVE, help="learning rate at the end of the cosine")
-    group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (no effect on CPU)")
-    group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                       help="torch.compile the model (default: on for CUDA, off on the CPU)")
-    group.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                       help="torch.compile mode: reduce-overhead adds CUDA graphs, max-autotune also tunes kernels "
-                            "(minutes of compiling)")
+    add = parser.add_argument_group("optimisation").add_argument
+    add("--opt", default="adamw", choices=OPTIMIZERS, help="muon: Muon for the blocks' matrices, AdamW the rest")
+    add("--lr", default=1e-3, type=POSITIVE, help="peak learning rate (Lion: use 3-10x smaller)")
+    add("--muon-lr", default=0.02, type=POSITIVE, help="--opt muon: peak learning rate of Muon")
+    add("--muon-momentum", default=0.9, type=FRACTION, help="--opt muon: Muon's Nesterov momentum")
+    add("--weight-decay", default=0.05, type=NON_NEGATIVE, help="decoupled weight decay (Lion: 3-10x larger)")
+    add("--batch-size", default=256, type=POSITIVE_INT, help="global batch (all processes together)")
+    add("--epochs", default=100, type=POSITIVE_INT, help="epochs (one epoch: --ra-reps passes over the data)")
+    add("--warmup-epochs", type=NON_NEGATIVE, help="linear warm-up (epochs; default: a tenth of --epochs)")
+    add("--warmup-lr", default=1e-6, type=POSITIVE, help="learning rate at step 0")
+    add("--min-lr", default=1e-6, type=NON_NEGATIVE, help="learning rate at the end of the cosine")
+    add("--amp", action="store_true", help="bf16 autocast on CUDA (no effect on CPU)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA, not on the CPU)")
+    add("--compile-mode", default="default", choices=COMPILE_MODES,
+        help="reduce-overhead adds CUDA graphs; max-autotune also tunes kernels (minutes of compiling)")
 
 
 def add_run_flags(parser):
-    group = parser.add_argument_group("run")
-    group.add_argument("--eval-every", default=5, type=POSITIVE_INT, help="evaluate every N epochs (and after the last)")
-    group.add_argument("--log-every", default=50, type=POSITIVE_INT, help="log training loss every N steps")
-    group.add_argument("--seed", default=0, type=int, help="base seed; every random draw derives from it")
-    group.add_argument("--tag", default=None, type=str,
-                       help="the table column this run belongs to (report.py groups runs by it; default: none)")
-    group.add_argument("--output-dir", default=None, type=str,
-                       help="where metrics, checkpoint and summary go (default: runs/<dataset>-<time>)")
-    group.add_argument("--resume", default=None, type=str,
-                       help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
-    group.add_argument("--save-every", default=0, type=COUNT,
-                       help="also checkpoint every N steps (0: only after each epoch); a kill loses at most N steps")
-    group.add_argument("--stop-after-epochs", default=None, type=POSITIVE_INT,
-                       help="end this invocation after N epochs, schedule unchanged; continue with --resume")
-    group.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
+    add = parser.add_argument_group("run").add_argument
+    add("--eval-every", default=5, type=POSITIVE_INT, help="evaluate every N epochs (and after the last)")
+    add("--log-every", default=50, type=POSITIVE_INT, help="log training loss every N steps")
+    add("--seed", default=0, type=int, help="base seed; every random draw derives from it")
+    add("--tag", help="the table column this run belongs to (report.py groups runs by it)")
+    add("--output-dir", help="where metrics, checkpoint and summary go (default: runs/<dataset>-<time>)")
+    add("--resume", help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
+    add("--save-every", default=0, type=COUNT, help="also checkpoint every N steps (a kill loses at most N steps)")
+    add("--stop-after-epochs", type=POSITIVE_INT, help="end after N epochs, schedule unchanged; then --resume")
+    add("--device", help="cuda or cpu (default: cuda when available)")
 
 
 def get_args_parser():
@@ -231,6 +202,15 @@ def get_args_parser():
     for add_flags in (add_data_flags, add_augment_flags, add_model_flags, add_optim_flags, add_run_flags):
         add_flags(parser)
     return parser
+
+
+def model_config(args, num_classes) -> ViTConfig:
+    return ViTConfig(
+        img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
+        depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls, cls_pool=args.cls_pool,
+        pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent, latent_dim=args.latent_dim,
+        shared_kv_latent=args.shared_kv_latent, mlp_latent_dim=args.mlp_latent_dim, drop_path=args.drop_path,
+    )
 
 
 def check_args(args):
@@ -259,6 +239,15 @@ def check_args(args):
 
 
 # ---- building the run
+def resolve_compile(args, device):
+    """--compile defaults to on for CUDA, where an eager step is mostly kernel launches, and to off on the CPU, where
+    compiling takes longer than a short run saves."""
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if not args.compile and args.compile_mode != "default":
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
+
+
 def setup_distributed(args):
     """(rank, world_size, device); a no-op without torchrun. NCCL on CUDA, gloo on CPU."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -275,13 +264,15 @@ def setup_distributed(args):
     return rank, world_size, device
 
 
-def resolve_compile(args, device):
-    """--compile defaults to on for CUDA, where an eager step is mostly kernel launches, and to off on the CPU, where
-    compiling takes longer than a short run saves."""
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    if not args.compile and args.compile_mode != "default":
-        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
+def load_dataset(args):
+    try:
+        dataset = data.load_dataset(args.dataset, args.data_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: pass --download to fetch it, or --data-dir the folder that holds it") from None
+    if args.batch_size > len(dataset.train_images) * args.ra_reps:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
+                         f"samples of an epoch")
+    return dataset
 
 
 def load_data(args, rank0):
@@ -297,48 +288,14 @@ def load_data(args, rank0):
     return rank0.first(load_dataset, args)
 
 
-def load_dataset(args):
-    try:
-        dataset = data.load_dataset(args.dataset, args.data_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}: pass --download to fetch it, or --data-dir the folder that holds it") from None
-    if args.batch_size > len(dataset.train_images) * args.ra_reps:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset.train_images) * args.ra_reps} "
-                         f"samples of an epoch")
-    return dataset
-
-
-def model_config(args, num_classes) -> ViTConfig:
-    return ViTConfig(
-        img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
-        depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls, cls_pool=args.cls_pool,
-        pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent, latent_dim=args.latent_dim,
-        shared_kv_latent=args.shared_kv_latent, mlp_latent_dim=args.mlp_latent_dim, drop_path=args.drop_path,
-    )
-
-
-def ignore_stop_signals(worker_id):
-    """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after saving a checkpoint."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def build_loader(args, dataset, device, rank, world_size):
-    """This rank's training batches: the device loader, or torchvision's per-image pipeline in worker processes.
-    Either way `loader.sampler` is the RepeatedAugmentationSampler that fixes the epoch's order."""
+    """This rank's training batches: the training set on `device` as uint8, augmented there a chunk at a time, per
+    image, as the seed's per-image torchvision pipeline would (`loader.sampler` fixes the epoch's order)."""
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
                                                world_size, args.seed, args.ra_mode)
-    augmentation = dict(mean=dataset.mean, std=dataset.std, hflip=args.hflip, crop_padding=args.crop_padding,
-                        auto_augment=args.auto_augment, random_erase=args.random_erase, aa_fill=args.aa_fill)
-    if args.data_loader == "device":
-        return data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler,
-                                 data.BatchAugment(**augmentation), device)
-    workers = args.workers if args.workers is not None else min(8, (os.cpu_count() or 1) // world_size)
-    return DataLoader(
-        data.AugmentedImages(dataset.train_images, dataset.train_labels, data.train_transform(**augmentation)),
-        batch_size=sampler.batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
-    )
+    augment = data.BatchAugment(dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment,
+                                args.random_erase, args.aa_fill)
+    return data.DeviceLoader(dataset.train_images, dataset.train_labels, sampler, augment, device)
 
 
 def whitening_images(args, dataset, device):
@@ -420,7 +377,8 @@ class TrainingState:
         self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
 
     def add(self, loss):
-        self.first_bad_step = torch.where(loss.isfinite(), self.first_bad_step, self.first_bad_step.clamp(max=self.step))
+        bad_now = self.first_bad_step.clamp(max=self.step)
+        self.first_bad_step = torch.where(loss.isfinite(), self.first_bad_step, bad_now)
         self.loss_sum += loss
         self.step += 1
         self.interval_steps += 1
@@ -492,7 +450,6 @@ def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, run):
     for images, labels in loader:
         # Stochastic depth and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
         torch.manual_seed(data.derive_seed(args.seed, "step", run.rank0.rank, state.step))
-        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         state.add(train_step(model, optimizers, schedulers, images, labels, mix, run.autocast, args.label_smoothing))
         end_of_epoch = state.step % loader.sampler.steps_per_epoch == 0
         log_now = end_of_epoch or state.step % args.log_every == 0
@@ -532,16 +489,14 @@ def evaluate(model, images, labels, mean, std, device, rank, world_size, autocas
 
 
 # ---- the run's files, its processes and its failures
-def cpu_name():
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "cpu"
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def run_info(device):
@@ -645,13 +600,6 @@ def append_line(path: Path, line: bytes):
             os.close(fd)
 
 
-def torch_bytes(obj):
-    """torch.save into memory, for atomic_write (which then knows the size to report if the disk is full)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer()
-
-
 def copy_to_host(obj):
     """`obj` (state dicts: nested dicts, lists and tuples) with every tensor copied into new CPU memory, so that
     training can go on changing the originals while the copy is written. From a GPU the copies go into pinned memory
@@ -693,13 +641,9 @@ class CheckpointWriter:
     def finish(self):
         """Waits for the write in flight without a collective call, for a run that ends by another error (or exits):
         that error is the one reported, and `last_good` then names the checkpoint on disk."""
-        if self.thread is None:
-            return
-        self.thread.join()
-        self.thread = None
-        if self.error is None:
+        with contextlib.suppress(Exception):
+            self._wait()
             self._confirm()
-        self.error = None
 
     def last_good(self) -> str:
         if self.saved_step is None:
@@ -722,13 +666,16 @@ class CheckpointWriter:
             self.thread = None
         error, self.error = self.error, None
         if error is not None:
+            self.pending_step = None  # that write failed: the last good checkpoint stays the one before
             raise error
 
     def _write(self, snapshot, copied):
         try:
             if copied is not None:
                 copied.synchronize()
-            atomic_write(self.path, torch_bytes(snapshot))
+            buffer = io.BytesIO()  # in memory first: atomic_write then knows the size to report if the disk is full
+            torch.save(snapshot, buffer)
+            atomic_write(self.path, buffer.getbuffer())
         except Exception as e:  # raised on the training thread by the next save or join
             self.error = e
 
@@ -743,8 +690,8 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 
 def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
     """An OS-held lock on out/.lock for the life of the run (on_exit closes it): the kernel drops it when the process
-    ends, kill -9 included, so a lock is never left behind. POSIX locks (lockf) rather than flock: forked loader
-    workers do not inherit them, so they do not keep the lock after a kill. The file names the holder."""
+    ends, kill -9 included, so a lock is never left behind. POSIX locks (lockf) rather than flock: a forked child
+    does not inherit them, so none keeps the lock after a kill. The file names the holder."""
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     on_exit.callback(os.close, fd)
     try:
@@ -914,6 +861,17 @@ class StopSignal:
         self.agreed = self.signum is not None
 
 
+def final_line(summary, args):
+    out = Path(args.output_dir)
+    if summary["complete"]:
+        return (f"test accuracy: final {summary['final_acc']:.2f}% (epoch {args.epochs}), best "
+                f"{summary['best_acc']:.2f}% (epoch {summary['best_epoch']}); {summary['train_seconds']:.0f} s of "
+                f"training; {out}")
+    return (f"stopped at step {summary['steps']} of {summary['total_steps']} (epoch "
+            f"{summary['steps'] / summary['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
+            f"(or --resume auto)")
+
+
 @dataclass
 class Run:
     """One invocation's bookkeeping on one rank: its progress, the metrics log, the checkpoint writer, the stop
@@ -972,7 +930,7 @@ class Run:
                 f"process (--batch-size {self.args.batch_size} over {world_size} process"
                 f"{'es' if world_size > 1 else ''}); {last_good}: free the device's memory, then --resume auto "
                 f"continues the run; or start a new run that needs less: a smaller --batch-size, more processes "
-                f"(torchrun --nproc_per_node), --amp, --data-loader workers")
+                f"(torchrun --nproc_per_node), --amp")
         return error
 
     def finish(self, failure, seconds):
@@ -989,7 +947,8 @@ class Run:
         # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
         if self.rank0.rank == 0:
             try:
-                write_json(Path(self.args.output_dir) / "summary.json", summary)
+                text = json.dumps(summary, indent=2) + "\n"
+                atomic_write(Path(self.args.output_dir) / "summary.json", text.encode())
             except DiskFull as e:
                 failure = failure or self.explain(e)
         if failure:
@@ -997,21 +956,6 @@ class Run:
         if self.rank0.rank == 0:
             print(final_line(summary, self.args))
         return summary
-
-
-def write_json(path: Path, obj):
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def final_line(summary, args):
-    out = Path(args.output_dir)
-    if summary["complete"]:
-        return (f"test accuracy: final {summary['final_acc']:.2f}% (epoch {args.epochs}), best "
-                f"{summary['best_acc']:.2f}% (epoch {summary['best_epoch']}); {summary['train_seconds']:.0f} s of "
-                f"training; {out}")
-    return (f"stopped at step {summary['steps']} of {summary['total_steps']} (epoch "
-            f"{summary['steps'] / summary['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
-            f"(or --resume auto)")
 
 
 def train_epochs(model, optimizers, schedulers, loader, mix, test_set, run):
@@ -1081,12 +1025,10 @@ def main(args):
         if ckpt is not None:
             restore(ckpt, model_without_ddp, optimizers, schedulers, state)
         del ckpt  # its tensors now live in the model and the optimizers
-        cfg, info = asdict(model_without_ddp.cfg), run_info(device)
-        steps_per_epoch = loader.sampler.steps_per_epoch
+        cfg, info, steps_per_epoch = asdict(model_without_ddp.cfg), run_info(device), loader.sampler.steps_per_epoch
         facts = dict(params=count_parameters(model_without_ddp), forward_macs=forward_macs(model_without_ddp.cfg),
-                     world_size=world_size, workers=getattr(loader, "num_workers", 0), dataset=args.dataset,
-                     epochs=args.epochs, steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
-                     config=cfg, args=vars(args), **info)
+                     world_size=world_size, dataset=args.dataset, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+                     total_steps=args.epochs * steps_per_epoch, config=cfg, args=vars(args), **info)
         out = Path(args.output_dir)
         writer = CheckpointWriter(out / "checkpoint.pt", rank0, device, state.step if resume_path else None)
         on_exit.callback(writer.finish)  # runs before the output dir's lock is released

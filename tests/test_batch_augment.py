@@ -284,3 +284,15 @@ def test_device_loader_ranks_see_disjoint_samples():
     # Together the two ranks see exactly the samples of the 1-process epoch (global batch 16 in both).
     assert sorted(torch.cat(per_rank).tolist()) == sorted(torch.cat([y for _, y in single]).tolist())
     assert len(per_rank[0]) == len(per_rank[1]) == 96
+
+
+def test_device_loader_ranks_augment_their_parts_of_the_one_process_batches():
+    recipe = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.5)
+    single, _ = loader(batch=16, chunk_images=48, **recipe)
+    ranks = [loader(batch=8, rank=rank, world_size=2, chunk_images=48, **recipe)[0] for rank in range(2)]
+    for dl in (single, *ranks):
+        dl.sampler.set_epoch(1)
+    for (x, y), (x0, y0), (x1, y1) in zip(single, *ranks):
+        # The same images, augmented the same way: rank r holds the r-th half of each global batch.
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+

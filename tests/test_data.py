@@ -118,10 +118,15 @@ def test_imagefolder_unreadable_image_is_named(tmp_path):
         data.load_dataset("imagefolder", tmp_path)
 
 
-# ---- per-image augmentation
+# ---- the per-image reference pipeline (torchvision's transforms)
 def augment(transform, batch, seed=0):
-    ds = data.AugmentedImages(batch, torch.zeros(len(batch), dtype=torch.long), transform)
-    return torch.stack([ds[(i, seed * 1000 + i)][0] for i in range(len(batch))])
+    """Each image through `transform`, its random draws seeded by seed * 1000 + its index."""
+    out = []
+    for i, image in enumerate(batch):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + i)
+            out.append(transform(image))
+    return torch.stack(out)
 
 
 OFF = dict(hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
@@ -178,27 +183,13 @@ def test_erasing_draws_its_box_from_the_samples_seed_and_fills_the_raw_means():
     out = augment(data.train_transform(MEAN, STD, **{**OFF, "random_erase": 1.0}), batch, seed=3)
     plain = data.normalize(batch, MEAN, STD)
     for i in range(len(batch)):
-        # AugmentedImages seeds torch's default generator with the sample's seed; the box comes from the same
-        # draw as the device pipeline's.
+        # The box comes from the same draw as the device pipeline's, from torch's default generator.
         top, left, h, w = data.erasing_boxes(1, 32, 32, 1.0, torch.Generator().manual_seed(3000 + i))[0].tolist()
         assert h > 0
         expected = plain[i].clone()
         expected[:, top:top + h, left:left + w] = torch.tensor(MEAN)[:, None, None]
         torch.testing.assert_close(out[i], expected)
         assert torch.equal(out[i][:, top:top + h, left:left + w], expected[:, top:top + h, left:left + w])
-
-
-def test_sample_augmentation_depends_only_on_its_seed():
-    transform = data.train_transform(MEAN, STD)
-    ds = data.AugmentedImages(images(2), torch.zeros(2, dtype=torch.long), transform)
-    first = ds[(1, 42)][0]
-    torch.manual_seed(123)
-    torch.rand(7)
-    assert torch.equal(ds[(1, 42)][0], first)
-    assert not torch.equal(ds[(1, 43)][0], first)
-    state = torch.get_rng_state()
-    ds[(0, 5)]
-    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
 
 
 @pytest.mark.parametrize("kwargs, flag", [(dict(auto_augment="randaug"), "auto_augment='randaug'"),
@@ -304,17 +295,14 @@ def global_batches(per_rank, per_rank_batch):
 @pytest.mark.parametrize("mode", data.RA_MODES)
 def test_every_image_is_seen_reps_times_per_epoch(mode):
     (single,) = epoch_slots(30, batch=10, reps=3, world_size=1, mode=mode)
-    counts = np.bincount([i for i, _ in single], minlength=30)
-    assert (counts == 3).all()
-    assert len({seed for _, seed in single}) == 90  # every copy is augmented independently
+    assert (np.bincount(single, minlength=30) == 3).all()
 
 
 def test_shuffles_mode_is_reps_independent_shuffles_one_after_another():
     (single,) = epoch_slots(30, batch=10, reps=3, world_size=1)
-    thirds = [sorted(i for i, _ in single[k * 30:(k + 1) * 30]) for k in range(3)]
-    assert all(third == list(range(30)) for third in thirds)  # each third is a permutation of the images
-    orders = [[i for i, _ in single[k * 30:(k + 1) * 30]] for k in range(3)]
-    assert orders[0] != orders[1] != orders[2]
+    thirds = [single[k * 30:(k + 1) * 30] for k in range(3)]
+    assert all(sorted(third) == list(range(30)) for third in thirds)  # each third is a permutation of the images
+    assert thirds[0] != thirds[1] != thirds[2]
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -323,9 +311,8 @@ def test_in_batch_mode_puts_each_images_copies_in_one_per_rank_batch(world_size)
     per_rank = epoch_slots(40, batch=12 * world_size, reps=3, world_size=world_size, mode="in-batch")
     for rank_slots in per_rank:
         for start in range(0, len(rank_slots), 12):
-            counts = np.bincount([i for i, _ in rank_slots[start:start + 12]])
+            counts = np.bincount(rank_slots[start:start + 12])
             assert set(counts[counts > 0]) == {3}
-            assert len({s for _, s in rank_slots[start:start + 12]}) == 12  # copies are augmented independently
 
 
 def test_in_batch_mode_cuts_copies_only_at_the_ends_of_a_batch():
@@ -333,7 +320,7 @@ def test_in_batch_mode_cuts_copies_only_at_the_ends_of_a_batch():
     # batch boundary, so a batch has at most 2 images with fewer than 3 copies, its first and its last.
     (single,) = epoch_slots(120, batch=64, reps=3, world_size=1, mode="in-batch")
     for start in range(0, len(single), 64):
-        batch = [i for i, _ in single[start:start + 64]]
+        batch = single[start:start + 64]
         counts = {i: batch.count(i) for i in batch}
         cut = [i for i, c in counts.items() if c < 3]
         assert set(cut) <= {batch[0], batch[-1]} and max(counts.values()) == 3
@@ -343,14 +330,12 @@ def test_in_batch_mode_cuts_copies_only_at_the_ends_of_a_batch():
 def test_ranks_split_each_global_batch_of_the_single_process_order(mode):
     (single,) = epoch_slots(50, batch=8, reps=3, world_size=1, mode=mode)
     ranks = epoch_slots(50, batch=8, reps=3, world_size=2, mode=mode)
-    assert global_batches(ranks, 4) == global_batches([single], 8)  # same samples and seeds, same steps
-    seeds = [set(s for _, s in r) for r in ranks]
-    assert not seeds[0] & seeds[1]
+    assert global_batches(ranks, 4) == global_batches([single], 8)  # the same samples at the same steps
 
 
 def test_epochs_differ_and_start_step_skips_whole_batches():
     (e0,), (e1,) = epoch_slots(40, 8, 2, 1, epoch=0), epoch_slots(40, 8, 2, 1, epoch=1)
-    assert [i for i, _ in e0] != [i for i, _ in e1]
+    assert e0 != e1
     (resumed,) = epoch_slots(40, 8, 2, 1, epoch=1, start_step=3)
     assert resumed == e1[24:]
 

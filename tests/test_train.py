@@ -38,7 +38,7 @@ from model import ViT, ViTConfig, transfer_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
-        "--batch-size", "64", "--warmup-epochs", "1", "--eval-every", "1", "--log-every", "5", "--workers", "0"]
+        "--batch-size", "64", "--warmup-epochs", "1", "--eval-every", "1", "--log-every", "5"]
 NO_AUGMENT = ["--no-hflip", "--crop-padding", "0", "--auto-augment", "none", "--random-erase", "0",
               "--mixup-alpha", "0", "--cutmix-alpha", "0", "--drop-path", "0", "--ra-reps", "1"]
 
@@ -104,21 +104,17 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine():
     assert lrs[30] == pytest.approx(1e-6 + (1e-3 - 1e-6) * cosine)
 
 
-@pytest.mark.parametrize("loader", [["--data-loader", "device"], ["--data-loader", "workers"]],
-                         ids=["device", "workers"])
-def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, loader):
+def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path):
     # Full recipe on: flip, crop, AutoAugment, erasing, Mixup/CutMix, stochastic depth, 3 repeats.
     full, split = tmp_path / "full", tmp_path / "split"
-    run(full, "--epochs", "4", "--eval-every", "2", *loader)
-    stopped = run(split, "--epochs", "4", "--eval-every", "2", "--stop-after-epochs", "2", *loader)
+    run(full, "--epochs", "4", "--eval-every", "2")
+    stopped = run(split, "--epochs", "4", "--eval-every", "2", "--stop-after-epochs", "2")
     assert not stopped["complete"] and stopped["final_acc"] is None
-    # The worker loader resumes with a worker process: a sample's augmentation does not depend on who computes it.
-    run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), "--workers", "1",
-        *loader)
+    run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"))
     assert_same_run(full, split)
     assert json.loads((split / "summary.json").read_text())["final_acc"] == records(full, "eval")[-1]["acc"]
     # Resuming a finished run trains nothing and reports the same result.
-    again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"), *loader)
+    again = run(split, "--epochs", "4", "--eval-every", "2", "--resume", str(split / "checkpoint.pt"))
     assert again["complete"] and again["final_acc"] == records(full, "eval")[-1]["acc"]
     assert_same_run(full, split)
 
@@ -218,10 +214,11 @@ def torchrun(out, nproc, *flags):
     [NO_AUGMENT,
      # The seed's DDP columns: each image's 3 copies side by side (per-rank batch 32 cuts some copies at its ends).
      [*NO_AUGMENT, "--ra-reps", "3", "--ra-mode", "in-batch"],
-     # The worker loader seeds each sample by its place in the epoch, so even its augmentations match; the device
-     # loader draws them per rank's chunk, so it matches with augmentations off.
-     [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--ra-reps", "2", "--data-loader", "workers"]],
-    ids=["augmentations-off", "in-batch-repeats", "per-image-augmentations-on-worker-loader"],
+     # Every rank draws its chunk's augmentations with all ranks' (seeded by the chunk alone), so even the per-image
+     # augmentations match.
+     [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--random-erase", "0.5", "--auto-augment", "cifar10",
+      "--ra-reps", "2"]],
+    ids=["augmentations-off", "in-batch-repeats", "per-image-augmentations-on"],
 )
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
     run(tmp_path / "one", "--epochs", "1", *augment)
@@ -542,14 +539,18 @@ def test_an_output_dir_that_cannot_be_written_is_an_error(tmp_path, capsys):
     assert exit_info.value.code == 2 and "is not a writable folder" in capsys.readouterr().err
 
 
-def test_ddp_batch_not_divisible_by_world_size_is_said_once(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "63"], "train.py: error: --batch-size 63 (global) must be divisible by the 2 processes"),
+    (["--dataset", "mnist"], "train.py: error: argument --dataset: invalid choice"),  # argparse's own
+])
+def test_bad_flags_under_torchrun_are_said_once(tmp_path, flags, message):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
-           "--batch-size", "63", "--epochs", "1", "--output-dir", str(tmp_path)]
+           *flags, "--epochs", "1", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     # Every rank meets it; rank 0 alone says it.
-    assert result.stderr.count("train.py: error: --batch-size 63 (global) must be divisible by the 2 processes") == 1
+    assert result.stderr.count(message) == 1
 
 
 def test_a_failing_rank_ends_the_whole_ddp_job_instead_of_hanging(tmp_path):
@@ -795,7 +796,7 @@ def test_out_of_memory_names_the_batch_and_the_flags_and_resume_continues(half_r
         f"train.py: error: out of memory after 33 steps, with 64 images per process (--batch-size 64 over 1 process); "
         f"the last good checkpoint is {half_run / 'checkpoint.pt'} (step 32): free the device's memory, then "
         f"--resume auto continues the run; or start a new run that needs less: a smaller --batch-size, more "
-        f"processes (torchrun --nproc_per_node), --amp, --data-loader workers")
+        f"processes (torchrun --nproc_per_node), --amp")
     assert torch.load(half_run / "checkpoint.pt", weights_only=True)["step"] == 32
     assert summary_failed(half_run) == line.removeprefix("train.py: error: ")
     monkeypatch.undo()  # memory freed
