@@ -134,8 +134,8 @@ def projection(in_features: int, out_features: int, rank: int = 0):
 
 def concat_forward(projections, x):
     """[p(x) for p in projections], with every linear that reads x (full projections and down-projections) run as
-    one matmul over their concatenated weights. bench.py --sections concat measures what this buys: a first rough
-    CPU run (README, Performance (d)) gave 1.01-1.23x per train step, never slower."""
+    one matmul over their concatenated weights. bench.py --sections concat measures what this buys: 1.00-1.03x per
+    train step on a 2-core CPU (README, Performance (d)), never slower; unmeasured on a GPU."""
     readers = [p.reader for p in projections]
     weight = torch.cat([r.weight for r in readers])
     # Down-projections have no bias: with only those, skip adding a zero bias.

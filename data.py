@@ -621,7 +621,7 @@ def flip_crop(images, flip, top, left, padding):
 class BatchAugment:
     """The pipeline of train_transform for a whole uint8 batch on its device (GPU or CPU), with every random choice
     made per image: flip, crop offsets, AutoAugment sub-policy and signs, erasing box. The choices are drawn on the
-    CPU from `generator` (draw), so a batch's augmentation depends only on that generator, not on the device; they
+    CPU from `generator` (choose), so a batch's augmentation depends only on that generator, not on the device; they
     reach the device in one copy, and apply never reads anything back from it."""
 
     def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25,
@@ -661,7 +661,7 @@ class BatchAugment:
         return rows, ends
 
     def apply(self, images, rows, ends):
-        """draw's choices, with the rows on the images' device, applied to uint8 images (n, C, H, W): float32 out."""
+        """choose's choices, planned, with the rows on the images' device, applied to uint8 images (n, C, H, W): float32 out."""
         if "crop" in rows:
             flip, top, left = rows["crop"]
             images = flip_crop(images, flip.bool(), top, left, self.padding)

@@ -104,6 +104,20 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine():
     assert lrs[30] == pytest.approx(1e-6 + (1e-3 - 1e-6) * cosine)
 
 
+@pytest.mark.parametrize("epochs, warmup_steps", [(10, 5), (5, 2), (1, 0)])  # round(steps_per_epoch * epochs / 10)
+def test_warmup_defaults_to_a_tenth_of_the_epochs(epochs, warmup_steps):
+    args = train.get_args_parser().parse_args(["--epochs", str(epochs), "--lr", "1e-3"])
+    train.check_args(args)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=5)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(warmup_steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[-1] == pytest.approx(1e-3) and all(lr < 1e-3 for lr in lrs[:-1])
+
+
 def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path):
     # Full recipe on: flip, crop, AutoAugment, erasing, Mixup/CutMix, stochastic depth, 3 repeats.
     full, split = tmp_path / "full", tmp_path / "split"
@@ -215,9 +229,9 @@ def torchrun(out, nproc, *flags):
      # The seed's DDP columns: each image's 3 copies side by side (per-rank batch 32 cuts some copies at its ends).
      [*NO_AUGMENT, "--ra-reps", "3", "--ra-mode", "in-batch"],
      # Every rank draws its chunk's augmentations with all ranks' (seeded by the chunk alone), so even the per-image
-     # augmentations match.
+     # augmentations match; --whiten on 2 processes whitens on the 1-process stream's first batches.
      [*NO_AUGMENT, "--hflip", "--crop-padding", "4", "--random-erase", "0.5", "--auto-augment", "cifar10",
-      "--ra-reps", "2"]],
+      "--ra-reps", "2", "--patch-size", "4", "--dim", "48", "--whiten", "--whiten-images", "100"]],
     ids=["augmentations-off", "in-batch-repeats", "per-image-augmentations-on"],
 )
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, augment):
