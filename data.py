@@ -1,10 +1,11 @@
 """Datasets and the training augmentation of PoorViTs (arXiv 2501.06220; the recipe of the seed's finetune.py).
 
 Every dataset is held in memory as uint8 images (N, 3, 32, 32) and int64 labels. Training samples pass through
-flip -> crop with padding -> AutoAugment (CIFAR-10 policy) -> normalise -> random erasing, one image at a time
-(torchvision.transforms.v2); whole batches are then mixed by CutMix or Mixup. Repeated augmentation shows each
-image `reps` times per epoch. All randomness of a sample is a function of (seed, epoch, position in the epoch), so a
-run gives the same batches on any number of processes or loader workers, and after a resume.
+flip -> crop with padding -> AutoAugment (CIFAR-10 policy) -> normalise -> random erasing, every choice made per
+image: on the training device a chunk of batches at a time (DeviceLoader, BatchAugment), each op equal to
+torchvision's (train_transform, the per-image reference); whole batches are then mixed by CutMix or Mixup.
+Repeated augmentation shows each image `reps` times per epoch. All randomness is a function of the seed and the
+position in the run, so a run gives the same batches on any number of processes, and after a resume.
 """
 import codecs
 import hashlib
