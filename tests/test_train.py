@@ -553,18 +553,24 @@ def test_an_output_dir_that_cannot_be_written_is_an_error(tmp_path, capsys):
     assert exit_info.value.code == 2 and "is not a writable folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "63"], "train.py: error: --batch-size 63 (global) must be divisible by the 2 processes"),
-    (["--dataset", "mnist"], "train.py: error: argument --dataset: invalid choice"),  # argparse's own
-])
-def test_bad_flags_under_torchrun_are_said_once(tmp_path, flags, message):
+def test_bad_flags_under_torchrun_are_said_once(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
-           *flags, "--epochs", "1", "--output-dir", str(tmp_path)]
+           "--batch-size", "63", "--epochs", "1", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     # Every rank meets it; rank 0 alone says it.
-    assert result.stderr.count(message) == 1
+    assert result.stderr.count("train.py: error: --batch-size 63 (global) must be divisible by the 2 processes") == 1
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_an_argparse_error_is_said_by_rank_0_only(monkeypatch, capsys, rank, said):
+    monkeypatch.setenv("RANK", rank)  # as torchrun sets it
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args(["--dataset", "mnist"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and ("train.py: error: argument --dataset: invalid choice" in err) == said
+    assert err.count("\n") == said  # one line, or nothing
 
 
 def test_a_failing_rank_ends_the_whole_ddp_job_instead_of_hanging(tmp_path):
