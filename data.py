@@ -334,6 +334,13 @@ def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10
 RA_MODES = ("shuffles", "in-batch")
 
 
+def rank_part(order, steps, world_size, rank):
+    """This rank's part of `order` (..., steps * global batch: global batches one after another): the rank-th
+    contiguous slice of every global batch, (..., steps * per-rank batch)."""
+    parts = rearrange(order, "... (s w b) -> ... s w b", s=steps, w=world_size)
+    return rearrange(parts[..., rank, :], "... s b -> ... (s b)")
+
+
 class RepeatedAugmentationSampler(Sampler):
     """Repeated augmentation: epoch e holds `reps` copies of every image, in an order shared by all ranks.
     shuffles: `reps` independent shuffles one after another (the seed's single-process RASampler);
@@ -363,19 +370,15 @@ class RepeatedAugmentationSampler(Sampler):
     def __len__(self):
         return (self.steps_per_epoch - self.start_step) * self.batch
 
-    def global_order(self) -> torch.Tensor:
-        """The epoch's image indices, every rank's batches together: (steps, world_size, per-rank batch)."""
+    def epoch_order(self) -> torch.Tensor:
+        """This rank's image indices for the whole epoch (from step 0), in order."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
         if self.mode == "shuffles":
             order = torch.cat([torch.randperm(self.num_images, generator=generator) for _ in range(self.reps)])
         else:
             order = torch.randperm(self.num_images, generator=generator).repeat_interleave(self.reps)
-        return rearrange(order[: self.steps_per_epoch * self.global_batch], "(s w b) -> s w b",
-                         s=self.steps_per_epoch, w=self.world_size)
-
-    def epoch_order(self) -> torch.Tensor:
-        """This rank's image indices for the whole epoch (from step 0), in order."""
-        return self.global_order()[:, self.rank].flatten()
+        order = order[: self.steps_per_epoch * self.global_batch]
+        return rank_part(order, self.steps_per_epoch, self.world_size, self.rank)
 
     def __iter__(self):
         yield from self.epoch_order()[self.start_step * self.batch :].tolist()
@@ -662,7 +665,8 @@ class BatchAugment:
         return rows, ends
 
     def apply(self, images, rows, ends):
-        """choose's choices, planned, with the rows on the images' device, applied to uint8 images (n, C, H, W): float32 out."""
+        """choose's choices, planned, with the rows on the images' device, applied to uint8 images (n, C, H, W):
+        float32 out."""
         if "crop" in rows:
             flip, top, left = rows["crop"]
             images = flip_crop(images, flip.bool(), top, left, self.padding)
@@ -705,9 +709,8 @@ class DeviceLoader:
             steps = range(first, min(first + self.batches_per_chunk, s.steps_per_epoch))
             generator = torch.Generator().manual_seed(derive_seed(s.seed, "augment", s.epoch, first))
             choices = self.augment.choose(len(steps) * s.global_batch, generator)  # in the global order
-            mine = rearrange(torch.arange(len(steps) * s.global_batch), "(s w b) -> s w b", s=len(steps),
-                             w=s.world_size)[:, s.rank].flatten()
-            rows, ends = self.augment.plan({name: c[:, mine] for name, c in choices.items()})
+            mine = {name: rank_part(c, len(steps), s.world_size, s.rank) for name, c in choices.items()}
+            rows, ends = self.augment.plan(mine)
             indices = order[steps.start : steps.stop].flatten()
             # The chunk's image indices and all its random choices reach the device in one copy.
             rows = rows_to_device({"index": indices, **rows}, self.device)
