@@ -100,6 +100,15 @@ def make_trainer(overrides, device, compile_options=None, concat_input_linears=T
     return cfg, model, step
 
 
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def random_batch(n, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -141,20 +150,13 @@ def bench_step(device, opts):
 def bench_concat(device, opts):
     print(f"\n(d) Attention.concat_input_linears on vs off, train step, batch {opts.batch_size}, median of "
           f"{opts.rounds} interleaved rounds of {opts.steps} timed steps, after {opts.warmup} warm-up steps")
-    images, labels = random_batch(opts.batch_size, device)
-    images = data.normalize(images, *data.CIFAR10_STATS)
-    no_mix = data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
-    steps = {}
-    for name, overrides in CONCAT_VARIANTS.items():
-        for concat in (True, False):
-            _, _, step = make_trainer(overrides, device, concat_input_linears=concat)
-            steps[name, concat] = lambda step=step: step(images, labels, no_mix)
-    rounds = interleaved(steps, opts.steps, opts.warmup, opts.rounds, device)
+    steps = {(name, concat): make_trainer(overrides, device, concat_input_linears=concat)[2]
+             for name, overrides in CONCAT_VARIANTS.items() for concat in (True, False)}
+    rounds = time_steps(steps, opts, device)
     print("| variant | img/s concat on | img/s concat off | on / off |\n|---|---|---|---|")
     for name in CONCAT_VARIANTS:
         on, off = rounds[name, True], rounds[name, False]
-        # The speed-up is the median of per-round ratios: each compares steps timed moments apart.
-        ratio = statistics.median(b / a for a, b in zip(on, off))
+        ratio = speedup(rounds, (name, False), (name, True))
         print(f"| {name} | {opts.batch_size / statistics.median(on):,.0f} "
               f"| {opts.batch_size / statistics.median(off):,.0f} | {ratio:.3f}x |")
 
@@ -211,8 +213,7 @@ def measure_pipeline(step, device, opts):
     """img/s of the training loop (device loader, augmentation, mixing, `step` of the baseline model from
     make_trainer) and of the bare step on a fixed batch, full recipe: the mean over rounds of whole augmentation
     chunks. On a GPU also the peak memory."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     # On the CPU a chunk of 4 batches keeps the run short; every round times whole chunks, augmentation included.
     chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size
     loader = recipe_loader(*random_batch(10_000, device), opts.batch_size, device, chunk)
@@ -229,7 +230,7 @@ def measure_pipeline(step, device, opts):
             sampler.set_epoch(sampler.epoch + 1)
             batches = iter(loader)
             batch = next(batches)
-        torch.manual_seed(data.derive_seed(0, "step", 0, step_count))  # as train.py does every step
+        train.seed_step(0, 0, step_count)
         step_count += 1
         step(*batch, mix)
 
@@ -239,10 +240,9 @@ def measure_pipeline(step, device, opts):
                          per_round, per_round, rounds, device)
     seconds = {name: statistics.mean(values) for name, values in rounds.items()}
     bare, loop = opts.batch_size / seconds["bare"], opts.batch_size / seconds["loop"]
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"bare_img_s": bare, "bare_ms": 1000 * seconds["bare"], "loop_img_s": loop,
             "loop_ms": 1000 * seconds["loop"], "loop_over_bare": loop / bare,
-            "projected_baseline_s": BASELINE_SAMPLES / loop, "peak_memory_gib": peak}
+            "projected_baseline_s": BASELINE_SAMPLES / loop, "peak_memory_gib": peak_memory_gib(device)}
 
 
 def bench_pipeline(device, opts):

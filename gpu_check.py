@@ -68,15 +68,6 @@ def get_args_parser():
     return parser
 
 
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
 def tail(text, lines=15):
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
@@ -125,7 +116,7 @@ def baseline_trainers(check):
 
 def check_step(check):
     opts, device = check.opts, check.device
-    reset_peak_memory(device)
+    bench.reset_peak_memory(device)
     eager = {name: bench.make_trainer(overrides, device) for name, overrides in bench.VARIANTS.items()}
     compiled, compile_seconds, compile_error = compile_variants(check, bench.VARIANTS)
     graphs_compiled = counters["stats"]["unique_graphs"]
@@ -148,7 +139,7 @@ def check_step(check):
             # One graph per compiled variant, none added by the timed steps: each is compiled once.
             "dynamo_graphs_after_compiling": graphs_compiled,
             "dynamo_graphs_after_timing": counters["stats"]["unique_graphs"],
-            "peak_memory_gib": peak_memory_gib(device)}
+            "peak_memory_gib": bench.peak_memory_gib(device)}
 
 
 def first_sync(fn):
@@ -178,7 +169,7 @@ def check_sync(check):
 
     def step_of(trainer):
         def step():
-            torch.manual_seed(data.derive_seed(0, "step", 0, state.step))  # as train.py does every step
+            train.seed_step(0, 0, state.step)
             state.add(trainer[2](images, labels, mix))
         return step
 

@@ -441,6 +441,12 @@ def train_step(model, optimizers, schedulers, images, labels, mix, autocast, lab
     return loss.detach()
 
 
+def seed_step(seed, rank, step):
+    """Stochastic depth and batch mixing draw from torch's generators, seeded by (seed, rank, step) before every
+    step: a resume replays them exactly."""
+    torch.manual_seed(data.derive_seed(seed, "step", rank, step))
+
+
 def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, run):
     """One epoch (on resume, from its saved step, set on loader.sampler); True if a stop signal ended it early,
     after saving a checkpoint."""
@@ -448,8 +454,7 @@ def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, run):
     model.train()
     state.interval_start = time.perf_counter()
     for images, labels in loader:
-        # Stochastic depth and batch mixing draw from a seed fixed by (seed, rank, step): resumes replay exactly.
-        torch.manual_seed(data.derive_seed(args.seed, "step", run.rank0.rank, state.step))
+        seed_step(args.seed, run.rank0.rank, state.step)
         state.add(train_step(model, optimizers, schedulers, images, labels, mix, run.autocast, args.label_smoothing))
         end_of_epoch = state.step % loader.sampler.steps_per_epoch == 0
         log_now = end_of_epoch or state.step % args.log_every == 0
