@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import predict
+import train
 from attention import svd_factors
 from model import ViT, transfer_weights
 
@@ -88,14 +89,17 @@ def accuracy(model, images, labels, stats, device) -> float:
     return predict.scores(predict.logits_of(model, images, *stats, device), labels, model.cfg.num_classes)["acc"]
 
 
-def truncation_curves(model, images, labels, stats, device, ranks, progress) -> dict:
-    """{family: [test accuracy % at each rank]}."""
+def truncation_curves(model, images, labels, stats, device, ranks, full_acc, progress) -> dict:
+    """{family: [test accuracy % at each rank]}; at full width the model is untruncated: `full_acc`."""
     curves = {}
     for family, names in FAMILIES.items():
         curves[family] = []
         for rank in ranks:
-            with truncated(model, names, rank):
-                curves[family].append(accuracy(model, images, labels, stats, device))
+            if rank >= model.cfg.dim:
+                curves[family].append(full_acc)
+            else:
+                with truncated(model, names, rank):
+                    curves[family].append(accuracy(model, images, labels, stats, device))
             progress.update()
     return curves
 
@@ -256,7 +260,7 @@ def analyse(model, dataset, device, args) -> dict:
     images, labels = dataset.test_images, dataset.test_labels
     if args.images:
         images, labels = images[: args.images], labels[: args.images]
-    width = max(min(w.shape) for w, _ in dense.blocks[0].dense().values())
+    width = dense.cfg.dim  # q's side: no projection is wider
     ranks = truncation_ranks(width, args.rank_steps, args.min_rank)
     with tqdm(total=3 + len(FAMILIES) * len(ranks), desc="analyze", dynamic_ncols=True) as progress:
         result = predict.evaluate(model, dataset, device)
@@ -269,7 +273,7 @@ def analyse(model, dataset, device, args) -> dict:
         similarity = cls_similarity(dense, images, stats, device)
         progress.update()
         subset_acc = accuracy(dense, images, labels, stats, device)
-        curves = truncation_curves(dense, images, labels, stats, device, ranks, progress)
+        curves = truncation_curves(dense, images, labels, stats, device, ranks, subset_acc, progress)
     return {"result": result, "spectrum": spectrum, "effective": effective, "width": width, "ranks": ranks,
             "curves": curves, "subset_acc": subset_acc, "subset": len(labels), "maps": maps, "shown": shown,
             "shown_labels": dataset.test_labels[: args.cls_images], "similarity": similarity}
@@ -358,7 +362,7 @@ def main(args):
     try:
         if args.images < 0 or min(args.min_rank, args.rank_steps, args.cls_images) <= 0:
             raise ValueError("--images must be >= 0; --min-rank, --rank-steps and --cls-images positive")
-        device = predict.device_of(args.device)
+        device = train.device_of(args.device)
         path = predict.checkpoint_path(args.checkpoint)
         model, ckpt = predict.load(path, device)
         dataset = predict.test_data(ckpt, args.dataset, args.data_dir)

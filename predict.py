@@ -25,14 +25,6 @@ def checkpoint_path(path) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
-def device_of(name):
-    """--device, or cuda when available."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return device
-
-
 def load(path, device):
     """(the checkpoint's model on `device`, in eval mode; the checkpoint) from a run folder or a checkpoint file."""
     model, ckpt = train.load_model(checkpoint_path(path), "checkpoint")
@@ -53,8 +45,9 @@ def test_data(ckpt, dataset=None, data_dir=None) -> data.ImageData:
 def logits_of(model, images, mean, std, device):
     """float32 logits of uint8 images, normalised and chunked as train.py's evaluation does."""
     model.eval()
+    constants = data.to_device(data.normalization(mean, std), device)
     chunks = images.split(train.EVAL_CHUNK)
-    return torch.cat([model(data.normalize(x.to(device), mean, std)).float().cpu() for x in chunks])
+    return torch.cat([model(data.scale_shift(x.to(device), constants)).float().cpu() for x in chunks])
 
 
 def scores(logits, labels, num_classes) -> dict:
@@ -145,7 +138,7 @@ def run_predict(args, model, ckpt, device):
 
 def main(args):
     try:
-        device = device_of(args.device)
+        device = train.device_of(args.device)
         model, ckpt = load(args.checkpoint, device)
         return (run_evaluate if args.command == "evaluate" else run_predict)(args, model, ckpt, device)
     except (ValueError, FileNotFoundError) as e:

@@ -248,11 +248,17 @@ def resolve_compile(args, device):
         raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (the default on CUDA only)")
 
 
-def setup_distributed(args):
-    """(rank, world_size, device); a no-op without torchrun. NCCL on CUDA, gloo on CPU."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def device_of(name):
+    """--device `name`, or cuda when available."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def setup_distributed(args):
+    """(rank, world_size, device); a no-op without torchrun. NCCL on CUDA, gloo on CPU."""
+    device = device_of(args.device)
     resolve_compile(args, device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
