@@ -1,24 +1,30 @@
-# PoorViTs: one target per column of the paper's table (see README). `make -n <target>` prints exactly the flags
-# that column changes. Override on the command line: make mla-q EPOCHS=10 SEED=1 NPROC=8 DATA=/datasets OUT=runs
+# PoorViTs: one target per column of the paper's table (README). `make -n <target>` prints exactly the flags that
+# column changes. Override on the command line: make mla-q EPOCHS=10 SEED=1 NPROC=8 DATA=/datasets OUT=runs
 # A target run again continues its run from the checkpoint (--resume auto); a finished run just reports again.
+# EXTRA="..." comes last, so it overrides any flag of any target: make lion-bs1024 EXTRA="--lr 1e-3"
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+# PY runs everything. Its default builds .venv from requirements.txt; PY=python3 (or any Python that already has
+# torch >= 2.11, torchvision >= 0.26, einops, tqdm) uses that environment as it is: no venv, no pip.
+PY ?= $(VENV)/bin/python
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/installed)
 EPOCHS ?= 100
 NPROC ?= 4
 SEED ?= 0
 DATA ?= data
 OUT ?= runs
-# EXTRA adds flags to any target; SEEDS: runs per column for the tables.
+# AMP= trains the table's columns in fp32 (the seed's default branch ran fp32 even with --amp: docs/faithfulness.md).
+AMP ?= --amp
 EXTRA ?=
+# SEEDS: runs per column for the tables.
 SEEDS ?= 3
 
-# Where a target's run lives, named by the column (report.py groups runs by --tag).
-RUN_FLAGS = --seed $(SEED) --tag $@ --output-dir $(OUT)/$@-seed$(SEED) --resume auto $(EXTRA)
-# The paper's baseline is train.py's defaults, so a column lists only what it changes.
-BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) --amp $(RUN_FLAGS)
-TRAIN = $(PY) train.py $(BASE)
-TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(BASE)
+# The paper's baseline is train.py's defaults, so a column lists only what it changes (FLAGS); the DDP columns run
+# under torchrun. A run lives in OUT/<column>-seed<SEED>; report.py groups runs by --tag.
+BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) $(AMP) --seed $(SEED) --tag $@ \
+	--output-dir $(OUT)/$@-seed$(SEED) --resume auto
+LAUNCH = $(PY)
+TORCHRUN = $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)
 
 COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk mla-q mla-k \
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
@@ -26,20 +32,20 @@ COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk ml
 DEMO_COLUMNS := demo-base demo-mla-qkv demo-cls-4
 .PHONY: test demo bench gpu-check table plots table-runs demo-table analyze-demo $(COLUMNS) $(DEMO_COLUMNS)
 
-test: $(VENV)/installed
+test: $(SETUP)
 	$(PY) -m pytest -q
 
-# A small ViT on scikit-learn's bundled handwritten digits: offline, about a minute on a laptop CPU.
+# A small ViT on scikit-learn's bundled handwritten digits, on the CPU: offline, about a minute on a laptop.
 DEMO_FLAGS = --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 --lr 2e-3 --epochs 60 \
 	--warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 \
-	--eval-every 10
-demo: $(VENV)/installed
-	$(PY) train.py $(DEMO_FLAGS) --seed $(SEED) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S)
+	--eval-every 10 --device cpu
+demo: $(SETUP)
+	$(PY) train.py $(DEMO_FLAGS) --seed $(SEED) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S) $(EXTRA)
 
 # The table of every run under OUT (mean ± std over seeds, next to the paper), and its plots: OUT/report.
-table: $(VENV)/installed
+table: $(SETUP)
 	$(PY) report.py $(OUT) --seeds $(SEEDS)
-plots: $(VENV)/installed
+plots: $(SETUP)
 	$(PY) report.py $(OUT) --seeds $(SEEDS) --plots
 
 # $(call run-all,COLUMNS,DIR): every column for seeds 0..SEEDS-1 into DIR, one run after another. A finished run is
@@ -48,80 +54,59 @@ define run-all
 	@for seed in $$(seq 0 $$(($(SEEDS) - 1))); do for column in $(1); do \
 		if grep -qs '"complete": true' $(2)/$$column-seed$$seed/summary.json; then \
 			echo "done: $(2)/$$column-seed$$seed"; continue; fi; \
-		$(MAKE) --no-print-directory $$column SEED=$$seed OUT=$(2) || exit 1; \
+		$(MAKE) --no-print-directory $$column SEED=$$seed OUT=$(2) PY=$(PY) || exit 1; \
 	done; done
 endef
 
-table-runs: $(VENV)/installed
+table-runs: $(SETUP)
 	$(call run-all,$(COLUMNS),$(OUT))
 	$(PY) report.py $(OUT) --seeds $(SEEDS) --plots
 
-demo-table: $(VENV)/installed
+demo-table: $(SETUP)
 	$(call run-all,$(DEMO_COLUMNS),$(OUT)/demo-table)
 	$(PY) report.py $(OUT)/demo-table --seeds $(SEEDS) --plots --baseline demo-base --only-run
 
-DEMO_TRAIN = $(PY) train.py $(DEMO_FLAGS) $(RUN_FLAGS)
-$(DEMO_COLUMNS): $(VENV)/installed
-demo-base:
-	$(DEMO_TRAIN)
-demo-mla-qkv:
-	$(DEMO_TRAIN) --latent qkv --latent-dim 32
-demo-cls-4:
-	$(DEMO_TRAIN) --num-cls 4
+demo-mla-qkv: FLAGS = --latent qkv --latent-dim 32
+demo-cls-4: FLAGS = --num-cls 4
+$(DEMO_COLUMNS): $(SETUP)
+	$(PY) train.py $(DEMO_FLAGS) --seed $(SEED) --tag $@ --output-dir $(OUT)/$@-seed$(SEED) --resume auto $(FLAGS) $(EXTRA)
 
-# The README's analysis plots: the demo model (trained if missing: demo-base continues or reports its run), then
-# analyze.py on it, into docs/analysis. Ranks from 1: this small model keeps most of its accuracy down to rank 4.
+# The analysis plots of docs/analysis.md: the demo model (trained if missing: demo-base continues or reports its
+# run), then analyze.py on it. Ranks from 1: this small model keeps most of its accuracy down to rank 4.
 analyze-demo: demo-base
 	$(PY) analyze.py $(OUT)/demo-base-seed$(SEED) --out docs/analysis --device cpu --min-rank 1 --rank-steps 12
 
-# Throughput figures for this machine (README, Performance).
-bench: $(VENV)/installed
-	$(PY) bench.py
+# Throughput figures for this machine (docs/performance.md); on a CPU machine: make bench EXTRA="--device cpu".
+bench: $(SETUP)
+	$(PY) bench.py $(EXTRA)
 
-# One command for a GPU machine, at most 8 minutes: step, sync, pipeline and 1-epoch train.py figures in
-# OUT/gpu-check/gpu-check.md and .json (gpu_check.py; with --device cpu --smoke it runs anywhere at a tiny size).
-gpu-check: $(VENV)/installed
-	$(PY) gpu_check.py --output-dir $(OUT)/gpu-check
+# One command for a GPU machine, about 8 minutes: every bench.py section into OUT/gpu-check/bench.md and .json.
+# Anywhere, at a tiny size: make gpu-check EXTRA="--device cpu --smoke"
+gpu-check: $(SETUP)
+	$(PY) bench.py --gpu-check --output-dir $(OUT)/gpu-check $(EXTRA)
 
-$(COLUMNS): $(VENV)/installed
-
-baseline:
-	$(TRAIN)
-# Augmentation
-no-aa:
-	$(TRAIN) --auto-augment none
-no-mixup:
-	$(TRAIN) --mixup-alpha 0
-no-cutmix:
-	$(TRAIN) --cutmix-alpha 0
-# Patch embedding
-sin:
-	$(TRAIN) --pos-embed sincos
-whiten:
-	$(TRAIN) --whiten
-# Low-rank latent attention (rank 64)
-mla-qkv:
-	$(TRAIN) --latent qkv
-mla-kv:
-	$(TRAIN) --latent kv
-mla-qk:
-	$(TRAIN) --latent qk
-mla-q:
-	$(TRAIN) --latent q
-mla-k:
-	$(TRAIN) --latent k
+# The table's columns: each adds its FLAGS to the baseline.
+no-aa: FLAGS = --auto-augment none
+no-mixup: FLAGS = --mixup-alpha 0
+no-cutmix: FLAGS = --cutmix-alpha 0
+sin: FLAGS = --pos-embed sincos
+whiten: FLAGS = --whiten
+mla-qkv: FLAGS = --latent qkv
+mla-kv: FLAGS = --latent kv
+mla-qk: FLAGS = --latent qk
+mla-q: FLAGS = --latent q
+mla-k: FLAGS = --latent k
 # DDP: --batch-size is the global batch; each image's --ra-reps copies side by side in a batch, as the seed under torchrun
-ddp-bs256:
-	$(TORCHRUN) --batch-size 256 --ra-mode in-batch
-ddp-bs1024:
-	$(TORCHRUN) --batch-size 1024 --ra-mode in-batch
-lion-bs1024:
-	$(TORCHRUN) --batch-size 1024 --ra-mode in-batch --opt lion --lr 1e-4 --weight-decay 0.5
+ddp-bs256 ddp-bs1024 lion-bs1024: LAUNCH = $(TORCHRUN)
+ddp-bs256: FLAGS = --batch-size 256 --ra-mode in-batch
+ddp-bs1024: FLAGS = --batch-size 1024 --ra-mode in-batch
+lion-bs1024: FLAGS = --batch-size 1024 --ra-mode in-batch --opt lion --lr 1e-4 --weight-decay 0.5
 # Several CLS tokens (the abstract's claim; no published numbers)
-cls-2:
-	$(TRAIN) --num-cls 2
-cls-4:
-	$(TRAIN) --num-cls 4
+cls-2: FLAGS = --num-cls 2
+cls-4: FLAGS = --num-cls 4
+
+$(COLUMNS): $(SETUP)
+	$(LAUNCH) train.py $(BASE) $(FLAGS) $(EXTRA)
 
 $(VENV)/installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import predict
-import train
+import run
 from attention import svd_factors
 from model import ViT, transfer_weights
 
@@ -362,7 +362,7 @@ def main(args):
     try:
         if args.images < 0 or min(args.min_rank, args.rank_steps, args.cls_images) <= 0:
             raise ValueError("--images must be >= 0; --min-rank, --rank-steps and --cls-images positive")
-        device = train.device_of(args.device)
+        device = run.device_of(args.device)
         path = predict.checkpoint_path(args.checkpoint)
         model, ckpt = predict.load(path, device)
         dataset = predict.test_data(ckpt, args.dataset, args.data_dir)

@@ -45,15 +45,7 @@ def svd_factors(weight: torch.Tensor, rank: int):
 
 
 class FullRankLinear(nn.Linear):
-    """nn.Linear with the interface of the low-rank modules below: the linear that reads the input (`reader`,
-    itself), what turns the reader's output into the result (`finish`, nothing), and its matrix."""
-
-    @property
-    def reader(self):
-        return self
-
-    def finish(self, code):
-        return code
+    """nn.Linear with the interface of the low-rank modules below: the matrix it applies, and taking one."""
 
     def dense(self):
         return self.weight, self.bias
@@ -71,13 +63,6 @@ class LowRankLinear(nn.Module):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features)
-
-    @property
-    def reader(self):
-        return self.down
-
-    def finish(self, code):
-        return self.up(code)
 
     def forward(self, x):
         return self.up(self.down(x))
@@ -103,15 +88,9 @@ class SharedKVLatent(nn.Module):
         self.up_k = nn.Linear(rank, dim)
         self.up_v = nn.Linear(rank, dim)
 
-    @property
-    def reader(self):
-        return self.down
-
-    def finish(self, code):
-        return self.up_k(code), self.up_v(code)
-
     def forward(self, x):
-        return self.finish(self.down(x))
+        code = self.down(x)
+        return self.up_k(code), self.up_v(code)
 
     def dense(self):
         return (self.up_k.weight @ self.down.weight, self.up_k.bias), (self.up_v.weight @ self.down.weight,
@@ -132,42 +111,21 @@ def projection(in_features: int, out_features: int, rank: int = 0):
     return LowRankLinear(in_features, out_features, rank) if rank else FullRankLinear(in_features, out_features)
 
 
-def concat_forward(projections, x):
-    """[p(x) for p in projections], with every linear that reads x (full projections and down-projections) run as
-    one matmul over their concatenated weights. bench.py --sections concat measures what this buys: 1.00-1.03x per
-    train step on a 2-core CPU (README, Performance (d)), never slower; unmeasured on a GPU."""
-    readers = [p.reader for p in projections]
-    weight = torch.cat([r.weight for r in readers])
-    # Down-projections have no bias: with only those, skip adding a zero bias.
-    bias = None
-    if any(r.bias is not None for r in readers):
-        bias = torch.cat([r.weight.new_zeros(r.out_features) if r.bias is None else r.bias for r in readers])
-    codes = F.linear(x, weight, bias).split([r.out_features for r in readers], dim=-1)
-    return [p.finish(code) for p, code in zip(projections, codes)]
-
-
 def attention_probs(q, k):
     """softmax(q k^T / sqrt(head dim)): (..., queries, keys), each row a distribution over the keys."""
     scale = q.shape[-1] ** -0.5
     return (torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale).softmax(dim=-1)
 
 
-def plain_attention(q, k, v):
-    """Softmax attention written out; the oracle for F.scaled_dot_product_attention."""
-    return torch.einsum("b h i j, b h j d -> b h i d", attention_probs(q, k), v)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention; `latent` names the projections (q, k, v, o) that are low-rank with rank
-    `latent_dim`. `concat_input_linears` is a speed trick only: the linears that read x run as one matmul."""
+    `latent_dim`. The softmax runs in F.scaled_dot_product_attention (tests compare it with attention_probs)."""
 
-    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False,
-                 concat_input_linears: bool = True):
+    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False):
         super().__init__()
         letters = check_shape(dim, heads, latent, latent_dim)
         self.heads = heads
         self.shared_kv = shared_kv_latent and {"k", "v"} <= letters
-        self.concat_input_linears = concat_input_linears
         rank = {letter: latent_dim if letter in letters else 0 for letter in LATENT_LETTERS}
         self.to_q = projection(dim, dim, rank["q"])
         if self.shared_kv:
@@ -178,25 +136,13 @@ class Attention(nn.Module):
 
     def heads_qkv(self, x):
         """q, k, v of x (b, n, dim), each (b, heads, n, head dim)."""
-        # On (b n, d) rows the up-projections run as single addmm calls, their bias included.
-        rows = rearrange(x, "b n d -> (b n) d")
-        projections = [self.to_q, self.to_kv] if self.shared_kv else [self.to_q, self.to_k, self.to_v]
-        if self.concat_input_linears:
-            outputs = concat_forward(projections, rows)
-        else:
-            outputs = [p(rows) for p in projections]
-        q, *kv = outputs
-        k, v = kv[0] if self.shared_kv else kv
-        return [rearrange(t, "(b n) (h d) -> b h n d", b=x.shape[0], h=self.heads) for t in (q, k, v)]
+        k, v = self.to_kv(x) if self.shared_kv else (self.to_k(x), self.to_v(x))
+        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), k, v)]
 
-    def forward(self, x, fused_attn: bool = True):
-        """fused_attn=False runs the written-out softmax instead of SDPA over the same q, k, v: an oracle for the
-        tests."""
-        q, k, v = self.heads_qkv(x)
-        # SDPA's default scale is 1/sqrt(head dim), the same as plain_attention's.
-        out = F.scaled_dot_product_attention(q, k, v) if fused_attn else plain_attention(q, k, v)
-        out = self.to_out(rearrange(out, "b h n d -> (b n) (h d)"))
-        return rearrange(out, "(b n) d -> b n d", b=x.shape[0])
+    def forward(self, x):
+        # SDPA's default scale is 1/sqrt(head dim), the same as attention_probs'.
+        out = F.scaled_dot_product_attention(*self.heads_qkv(x))
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def attention_probs(self, x):
         """The attention weights of x: (b, heads, n, n), each row a distribution over the n tokens."""

@@ -1,56 +1,87 @@
-"""Throughput of PoorViTs on this machine: it prints figures and asserts nothing.
+"""Speed of PoorViTs on this machine, in sections that print Markdown tables and assert nothing.
 
-    python bench.py                      # or: make bench
-    python bench.py --sections step --rounds 5
-    python bench.py --sections concat    # keep or drop attention's weight-concatenation trick
+    python bench.py --device cpu                 # step, augment, pipeline: the CPU figures of docs/performance.md
+    python bench.py --gpu-check                  # every section, time-boxed, for a lent GPU (make gpu-check)
+    python bench.py --gpu-check --device cpu --smoke --output-dir /tmp/check   # every section, tiny (the tests)
 
-Sections:
-  step      train-step img/s (forward + backward + AdamW) per variant at the paper's config: fp32 on CPU, bf16 on GPU
-  concat    the same train step with Attention.concat_input_linears on vs off (one matmul over the concatenated
-            weights of every linear that reads x, or one per projection), per variant
-  augment   img/s of the full training augmentation: the batched device pipeline vs torchvision's per-image PIL one
-  pipeline  the training loop (device loader + augmentation + mixing + step) vs the bare step on a fixed batch; on a GPU
-            also the projected time of the 100-epoch baseline (15 M samples) and the peak memory
-Timings cover only the timed steps: warm-up (and compilation) is excluded, the device is synchronised around them.
+Sections (--sections picks some, in the order given):
+  host       host ms per step of what runs around the model (loader, seeding and mixing, loss bookkeeping), on the
+             meta device: every op dispatched, no data touched
+  step       train-step img/s per variant (baseline, mla-q, mla-qkv, cls-4), eager, at --batch-size
+  precision  the baseline step in fp32, bf16 autocast, and fp16 autocast with a gradient scaler
+  sdpa       which SDPA kernel a step runs at head dim 16 (the op in a profile) and the step with each kernel here
+  compile    the baseline step at each --compile-batches: eager, torch.compile'd, and reduce-overhead (CUDA graphs,
+             CUDA only); compile seconds and Dynamo's graph count
+  sync       whether a warmed-up training step and a loader chunk run under set_sync_debug_mode("error") (CUDA)
+  pipeline   the training loop (loader, augmentation, mixing, step) vs the bare step on a fixed batch
+  augment    the batched augmentation vs torchvision's per-image PIL pipeline
+  train      a 1-epoch train.py run on --dataset synthetic (CIFAR-10's shapes), --compile-mode passed through
+Timings cover only the timed steps: warm-up and compilation are excluded, the device synchronised around them. With
+--output-dir, bench.md and bench.json are rewritten as each section ends: a check cut short keeps its figures. A
+section that fails is recorded with its error, and the others go on.
 """
 import argparse
+import json
+import shlex
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+import traceback
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import augment
 import data
+import run
 import train
 from model import ViT, ViTConfig, count_parameters, forward_macs
 
+ROOT = Path(__file__).resolve().parent
 VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"}, "cls-4": {"num_cls": 4}}
-CONCAT_VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"},
-                   "mla-kv shared": {"latent": "kv", "shared_kv_latent": True}}
 RECIPE = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25)
 BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 training set
+GPU_CHECK_SECTIONS = "host,step,precision,sdpa,compile,sync,pipeline,augment,train"
+# --smoke: sizes for a CPU test of every section; aot_eager builds the graphs without Inductor's C++ build.
+SMOKE = dict(batch_size=8, compile_batches="8,4", steps=1, warmup=1, rounds=1, aug_images=64, compile_backend="aot_eager",
+             train_args="--dataset digits --dim 32 --depth 2 --heads 4 --patch-size 8 --ra-reps 1 --log-every 50")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="PoorViTs throughput benchmarks.")
-    parser.add_argument("--sections", default="step,augment,pipeline", type=str,
-                        help="comma-separated sections: step, augment, pipeline, concat")
-    parser.add_argument("--device", default=None, type=str, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch-size", default=256, type=int, help="images per step (the recipe's global batch)")
-    parser.add_argument("--steps", default=None, type=int, help="timed steps per round (default: 1 CPU, 50 GPU)")
-    parser.add_argument("--warmup", default=None, type=int, help="untimed steps first (default: 2 CPU, 20 GPU)")
-    parser.add_argument("--rounds", default=None, type=int,
-                        help="rounds, variants interleaved; the median round counts (default: 24 CPU, 5 GPU)")
-    parser.add_argument("--aug-images", default=4096, type=int, help="images per augmentation measurement")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser = argparse.ArgumentParser(description="PoorViTs speed benchmarks.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--sections", default="step,augment,pipeline", help="comma-separated, from: " + ", ".join(SECTIONS))
+    add("--gpu-check", action="store_true", help="every section, into --output-dir (unset: runs/gpu-check)")
+    add("--smoke", action="store_true", help="tiny sizes, aot_eager compiling: every section in seconds on a CPU")
+    add("--device", help="cuda or cpu (unset: cuda on a CUDA build of torch, which must then start; else cpu)")
+    add("--batch-size", default=256, type=int, help="images per step (the recipe's global batch)")
+    add("--compile-batches", default="256,64", help="compile section: per-rank batches (ddp-bs1024, ddp-bs256 on 4)")
+    add("--steps", type=int, help="timed steps per round (unset: 1 on CPU; --gpu-check 50)")
+    add("--warmup", type=int, help="untimed steps first (unset: 2 on CPU; --gpu-check 20)")
+    add("--rounds", type=int, help="rounds, variants interleaved; the median round counts (unset: 24 on CPU; "
+                                   "--gpu-check 5)")
+    add("--aug-images", default=4096, type=int, help="images per augmentation measurement")
+    add("--compile-mode", default="default", choices=train.COMPILE_MODES, help="mode of compiled steps and train")
+    add("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
+        help="aot_eager builds the graphs without generating code: it tells a Dynamo problem from an Inductor one")
+    add("--compile-budget", default=200.0, type=float, help="seconds of compiling in the compile section")
+    add("--time-limit", default=450.0, type=float, help="seconds for all sections: train gets what is left")
+    add("--train-args", default="", help="extra train.py flags for the train section")
+    add("--output-dir", help="where bench.md, bench.json and the train section's run go (--gpu-check: "
+                             "runs/gpu-check)")
     return parser
 
 
-def machine(device):
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    return f"{train.device_name(device)}{threads}, torch {torch.__version__}"
-
-
+# ---- timing
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,45 +99,29 @@ def timed(fn, steps, device, warmup=0):
     return (time.perf_counter() - start) / steps
 
 
-def interleaved(fns, steps, warmup, rounds, device):
-    """Seconds per call of each fn in each round: all warmed up first, then `rounds` rounds that time `steps` calls
-    of each in turn, so that drift in the machine's speed hits every fn alike."""
+def interleaved(fns, opts, device, steps=None):
+    """Seconds per call of each fn in each round: all warmed up first, then rounds that time `steps` calls of each
+    in turn, so that drift in the machine's speed hits every fn alike."""
     for fn in fns.values():
-        for _ in range(warmup):
+        for _ in range(opts.warmup):
             fn()
     seconds = {name: [] for name in fns}
-    for _ in range(rounds):
+    for _ in range(opts.rounds):
         for name, fn in fns.items():
-            seconds[name].append(timed(fn, steps, device))
+            seconds[name].append(timed(fn, steps or opts.steps, device))
     return seconds
 
 
-def make_trainer(overrides, device, compile_options=None, concat_input_linears=True):
-    """A model with the paper's AdamW and schedule, and a step function train.py's loop would run; compile_options:
-    torch.compile's keyword arguments (None: eager)."""
-    cfg = ViTConfig(**overrides)
-    model = ViT(cfg).to(device)
-    for block in model.blocks:
-        block.attn.concat_input_linears = concat_input_linears
-    defaults = train.get_args_parser().parse_args([])
-    optimizers = train.build_optimizers(defaults, model, device)
-    schedulers = [train.build_scheduler(optimizer, defaults, steps_per_epoch=10_000) for optimizer in optimizers]
-    compiled = model if compile_options is None else torch.compile(model, **compile_options)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step(images, labels, mix):
-        return train.train_step(compiled, optimizers, schedulers, images, labels, mix, autocast, 0.1)
-
-    return cfg, model, step
-
-
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+def speed_rows(rounds, opts, reference=None):
+    """img/s and ms/step (medians), and how many times faster than `reference` (the median of per-round ratios)."""
+    rows = []
+    for name, seconds in rounds.items():
+        s = statistics.median(seconds)
+        row = {"": name, "img/s": opts.batch_size / s, "ms/step": 1000 * s}
+        if reference in rounds:
+            row["vs " + reference] = statistics.median(r / n for r, n in zip(rounds[reference], seconds))
+        rows.append(row)
+    return rows
 
 
 def random_batch(n, device, seed=0):
@@ -116,164 +131,352 @@ def random_batch(n, device, seed=0):
 
 
 def fixed_batch(batch_size, device):
-    """The bare step's input: a normalised batch, its labels, and a mixer that leaves it unmixed."""
+    """The bare step's input: a normalised batch and its one-hot targets."""
     images, labels = random_batch(batch_size, device)
-    return data.normalize(images, *data.CIFAR10_STATS), labels, data.BatchMix(10, mixup_alpha=0.0, cutmix_alpha=0.0)
+    return data.normalize(images, *data.CIFAR10_STATS), F.one_hot(labels, 10).float()
 
 
-def time_steps(steps, opts, device):
-    """Seconds per step of each step function on one fixed batch, per round of interleaved rounds."""
-    images, labels, no_mix = fixed_batch(opts.batch_size, device)
-    fns = {name: (lambda step=step: step(images, labels, no_mix)) for name, step in steps.items()}
-    return interleaved(fns, opts.steps, opts.warmup, opts.rounds, device)
+def make_step(overrides, device, precision=None, compile_options=None):
+    """train.py's step of a fresh model (paper config with `overrides`): its AdamW, schedule and precision (fp32,
+    bf16, fp16; unset: bf16 on CUDA, fp32 on CPU), torch.compile'd with `compile_options` (None: eager)."""
+    model = ViT(ViTConfig(**overrides)).to(device)
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    args = train.get_args_parser().parse_args([] if precision == "fp32" else ["--amp", "--amp-dtype", precision])
+    optimizers = train.build_optimizers(args, model, device)
+    schedulers = [train.build_scheduler(optimizer, args, steps_per_epoch=10_000) for optimizer in optimizers]
+    compiled = model if compile_options is None else torch.compile(model, **compile_options)
+    amp = train.build_precision(args, device)
+    return model, lambda images, targets: train.train_step(compiled, optimizers, schedulers, images, targets, amp, 0.1)
 
 
-def speedup(rounds, reference, name):
-    """How many times faster `name` ran than `reference`: the median of per-round ratios, each comparing steps timed
-    moments apart."""
-    return statistics.median(r / n for r, n in zip(rounds[reference], rounds[name]))
+def time_steps(steps, opts, device, batch_size=None):
+    """Rounds of each step function on one fixed batch (see interleaved)."""
+    images, targets = fixed_batch(batch_size or opts.batch_size, device)
+    return interleaved({name: (lambda step=step: step(images, targets)) for name, step in steps.items()}, opts, device)
 
 
-def bench_step(device, opts):
-    print(f"\n(a) train step, batch {opts.batch_size}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-          f"median of {opts.rounds} interleaved rounds of {opts.steps} timed steps, after {opts.warmup} warm-up steps")
-    compile_options = {} if opts.compile else None
-    trainers = {name: make_trainer(overrides, device, compile_options) for name, overrides in VARIANTS.items()}
-    rounds = time_steps({name: step for name, (_, _, step) in trainers.items()}, opts, device)
-    print("| variant | params | forward GMAC/img | img/s | ms/step | vs baseline |\n|---|---|---|---|---|---|")
-    for name, (cfg, model, _) in trainers.items():
-        s = statistics.median(rounds[name])
-        print(f"| {name} | {count_parameters(model):,} | {forward_macs(cfg) / 1e9:.3f} | {opts.batch_size / s:,.0f} "
-              f"| {1000 * s:.1f} | {speedup(rounds, 'baseline', name):.3f}x |")
+def recipe_loader(n, opts, device, chunk_images):
+    """train.py's device loader over n random images with the full recipe's augmentation (3 repeats per epoch)."""
+    sampler = data.RepeatedAugmentationSampler(n, opts.batch_size, reps=3)
+    return augment.DeviceLoader(*random_batch(n, device), sampler, augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE),
+                                device, chunk_images=chunk_images)
 
 
-def bench_concat(device, opts):
-    print(f"\n(d) Attention.concat_input_linears on vs off, train step, batch {opts.batch_size}, median of "
-          f"{opts.rounds} interleaved rounds of {opts.steps} timed steps, after {opts.warmup} warm-up steps")
-    steps = {(name, concat): make_trainer(overrides, device, concat_input_linears=concat)[2]
-             for name, overrides in CONCAT_VARIANTS.items() for concat in (True, False)}
-    rounds = time_steps(steps, opts, device)
-    print("| variant | img/s concat on | img/s concat off | on / off |\n|---|---|---|---|")
-    for name in CONCAT_VARIANTS:
-        on, off = rounds[name, True], rounds[name, False]
-        ratio = speedup(rounds, (name, False), (name, True))
-        print(f"| {name} | {opts.batch_size / statistics.median(on):,.0f} "
-              f"| {opts.batch_size / statistics.median(off):,.0f} | {ratio:.3f}x |")
+def loop_step(loader, step, device):
+    """One step of train.py's loop: the loader's next batch (a new epoch when it runs out), seeding, mixing, step."""
+    mix, batches, count = data.BatchMix(10), iter(()), [0]
+
+    def one():
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            loader.sampler.set_epoch(loader.sampler.epoch + 1)
+            batches = iter(loader)
+            batch = next(batches)
+        count[0] += 1
+        step(*mix(*batch, train.seed_step(0, 0, count[0], device)))
+    return one
 
 
-def bench_augment(device, opts):
-    print(f"\n(b) full training augmentation (flip, crop, AutoAugment, normalise, erasing, Mixup/CutMix), one process, "
-          f"batches of {opts.batch_size}")
+# ---- the sections: each returns its figures, {"rows": [...], ...}
+class DeviceOps(TorchDispatchMode):
+    """Counts the aten ops that produce a tensor on `device`: on a GPU, each is a kernel launch (or a view)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.count = device, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += any(isinstance(t, torch.Tensor) and t.device == self.device for t in tree_leaves(out))
+        return out
+
+
+def bench_host(opts, device, check):
+    """Host time and device ops per step of the work around the model, on the meta device: every op is dispatched
+    and no data is touched. A meta op costs the host more than a CUDA launch (many meta kernels are Python), so the
+    milliseconds are an upper bound for a GPU; the ops count is what a GPU launches."""
+    meta = torch.device("meta")
+    loader = recipe_loader(8192, opts, meta, chunk_images=4096)
+    x, labels = torch.empty(opts.batch_size, 3, 32, 32, device=meta), torch.zeros(opts.batch_size, device=meta).long()
+    mix, state, loss = data.BatchMix(10, prob=1.0), run.TrainingState(meta, 50), torch.empty((), device=meta)
+    epoch = loader.sampler.steps_per_epoch
+    parts = {f"loader: an epoch of {epoch} steps, augmented 4096 images at a time": (lambda: list(loader), epoch),
+             "seeding and batch mixing (every batch mixed)": (lambda: mix(x, labels, train.seed_step(0, 0, 0, meta)), 1),
+             "loss bookkeeping": (lambda: state.add(loss) or setattr(state, "interval_steps", state.step % 50), 1)}
+    rows = []
+    for name, (fn, steps) in parts.items():
+        seconds = timed(fn, 3 if steps > 1 else 300, meta, warmup=1)
+        with DeviceOps(meta) as ops:
+            fn()
+        rows.append({"": name, "host ms/step": 1000 * seconds / steps, "device ops/step": ops.count / steps})
+    rows.append({"": "total", **{key: sum(row[key] for row in rows) for key in ("host ms/step", "device ops/step")}})
+    return {"batch_size": opts.batch_size, "rows": rows}
+
+
+def bench_step(opts, device, check):
+    models = {name: make_step(overrides, device) for name, overrides in VARIANTS.items()}
+    rows = speed_rows(time_steps({name: step for name, (_, step) in models.items()}, opts, device), opts, "baseline")
+    for row, (model, _) in zip(rows, models.values()):
+        row.update(params=count_parameters(model), fwd_gmac=forward_macs(model.cfg) / 1e9)
+    return {"batch_size": opts.batch_size, "precision": "bf16" if device.type == "cuda" else "fp32", "rows": rows}
+
+
+def bench_precision(opts, device, check):
+    steps = {name: make_step({}, device, name)[1] for name in ("fp32", "bf16", "fp16")}
+    return {"batch_size": opts.batch_size, "rows": speed_rows(time_steps(steps, opts, device), opts, "fp32")}
+
+
+def bench_sdpa(opts, device, check):
+    _, step = make_step({}, device)
+    images, targets = fixed_batch(opts.batch_size, device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step(images, targets)
+    ran = sorted({e.name for e in profile.events() if e.name.startswith("aten::_scaled_dot_product")})
+    steps, unavailable = {}, {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
+        def under(backend=backend):
+            with sdpa_kernel(backend):
+                step(images, targets)
+        try:
+            under()
+            steps[backend.name] = under
+        except RuntimeError as e:  # "No available kernel": not on this device, dtype or head dim
+            unavailable[backend.name] = run.first_line(e)[:200]
+    rows = speed_rows(interleaved(steps, opts, device), opts)
+    return {"kernels_that_ran": ran, "head_dim": 16, "rows": rows, "unavailable": unavailable}
+
+
+def compiled_steps(opts, device, batch, check):
+    """{mode: step} of the baseline, eager then compiled in each mode that fits the compile budget; the compile
+    seconds (the first step, forward and backward graphs) and the first compile error."""
+    modes = {"eager": None, "compiled": "default"}
+    if device.type == "cuda":
+        modes["reduce-overhead"] = "reduce-overhead"
+    steps, seconds, images, targets = {}, {}, *fixed_batch(batch, device)
+    for name, mode in modes.items():
+        if mode and check.compile_seconds + max(seconds.values(), default=0) > opts.compile_budget:
+            break
+        start = time.perf_counter()
+        try:
+            _, step = make_step({}, device, compile_options=mode and {"mode": mode, "backend": opts.compile_backend})
+            step(images, targets)
+            synchronize(device)
+        except Exception:  # the eager figures still count; the error is the finding
+            return steps, seconds, f"{name}: {tail(traceback.format_exc())}"
+        steps[name], seconds[name] = step, time.perf_counter() - start
+        check.compile_seconds += seconds[name] if mode else 0
+    return steps, seconds, None
+
+
+def bench_compile(opts, device, check):
+    torch._dynamo.reset()
+    counters.clear()
+    rows, errors = [], []
+    for batch in map(int, opts.compile_batches.split(",")):
+        steps, seconds, error = compiled_steps(opts, device, batch, check)
+        errors += [error] * bool(error)
+        graphs = counters["stats"]["unique_graphs"]
+        batch_rows = speed_rows(time_steps(steps, opts, device, batch), argparse.Namespace(batch_size=batch), "eager")
+        for row in batch_rows:
+            row.update(batch=batch, compile_s=seconds[row[""]] if row[""] != "eager" else None)
+        rows += batch_rows
+        if batch == opts.batch_size:
+            check.baseline = steps.get("compiled") or steps["eager"]
+        errors += [f"batch {batch}: the timed steps added Dynamo graphs"] * (counters["stats"]["unique_graphs"] > graphs)
+    return {"backend": opts.compile_backend, "rows": rows, "errors": errors, "dynamo_graphs": counters["stats"][
+        "unique_graphs"]}
+
+
+def first_sync(fn):
+    """"clean" if fn runs under torch.cuda.set_sync_debug_mode("error"); else the error and where the op that
+    synchronised was called: the innermost frame in this repository, then the innermost of all."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "clean"
+    except RuntimeError as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        ours = [f for f in frames if Path(f.filename).resolve().parent == ROOT and Path(f.filename).name != "bench.py"]
+        places = dict.fromkeys(f"{Path(f.filename).name}:{f.lineno} `{f.line}`" for f in ours[-1:] + frames[-1:])
+        return f"{str(e).strip().splitlines()[0]}, at " + " -> ".join(places)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def bench_sync(opts, device, check):
+    if device.type != "cuda":
+        return {"skipped": "set_sync_debug_mode needs CUDA", "rows": []}
+    loader = recipe_loader(4 * opts.batch_size, opts, device, chunk_images=2 * opts.batch_size)
+    state, step = run.TrainingState(device, 50), check.baseline or make_step({}, device)[1]
+    checks = {"training step (seeding, mixing, step, loss bookkeeping)": loop_step(loader, lambda *b: state.add(step(*b)),
+                                                                                   device),
+              "device loader, one augmentation chunk": lambda: next(iter(loader))}
+    rows = []
+    for name, fn in checks.items():
+        for _ in range(2):  # warm-up: allocator, cuBLAS handles, compilation
+            fn()
+        synchronize(device)
+        rows.append({"": name, "under set_sync_debug_mode('error')": first_sync(fn)})
+        synchronize(device)
+    return {"rows": rows}
+
+
+def bench_pipeline(opts, device, check):
+    """The training loop against the bare step, whole augmentation chunks per round; on a GPU with the compile
+    section's compiled baseline when it ran."""
+    step = check.baseline or make_step({}, device)[1]
+    chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size  # 4 batches a chunk keeps a CPU run short
+    loader = recipe_loader(10_000, opts, device, chunk)
+    images, targets = fixed_batch(opts.batch_size, device)
+    fns = {"bare step (fixed batch, no mixing)": lambda: step(images, targets),
+           "training loop (loader, augmentation, mixing, step)": loop_step(loader, step, device)}
+    per_round = loader.batches_per_chunk
+    rounds = argparse.Namespace(batch_size=opts.batch_size, warmup=per_round, steps=per_round,
+                                rounds=max(2, opts.rounds * opts.steps // per_round))
+    seconds = {name: [statistics.mean(values)] for name, values in interleaved(fns, rounds, device).items()}
+    rows = speed_rows(seconds, opts, reference="bare step (fixed batch, no mixing)")
+    loop = rows[1]["img/s"]
+    return {"rows": rows, "loop_over_bare": loop / rows[0]["img/s"], "projected_baseline_s": BASELINE_SAMPLES / loop}
+
+
+def bench_augment(opts, device, check):
     n, batch = opts.aug_images, opts.batch_size
     images, labels = random_batch(n, device)
-    mix = data.BatchMix(10)
-    augment = data.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
-    generator = torch.Generator().manual_seed(0)
+    mix, batch_augment = data.BatchMix(10), augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
+    rng = train.seed_step(0, 0, 0, device)
 
     def batched():
-        out = augment(images, generator)
+        out = batch_augment(images, torch.Generator().manual_seed(0))
         for x, y in zip(out.split(batch), labels.split(batch)):
-            mix(x, y)
-
-    rows = []
-    threads = torch.get_num_threads()
-    rows.append((f"batched, on {device.type}" + (f", {threads} threads" if device.type == "cpu" else ""),
-                 n / timed(batched, 3, device, warmup=1)))
-    if device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-        rows.append(("batched, on cpu, 1 thread", n / timed(batched, 3, device, warmup=1)))
-        torch.set_num_threads(threads)
+            mix(x, y, rng)
 
     pil_images = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images[:1024]]
-    cpu_labels = labels[:1024].cpu()
     transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
 
     def per_image():
         for start in range(0, len(pil_images), batch):
             x = torch.stack([transform(img) for img in pil_images[start:start + batch]])
-            mix(x, cpu_labels[start:start + batch])
+            mix(x, labels[start:start + batch].cpu(), rng)
 
+    threads = torch.get_num_threads()
+    rows = [{"": f"batched, on {device.type}", "img/s": n / timed(batched, 3, device, warmup=1)}]
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+        rows.append({"": "batched, on cpu, 1 thread", "img/s": n / timed(batched, 3, device, warmup=1)})
     torch.set_num_threads(1)  # PIL works on one core; a DataLoader worker runs one thread
-    rows.append(("torchvision per-image PIL, 1 process", len(pil_images) / timed(per_image, 2, torch.device("cpu"))))
+    rows.append({"": "torchvision per-image PIL, 1 process", "img/s": len(pil_images) / timed(per_image, 2, device)})
     torch.set_num_threads(threads)
-    pil = rows[-1][1]
-    print("| pipeline | img/s | vs per-image PIL |\n|---|---|---|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {rate / pil:.1f}x |")
+    for row in rows:
+        row["vs per-image"] = row["img/s"] / rows[-1]["img/s"]
+    return {"rows": rows}
 
 
-def recipe_loader(images, labels, batch_size, device, chunk_images):
-    """train.py's device loader over `images` with the full recipe's augmentation (3 repeats per epoch)."""
-    sampler = data.RepeatedAugmentationSampler(len(images), batch_size, reps=3)
-    return data.DeviceLoader(images, labels, sampler, data.BatchAugment(*data.CIFAR10_STATS, **RECIPE), device,
-                             chunk_images=chunk_images)
+def tail(text, lines=15):
+    return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
-def measure_pipeline(step, device, opts):
-    """img/s of the training loop (device loader, augmentation, mixing, `step` of the baseline model from
-    make_trainer) and of the bare step on a fixed batch, full recipe: the mean over rounds of whole augmentation
-    chunks. On a GPU also the peak memory."""
-    reset_peak_memory(device)
-    # On the CPU a chunk of 4 batches keeps the run short; every round times whole chunks, augmentation included.
-    chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size
-    loader = recipe_loader(*random_batch(10_000, device), opts.batch_size, device, chunk)
-    sampler = loader.sampler
-    mix = data.BatchMix(10)
-    fixed_images, fixed_labels, no_mix = fixed_batch(opts.batch_size, device)
-    batches = iter(())
-    step_count = 0
-
-    def loop_step():
-        nonlocal batches, step_count
-        batch = next(batches, None)
-        if batch is None:
-            sampler.set_epoch(sampler.epoch + 1)
-            batches = iter(loader)
-            batch = next(batches)
-        train.seed_step(0, 0, step_count)
-        step_count += 1
-        step(*batch, mix)
-
-    per_round = loader.batches_per_chunk
-    rounds = max(2, opts.rounds * opts.steps // per_round)
-    rounds = interleaved({"bare": lambda: step(fixed_images, fixed_labels, no_mix), "loop": loop_step},
-                         per_round, per_round, rounds, device)
-    seconds = {name: statistics.mean(values) for name, values in rounds.items()}
-    bare, loop = opts.batch_size / seconds["bare"], opts.batch_size / seconds["loop"]
-    return {"bare_img_s": bare, "bare_ms": 1000 * seconds["bare"], "loop_img_s": loop,
-            "loop_ms": 1000 * seconds["loop"], "loop_over_bare": loop / bare,
-            "projected_baseline_s": BASELINE_SAMPLES / loop, "peak_memory_gib": peak_memory_gib(device)}
+def bench_train(opts, device, check):
+    out = (check.out or Path("runs/bench")).resolve() / "train-run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "synthetic", "--epochs", "1", "--warmup-epochs", "1",
+           "--batch-size", str(opts.batch_size), "--amp", "--device", str(device), "--output-dir", str(out),
+           "--compile-mode", opts.compile_mode, *shlex.split(opts.train_args)]
+    if opts.compile_mode != "default" and device.type != "cuda":
+        cmd.append("--compile")
+    shutil.rmtree(out, ignore_errors=True)  # train.py never overwrites a run: a check run again replaces its own
+    timeout = max(60.0, check.seconds_left())
+    try:
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"command": shlex.join(cmd), "error": f"timed out after {timeout:.0f} s: {tail(e.stderr)}", "rows": []}
+    figures = {"command": shlex.join(cmd), "returncode": result.returncode, "rows": []}
+    if result.returncode:
+        figures["error"] = tail(result.stderr)
+    if (out / "summary.json").exists():
+        summary = json.loads((out / "summary.json").read_text())
+        figures["rows"] = [{key: summary[key] for key in ("complete", "steps", "img_per_s", "ms_per_step",
+                                                          "train_seconds", "total_seconds", "precision", "compiled")}]
+        if summary["img_per_s"]:  # at this speed, the 100-epoch baseline's steps (evaluation and saving excluded)
+            figures["projected_baseline_s"] = BASELINE_SAMPLES / summary["img_per_s"]
+    return figures
 
 
-def bench_pipeline(device, opts):
-    print(f"\n(c) training loop vs bare step, baseline model, batch {opts.batch_size}, full recipe; "
-          f"mean over rounds of whole augmentation chunks")
-    _, _, step = make_trainer({}, device, {} if opts.compile else None)
-    figures = measure_pipeline(step, device, opts)
-    print("| measurement | img/s | ms/step |\n|---|---|---|")
-    print(f"| bare step (fixed batch, no mixing) | {figures['bare_img_s']:,.0f} | {figures['bare_ms']:.1f} |")
-    print(f"| training loop (device loader, augmentation, mixing, step) | {figures['loop_img_s']:,.0f} "
-          f"| {figures['loop_ms']:.1f} |")
-    print(f"loop / bare = {figures['loop_over_bare']:.3f}")
-    print(f"projected baseline (100 epochs x 150k samples, no evaluation): {figures['projected_baseline_s']:,.0f} s")
-    if figures["peak_memory_gib"] is not None:
-        print(f"peak GPU memory: {figures['peak_memory_gib']:.2f} GiB")
+SECTIONS = {"host": bench_host, "step": bench_step, "precision": bench_precision, "sdpa": bench_sdpa,
+            "compile": bench_compile, "sync": bench_sync, "pipeline": bench_pipeline, "augment": bench_augment,
+            "train": bench_train}
+
+
+# ---- Markdown and the check's files
+def cell(value):
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return "—" if value is None else str(value).replace("|", "\\|")
+
+
+def markdown(name, result):
+    lines = ["", f"## {name} ({result['seconds']:.0f} s)", ""]
+    rows = result.get("rows", [])
+    if rows:
+        header = list(dict.fromkeys(key for row in rows for key in row))
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell(row.get(key)) for key in header) + " |" for row in rows]
+    lines += [f"- {key}: {cell(value)}" for key, value in result.items() if key not in ("rows", "seconds", "error")]
+    return lines + (["", "**failed**:", "", "```", result["error"], "```"] if result.get("error") else [])
+
+
+class Check:
+    """The options, the device, the results so far and the files they go to."""
+
+    def __init__(self, opts, device):
+        self.opts, self.device, self.start = opts, device, time.monotonic()
+        self.out = Path(opts.output_dir) if opts.output_dir else None
+        self.results = {"machine": {**run.run_info(device), "threads": torch.get_num_threads()}, "options": vars(opts)}
+        self.baseline, self.compile_seconds = None, 0.0  # the compile section's baseline step, for sync and pipeline
+
+    def seconds_left(self):
+        return self.opts.time_limit - (time.monotonic() - self.start)
+
+    def run(self, name):
+        start = time.monotonic()
+        try:
+            self.results[name] = SECTIONS[name](self.opts, self.device, self)
+        except Exception:  # a failing section is a finding: record it and go on
+            self.results[name] = {"error": tail(traceback.format_exc(), 25)}
+        self.results[name]["seconds"] = time.monotonic() - start
+        print("\n".join(markdown(name, self.results[name])), flush=True)
+        if self.out:
+            machine = self.results["machine"]
+            lines = ["# PoorViTs bench", "", f"{machine['device_name']}, torch {machine['torch']}, commit "
+                     f"{machine['git_commit']}, {time.strftime('%Y-%m-%d %H:%M')}"]
+            lines += [line for section in SECTIONS if section in self.results
+                      for line in markdown(section, self.results[section])]
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "bench.md").write_text("\n".join(lines) + "\n")
+            (self.out / "bench.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
 
 
 def main(opts):
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
-    opts.steps = opts.steps or (50 if gpu else 1)
-    opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
-    opts.rounds = opts.rounds or (5 if gpu else 24)
-    sections = {"step": bench_step, "augment": bench_augment, "pipeline": bench_pipeline, "concat": bench_concat}
-    chosen = opts.sections.split(",")
-    unknown = [s for s in chosen if s not in sections]
+    if opts.gpu_check:
+        opts.sections, opts.output_dir = GPU_CHECK_SECTIONS, opts.output_dir or "runs/gpu-check"
+    for key, value in (SMOKE if opts.smoke else {}).items():
+        setattr(opts, key, value)
+    unknown = [s for s in opts.sections.split(",") if s not in SECTIONS]
     if unknown:
-        raise SystemExit(f"bench.py: error: --sections {','.join(unknown)}: choose from {', '.join(sections)}")
-    print(f"machine: {machine(device)}")
-    for name in chosen:
-        sections[name](device, opts)
+        raise SystemExit(f"bench.py: error: --sections {','.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    try:
+        device = run.device_of(opts.device)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: error: {e}") from None
+    gpu = device.type == "cuda"
+    opts.steps, opts.rounds = opts.steps or (50 if gpu else 1), opts.rounds or (5 if gpu else 24)
+    opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
+    check = Check(opts, device)
+    print(f"machine: {check.results['machine']['device_name']}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}", flush=True)
+    for name in opts.sections.split(","):
+        check.run(name)
+    return check.results
 
 
 if __name__ == "__main__":

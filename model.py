@@ -1,7 +1,9 @@
 """PoorViTs: a small pre-norm Vision Transformer with several CLS tokens (arXiv 2501.06220).
 
-Baseline (the seed's README table and its models/vit.py): patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12
-heads, MLP ratio 2, stochastic depth 0 -> 0.1, ~2.70 M parameters. Options: low-rank latent attention (attention.py)
+Baseline: patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12 heads, MLP ratio 2, stochastic depth 0 -> 0.1,
+~2.70 M parameters. Depth is the seed's one ambiguity here (docs/faithfulness.md): its models/vit.py defaults to
+depth 12 (3.59 M) where its build_model.py has depth=9 commented out; depth 9 is its parent commit's and the ViT its
+numbers compare with. We default to 9; --depth 12 is the other reading. Options: low-rank latent attention (attention.py)
 and a low-rank MLP, k CLS tokens pooled by concatenation or mean, fixed 2-D sin-cos positions, and whitening init of
 the patch embedding. `transfer_weights` builds a (low-rank) model from a trained one by truncated SVD.
 """
@@ -80,12 +82,13 @@ class ViTConfig:
 
 
 def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sin-cos positions (grid*grid, dim): a quarter of dim each for sin(x), cos(x), sin(y), cos(y)."""
-    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
-    x = rearrange(x, "h w -> (h w) 1") * omega
-    y = rearrange(y, "h w -> (h w) 1") * omega
-    return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).float()
+    """The seed's fixed 2-D sin-cos positions (grid*grid patches row by row, dim): sin(row w), cos(row w), sin(col w),
+    cos(col w), a quarter of dim each, at the frequencies w_i = temperature^(-i / (dim / 4)), i < dim / 4."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    row = rearrange(rows, "h w -> (h w) 1") * omega
+    col = rearrange(cols, "h w -> (h w) 1") * omega
+    return torch.cat((row.sin(), row.cos(), col.sin(), col.cos()), dim=1)
 
 
 class FeedForward(nn.Module):
@@ -119,8 +122,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg.dim, cfg.mlp_dim, cfg.mlp_latent_dim)
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
-    def forward(self, x, fused_attn: bool = True):
-        x = x + self.drop_path(self.attn(self.norm1(x), fused_attn=fused_attn))
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def dense(self) -> dict:
@@ -182,16 +185,16 @@ class ViT(nn.Module):
         x, ps = pack([cls, patches], "b * d")
         return x + self.pos_embedding, ps
 
-    def cls_outputs(self, images, fused_attn: bool = True):
+    def cls_outputs(self, images):
         """The final-norm outputs of the k CLS tokens, (b, k, dim): what the head reads."""
         x, ps = self.tokens(images)
         for block in self.blocks:
-            x = block(x, fused_attn=fused_attn)
+            x = block(x)
         cls, _ = unpack(self.norm(x), ps, "b * d")
         return cls
 
-    def forward(self, images, fused_attn: bool = True):
-        cls = self.cls_outputs(images, fused_attn)
+    def forward(self, images):
+        cls = self.cls_outputs(images)
         pooled = rearrange(cls, "b k d -> b (k d)") if self.cfg.cls_pool == "concat" else cls.mean(dim=1)
         return self.head(pooled)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import train
+import run
 
 
 def checkpoint_path(path) -> Path:
@@ -27,7 +27,7 @@ def checkpoint_path(path) -> Path:
 
 def load(path, device):
     """(the checkpoint's model on `device`, in eval mode; the checkpoint) from a run folder or a checkpoint file."""
-    model, ckpt = train.load_model(checkpoint_path(path), "checkpoint")
+    model, ckpt = run.load_model(checkpoint_path(path), "checkpoint")
     return model.to(device).eval(), ckpt
 
 
@@ -46,7 +46,7 @@ def logits_of(model, images, mean, std, device):
     """float32 logits of uint8 images, normalised and chunked as train.py's evaluation does."""
     model.eval()
     constants = data.to_device(data.normalization(mean, std), device)
-    chunks = images.split(train.EVAL_CHUNK)
+    chunks = images.split(data.EVAL_CHUNK)
     return torch.cat([model(data.scale_shift(x.to(device), constants)).float().cpu() for x in chunks])
 
 
@@ -92,8 +92,8 @@ def write_predictions(path, files, classes, probs, indices):
 def add_source_arguments(parser, dataset=True):
     """The checkpoint and device flags (and which test split: dataset=True) that predict.py and analyze.py share."""
     parser.add_argument("checkpoint", type=str, help="a run folder (its checkpoint.pt) or a checkpoint file")
-    parser.add_argument("--device", default=None, type=str, choices=["cpu", "cuda"],
-                        help="default: cuda when available")
+    parser.add_argument("--device", default=None, type=str,
+                        help="cuda, cuda:N or cpu (unset: cuda on a CUDA build of torch, which must then start)")
     if dataset:
         parser.add_argument("--dataset", default=None, type=str, choices=data.DATASETS,
                             help="default: the dataset the checkpoint's run trained on")
@@ -138,7 +138,7 @@ def run_predict(args, model, ckpt, device):
 
 def main(args):
     try:
-        device = train.device_of(args.device)
+        device = run.device_of(args.device)
         model, ckpt = load(args.checkpoint, device)
         return (run_evaluate if args.command == "evaluate" else run_predict)(args, model, ckpt, device)
     except (ValueError, FileNotFoundError) as e:

@@ -5,7 +5,9 @@
 
 Reads every sub-folder of the runs folder that holds a summary.json or a metrics.jsonl. Runs are grouped into
 table columns by their --tag (else by the folder name without "-seed<N>"); a column's numbers are the mean and
-standard deviation over its complete runs. "final" is the test accuracy after the last epoch, "best" the highest
+standard deviation over its complete runs. A run of one of the paper's columns that read the seed otherwise than our
+default (depth, repeated-augmentation mode, precision: docs/faithfulness.md) gets a column of its own, labelled with
+that reading, so that runs of different readings are never averaged together. "final" is the test accuracy after the last epoch, "best" the highest
 of the periodic evaluations. Missing, unfinished and unreadable runs are listed under the table, never fatal.
 """
 import argparse
@@ -38,6 +40,23 @@ PAPER = [
 ]
 
 
+DDP_TARGETS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
+
+
+def reading(summary: dict, target: str) -> str:
+    """How a run of a paper column read the seed where that differs from our default for the column, e.g.
+    "depth 12, fp32"; "" where it does not."""
+    args = summary.get("args", {})
+    # Runs from before --amp-dtype have no "precision": --amp was bf16 then; without "amp" the run says nothing.
+    precision = summary.get("precision") or {False: "fp32"}.get(args.get("amp"), "bf16")
+    defaults = {"depth": 9, "RA": "in-batch" if target in DDP_TARGETS else "shuffles", "precision": "bf16"}
+    used = {"depth": args.get("depth", 9), "RA": args.get("ra_mode", defaults["RA"]), "precision": precision}
+    return ", ".join(f"{key} {used[key]}" if key != "precision" else used[key]
+                     for key in defaults if used[key] != defaults[key])
+
+PAPER_TARGETS = {row[2] for row in PAPER}
+
+
 @dataclass
 class Run:
     folder: Path
@@ -63,8 +82,11 @@ class Column:
 
 
 def column_of(folder: Path, summary: dict) -> str:
-    tag = summary.get("args", {}).get("tag")
-    return tag or re.sub(r"-seed\d+$", "", folder.name)
+    """The run's column: its --tag (else its folder's name without -seed<N>), and for a paper column read otherwise
+    than our default, that reading in brackets."""
+    target = summary.get("args", {}).get("tag") or re.sub(r"-seed\d+$", "", folder.name)
+    other = reading(summary, target) if target in PAPER_TARGETS else ""
+    return f"{target} [{other}]" if other else target
 
 
 def read_metrics(path: Path, problems: list) -> list:
@@ -121,11 +143,15 @@ def fmt(mean, std, digits=2):
 
 
 def table_rows(columns, only_run=False):
-    """(group, name, target, paper time, paper acc) for the paper's columns, then any other column found."""
-    rows = [row for row in PAPER if row[2] in columns or not only_run]
-    known = {target for _, _, target, _, _ in PAPER}
-    rows += [("Other", target, target, None, None) for target in sorted(columns) if target not in known]
-    return rows
+    """(group, name, column, paper time, paper acc) for the paper's columns, each followed by its runs of other
+    readings, then any other column found."""
+    rows = []
+    for group, name, target, paper_time, paper_acc in PAPER:
+        rows += [(group, name, target, paper_time, paper_acc)] * (target in columns or not only_run)
+        rows += [(group, f"{name} [{column.split(' [', 1)[1]}", column, paper_time, paper_acc)
+                 for column in sorted(columns) if column.startswith(f"{target} [")]
+    known = {row[2] for row in rows}
+    return rows + [("Other", column, column, None, None) for column in sorted(columns) if column not in known]
 
 
 def markdown_table(columns, expected_seeds=None, only_run=False):

@@ -126,7 +126,7 @@ def test_analyze_writes_the_report_and_every_plot(trained_run, tmp_path):
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
-        analyze.main(analyze.get_args_parser().parse_args([str(tmp_path)]))
+        analyze.main(analyze.get_args_parser().parse_args([str(tmp_path), "--device", "cpu"]))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_info.value.code == 2 and len(lines) == 1 and "not a readable checkpoint" in lines[0], lines
     assert not (tmp_path / "analysis").exists()

@@ -1,50 +1,50 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attention import Attention, LowRankLinear, SharedKVLatent, plain_attention, svd_factors
+import attention
+from attention import Attention, LowRankLinear, SharedKVLatent, svd_factors
 
 VARIANTS = ["", "q", "k", "v", "o", "kv", "qk", "qkv", "vq", "qkvo"]
 
 
-def make_attention(latent="", shared=False, dim=32, heads=4, rank=8, concat=True):
+def make_attention(latent="", shared=False, dim=32, heads=4, rank=8):
     torch.manual_seed(0)
-    return Attention(dim, heads, latent=latent, latent_dim=rank, shared_kv_latent=shared, concat_input_linears=concat)
+    return Attention(dim, heads, latent=latent, latent_dim=rank, shared_kv_latent=shared)
 
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("sdpa, concat", [(True, False), (False, True), (True, True)],
-                         ids=["sdpa", "concat-input-linears", "both"])
+def plain_attention(q, k, v):
+    """Softmax attention written out, the oracle for F.scaled_dot_product_attention."""
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def test_sdpa_matches_softmax_written_out():
+    q, k, v = torch.randn(3, 2, 4, 5, 16).unbind(0)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), plain_attention(q, k, v))
+    torch.testing.assert_close(attention.attention_probs(q, k) @ v, plain_attention(q, k, v))
+
+
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("latent", VARIANTS)
-def test_each_switch_matches_the_plain_path(latent, shared, sdpa, concat):
-    """The plain path: separate projection modules, written-out softmax. Each switch alone must not change it."""
-    plain, fast = make_attention(latent, shared, concat=False), make_attention(latent, shared, concat=concat)
-    x = torch.randn(3, 7, 32)
-    torch.testing.assert_close(fast(x, fused_attn=sdpa), plain(x, fused_attn=False), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("latent", ["", "qv", "qkvo"])
-def test_concat_switch_reads_the_weights_instead_of_calling_the_projections(latent, monkeypatch):
-    attn, x = make_attention(latent), torch.randn(2, 5, 32)
-    expected = attn(x)
-
-    def refuse(*args):
-        raise AssertionError("to_q was called")
-
-    monkeypatch.setattr(attn.to_q, "forward", refuse)
-    torch.testing.assert_close(attn(x), expected)  # concatenated weights: to_q's forward is never called
-    attn.concat_input_linears = False
-    with pytest.raises(AssertionError, match="to_q was called"):
-        attn(x)
-
-
-def test_plain_attention_uses_inverse_sqrt_head_dim_scale():
-    q, k, v = torch.randn(3, 2, 4, 5, 16).unbind(0)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
-    torch.testing.assert_close(plain_attention(q, k, v), weights @ v)
+def test_every_variant_equals_its_projections_with_the_softmax_written_out(latent, shared, monkeypatch):
+    """The reference: each projection module called on its own, then plain_attention."""
+    attn, x = make_attention(latent, shared), torch.randn(3, 7, 32)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_kernel = attn(x)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", plain_attention)
+    reference = attn(x)
+    torch.testing.assert_close(attn(x), math_kernel, atol=1e-5, rtol=1e-5)
+    k, v = attn.to_kv(x) if attn.shared_kv else (attn.to_k(x), attn.to_v(x))
+    heads = [t.reshape(3, 7, 4, 8).transpose(1, 2) for t in (attn.to_q(x), k, v)]
+    by_hand = attn.to_out(plain_attention(*heads).transpose(1, 2).reshape(3, 7, 32))
+    torch.testing.assert_close(reference, by_hand, atol=1e-6, rtol=1e-6)
+    monkeypatch.undo()
+    torch.testing.assert_close(attn(x), by_hand, atol=1e-5, rtol=1e-5)  # the default SDPA kernel
 
 
 @pytest.mark.parametrize("latent", ["q", "k", "v", "o", "kv", "qk", "qkv", "qkvo"])

@@ -1,4 +1,4 @@
-"""The device pipeline (data.BatchAugment, data.DeviceLoader) against torchvision's per-image ops."""
+"""The device pipeline (augment.BatchAugment, augment.DeviceLoader) against torchvision's per-image ops."""
 import math
 import random
 
@@ -7,6 +7,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+import augment
 import data
 from conftest import images
 
@@ -18,7 +19,7 @@ def test_flip_crop_equals_torchvision_flip_pad_crop():
     batch, g = images(24), torch.Generator().manual_seed(1)
     flip = torch.rand(24, generator=g) < 0.5
     top, left = torch.randint(0, 9, (2, 24), generator=g)
-    out = data.flip_crop(batch, flip, top, left, padding=4)
+    out = augment.flip_crop(batch, flip, top, left, padding=4)
     for i in range(24):
         img = TF.horizontal_flip(batch[i]) if flip[i] else batch[i]
         expected = TF.crop(TF.pad(img, [4]), int(top[i]), int(left[i]), 32, 32)
@@ -108,8 +109,8 @@ def reference_op(img, op, magnitude, fill):
 def test_the_reference_is_what_torchvision_autoaugment_runs_with_its_fill():
     img = images(1)[0]
     for fill in (0, 128):
-        tv = data.BatchAutoAugment(fill=fill).tv
-        for op, m in data.BatchAutoAugment().variants + [("ShearX", 0.2), ("ShearX", -0.1)]:
+        tv = augment.BatchAutoAugment(fill=fill).tv
+        for op, m in augment.BatchAutoAugment().variants + [("ShearX", 0.2), ("ShearX", -0.1)]:
             expected = tv._apply_image_or_video_transform(img, op, m, tv.interpolation, tv._fill)
             assert torch.equal(reference_op(img, op, m, fill), expected), (op, m, fill)
     assert not torch.equal(reference_op(img, "Rotate", 20.0, 0), reference_op(img, "Rotate", 20.0, 128))
@@ -123,8 +124,8 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill, device):
     batch, tested = images(3).to(device), set()
     # Every (op, magnitude) of the CIFAR-10 policy, and the geometric ones of SVHN's, which adds ShearX.
-    for policy, ops in (("cifar10", None), ("svhn", data.GEOMETRIC_OPS)):
-        aa = data.BatchAutoAugment(policy, fill=fill)
+    for policy, ops in (("cifar10", None), ("svhn", augment.GEOMETRIC_OPS)):
+        aa = augment.BatchAutoAugment(policy, fill=fill)
         for index, (op, magnitude) in enumerate(aa.variants):
             if ops is None or op in ops:
                 out = aa(batch, torch.tensor([[index, -1]] * len(batch)))
@@ -136,7 +137,7 @@ def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill, dev
 
 
 def test_signed_ops_come_in_both_signs_with_the_policy_magnitudes():
-    aa = data.BatchAutoAugment("cifar10")
+    aa = augment.BatchAutoAugment("cifar10")
     rotations = [m for op, m in aa.variants if op == "Rotate"]
     assert pytest.approx(30 * 2 / 9) in rotations and pytest.approx(-30 * 2 / 9) in rotations
     assert ("Solarize", pytest.approx(1 - 5 / 9)) in aa.variants  # unsigned: one sign only
@@ -144,7 +145,7 @@ def test_signed_ops_come_in_both_signs_with_the_policy_magnitudes():
 
 
 def test_mixed_batch_equals_applying_each_images_ops_in_order():
-    aa, batch = data.BatchAutoAugment("cifar10"), images(40)
+    aa, batch = augment.BatchAutoAugment("cifar10"), images(40)
     variants = aa.draw(40, torch.Generator().manual_seed(3))
     out = aa(batch, variants)
     for i in range(40):
@@ -157,7 +158,7 @@ def test_mixed_batch_equals_applying_each_images_ops_in_order():
 
 def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
     n, batch = 24, images(24)
-    aug = data.BatchAugment(MEAN, STD, random_erase=0.5)
+    aug = augment.BatchAugment(MEAN, STD, random_erase=0.5)
     out = aug(batch, torch.Generator().manual_seed(4))
     # BatchAugment's draws, in its order: flips, crop offsets, AutoAugment, erasing boxes.
     g = torch.Generator().manual_seed(4)
@@ -179,7 +180,7 @@ def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
 
 def test_erased_boxes_hold_the_raw_channel_means():
     batch = images(64)
-    out = data.BatchAugment(MEAN, STD, **{**OFF, "random_erase": 1.0})(batch, torch.Generator().manual_seed(0))
+    out = augment.BatchAugment(MEAN, STD, **{**OFF, "random_erase": 1.0})(batch, torch.Generator().manual_seed(0))
     changed = out != data.normalize(batch, MEAN, STD)
     assert changed.any((1, 2, 3)).all()  # p = 1: every image has a box
     for c, mean in enumerate(MEAN):
@@ -203,7 +204,7 @@ def expected_variant_frequencies(aa, slot):
 
 @pytest.mark.parametrize("slot", [0, 1])
 def test_sub_policy_and_ops_are_drawn_per_image(slot):
-    aa, n = data.BatchAutoAugment("cifar10"), 50000
+    aa, n = augment.BatchAutoAugment("cifar10"), 50000
     variants = aa.draw(n, torch.Generator().manual_seed(0))
     counts = torch.bincount(variants[:, slot] + 1, minlength=len(aa.variants) + 1).roll(-1).float()
     expected = expected_variant_frequencies(aa, slot) * n
@@ -216,7 +217,7 @@ def test_sub_policy_and_ops_are_drawn_per_image(slot):
 
 def test_without_augmentation_the_batch_is_only_normalised():
     batch = images()
-    aug = data.BatchAugment(MEAN, STD, hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
+    aug = augment.BatchAugment(MEAN, STD, hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
     torch.testing.assert_close(aug(batch, torch.Generator()), data.normalize(batch, MEAN, STD))
 
 
@@ -224,8 +225,8 @@ def test_without_augmentation_the_batch_is_only_normalised():
                                       ("random_erase", 1.0)])
 def test_each_flag_changes_the_batch(flag, on):
     batch = images(32)
-    plain = data.BatchAugment(MEAN, STD, **OFF)(batch, torch.Generator().manual_seed(0))
-    augmented = data.BatchAugment(MEAN, STD, **{**OFF, flag: on})(batch, torch.Generator().manual_seed(0))
+    plain = augment.BatchAugment(MEAN, STD, **OFF)(batch, torch.Generator().manual_seed(0))
+    augmented = augment.BatchAugment(MEAN, STD, **{**OFF, flag: on})(batch, torch.Generator().manual_seed(0))
     changed = [not torch.equal(a, b) for a, b in zip(plain, augmented)]
     assert 0 < sum(changed) <= 32
 
@@ -233,25 +234,25 @@ def test_each_flag_changes_the_batch(flag, on):
 def test_flip_rate_and_crop_offsets_are_per_image_and_uniform():
     n = 4000
     batch = torch.arange(32, dtype=torch.uint8).repeat(n, 3, 32, 1)  # each row 0..31: a flip reverses it
-    out = data.BatchAugment((0, 0, 0), (1, 1, 1), hflip=True, crop_padding=0, auto_augment="none",
+    out = augment.BatchAugment((0, 0, 0), (1, 1, 1), hflip=True, crop_padding=0, auto_augment="none",
                             random_erase=0.0)(batch, torch.Generator().manual_seed(0))
     flipped = out[:, 0, 0, 0] > out[:, 0, 0, 1]
     assert abs(flipped.float().mean() - 0.5) < 5 * math.sqrt(0.25 / n)
 
 
 def test_a_batch_depends_only_on_its_generator():
-    batch, aug = images(), data.BatchAugment(MEAN, STD)
+    batch, aug = images(), augment.BatchAugment(MEAN, STD)
     a = aug(batch, torch.Generator().manual_seed(5))
     torch.manual_seed(99)
     assert torch.equal(aug(batch, torch.Generator().manual_seed(5)), a)
     assert not torch.equal(aug(batch, torch.Generator().manual_seed(6)), a)
 
 
-def loader(num_images=100, batch=8, reps=2, rank=0, world_size=1, chunk_images=24, **augment):
+def loader(num_images=100, batch=8, reps=2, rank=0, world_size=1, chunk_images=24, **recipe):
     imgs, labels = images(num_images), torch.arange(num_images)
     sampler = data.RepeatedAugmentationSampler(num_images, batch * world_size, reps, rank, world_size, seed=7)
-    aug = data.BatchAugment(MEAN, STD, **(augment or OFF))
-    return data.DeviceLoader(imgs, labels, sampler, aug, torch.device("cpu"), chunk_images=chunk_images), imgs
+    aug = augment.BatchAugment(MEAN, STD, **(recipe or OFF))
+    return augment.DeviceLoader(imgs, labels, sampler, aug, torch.device("cpu"), chunk_images=chunk_images), imgs
 
 
 def test_device_loader_yields_the_samplers_order_in_batches():

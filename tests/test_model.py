@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import svd_factors
@@ -64,13 +65,15 @@ def test_shared_kv_latent_saves_three_projections_worth():
         for mlp_rank in ([0, 8] if num_cls == 1 and pool == "concat" else [0])
     ],
 )
-def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos, mlp_rank):
+def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos, mlp_rank, monkeypatch):
     model = tiny(latent=latent, shared_kv_latent=shared, num_cls=num_cls, cls_pool=pool, pos_embed=pos,
                  mlp_latent_dim=mlp_rank).eval()
     x = torch.randn(2, 3, 32, 32)
     fused = model(x)
     assert fused.shape == (2, 10)
-    torch.testing.assert_close(fused, model(x, fused_attn=False), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+    torch.testing.assert_close(fused, model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pos", ["learned", "sincos"])
@@ -95,13 +98,28 @@ def test_sincos_table_is_fixed_and_not_a_parameter():
     torch.testing.assert_close(table[3:], sincos_2d(8, 32))
 
 
-def test_sincos_table_encodes_x_then_y():
-    table = rearrange(sincos_2d(8, 32), "(h w) d -> h w d", h=8)
-    x_half, y_half = table[..., :16], table[..., 16:]
-    # The x half is constant down a column, the y half along a row; position (0, 0) gives sin 0 and cos 0.
-    assert torch.equal(x_half[0], x_half[5]) and torch.equal(y_half[:, 0], y_half[:, 5])
-    assert not torch.equal(x_half[:, 0], x_half[:, 5])
-    assert torch.equal(table[0, 0], torch.tensor([0.0] * 8 + [1.0] * 8 + [0.0] * 8 + [1.0] * 8))
+def seeds_sincos(embed_dim, temperature=10000.0):
+    """The seed's build_2d_sincos_position_embedding (models/vit.py:362-377 at 8bb105e), transcribed: its 8x8 grid,
+    its meshgrid (whose grid_w is the row), frequencies 1 / temperature^(i / (dim / 4)); then its zero CLS row."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(8, dtype=torch.float32), torch.arange(8, dtype=torch.float32),
+                                    indexing="ij")
+    pos_dim = embed_dim // 4
+    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim))
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    return torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)
+
+
+@pytest.mark.parametrize("num_cls", [1, 3])
+def test_sincos_table_is_the_seeds_with_zero_cls_positions(num_cls):
+    for dim in (32, 192):
+        table = ViT(ViTConfig(dim=dim, heads=4, depth=1, pos_embed="sincos", num_cls=num_cls)).pos_embedding[0]
+        assert table.shape == (num_cls + 64, dim) and not table[:num_cls].any()
+        torch.testing.assert_close(table[num_cls:], seeds_sincos(dim), atol=0, rtol=0)
+    # Rows of the patch grid: the first half of the table is constant along a row, the second down a column.
+    grid = rearrange(sincos_2d(8, 32), "(h w) d -> h w d", h=8)
+    assert torch.equal(grid[2, 0, :16], grid[2, 7, :16]) and torch.equal(grid[0, 3, 16:], grid[7, 3, 16:])
+    assert torch.equal(grid[0, 0], torch.tensor([0.0] * 8 + [1.0] * 8 + [0.0] * 8 + [1.0] * 8))
 
 
 def test_mean_pool_averages_cls_outputs_and_concat_reads_each():
@@ -208,8 +226,8 @@ def test_whitening_is_deterministic_and_independent_of_init():
 def test_forward_macs_match_torch_flop_counter(overrides):
     model = tiny(**overrides).eval()
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.randn(2, 3, 32, 32), fused_attn=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):  # the math kernel's matmuls are what the counter counts
+        model(torch.randn(2, 3, 32, 32))
     assert counter.get_total_flops() == 2 * 2 * forward_macs(model.cfg)
 
 

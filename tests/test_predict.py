@@ -74,7 +74,7 @@ def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, capsys, c
     content(tmp_path / "bad.pt")
     for argv in (["evaluate", tmp_path / "bad.pt"], ["predict", tmp_path / "bad.pt", tmp_path]):
         with pytest.raises(SystemExit) as exit_info:
-            predict.main(parse(*argv))
+            predict.main(parse(*argv, "--device", "cpu"))
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
         assert lines[0].startswith(f"predict.py: error: checkpoint {tmp_path / 'bad.pt'}")

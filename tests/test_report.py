@@ -148,3 +148,31 @@ def test_only_run_leaves_out_the_papers_empty_columns(runs):
     report.main(report.get_args_parser().parse_args([str(runs), "--only-run"]))
     table = (runs / "report" / "table.md").read_text()
     assert "| `baseline` |" in table and "| `mla-kv` |" not in table and "not run" not in table.split("\n\n")[0]
+
+
+def test_runs_of_other_readings_of_the_seed_get_columns_of_their_own(tmp_path):
+    # Our default reading: depth 9, the column's repeated-augmentation mode, bf16. Each other reading is kept apart.
+    readings = {"baseline-seed0": {}, "baseline-seed1": {},
+                "baseline-depth12-seed0": {"depth": 12}, "baseline-depth12-seed1": {"depth": 12},
+                "baseline-inbatch-seed0": {"ra_mode": "in-batch"}, "baseline-fp32-seed0": {"amp": False},
+                "ddp-bs256-seed0": {"ra_mode": "in-batch"}, "ddp-bs256-shuffles-seed0": {"ra_mode": "shuffles"}}
+    for i, (name, args) in enumerate(readings.items()):
+        folder = write_run(tmp_path, name, name.split("-")[0] if "ddp" not in name else "ddp-bs256", int(name[-1]),
+                           90.0 + i, 91.0 + i)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["args"].update({"depth": 9, "ra_mode": "shuffles", "amp": True, **args})
+        (folder / "summary.json").write_text(json.dumps(summary))
+    fp16 = write_run(tmp_path, "baseline-fp16-seed0", "baseline", 0, 99.0, 99.0)
+    summary = json.loads((fp16 / "summary.json").read_text())
+    (fp16 / "summary.json").write_text(json.dumps({**summary, "precision": "fp16"}))
+    columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path)]))
+    assert {name: len(column.runs) for name, column in columns.items()} == {
+        "baseline": 2, "baseline [depth 12]": 2, "baseline [RA in-batch]": 1, "baseline [fp32]": 1,
+        "baseline [fp16]": 1, "ddp-bs256": 1, "ddp-bs256 [RA shuffles]": 1}
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert table_row(table, "baseline")[3] == "90.50 ± 0.71"  # seeds 0 and 1 of the default reading only
+    row = table_row(table, "baseline [depth 12]")
+    assert row[:4] == ["Baseline", "baseline [depth 12]", "`baseline [depth 12]`", "92.50 ± 0.71"] and row[8] == "93.65"
+    targets = [line.split("|")[3].strip() for line in table.splitlines()[2:7]]  # right under their column
+    assert targets == ["`baseline`", "`baseline [RA in-batch]`", "`baseline [depth 12]`", "`baseline [fp16]`",
+                       "`baseline [fp32]`"]

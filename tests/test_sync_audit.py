@@ -9,7 +9,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import augment
 import data
+import run
 import train
 from model import ViT, ViTConfig
 
@@ -62,14 +64,15 @@ def loop_counts(chunk_images, batch=32, chunks=2):
     step on their batches: batch mixing, forward, backward, AdamW, scheduler and the loss bookkeeping."""
     images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     sampler = data.RepeatedAugmentationSampler(len(images), batch, reps=1, seed=0)
-    loader = data.DeviceLoader(images, torch.arange(1024) % 10, sampler, data.BatchAugment(*data.CIFAR10_STATS),
-                               META, chunk_images=chunk_images)
+    with host_to_device() as setup:  # the training set and the run's constants, once
+        loader = augment.DeviceLoader(images, torch.arange(1024) % 10, sampler,
+                                      augment.BatchAugment(*data.CIFAR10_STATS), META, chunk_images=chunk_images)
     model = ViT(ViTConfig(dim=32, depth=2, heads=2)).to(META)
     args = train.get_args_parser().parse_args([])
     optimizers = train.build_optimizers(args, model, META)
     schedulers = [train.build_scheduler(o, args, steps_per_epoch=sampler.steps_per_epoch) for o in optimizers]
-    mix, state = data.BatchMix(10, prob=1.0), train.TrainingState(META)
-    autocast = torch.autocast("cpu", enabled=False)
+    mix, state = data.BatchMix(10, prob=1.0), run.TrainingState(META, args.log_every)
+    precision = train.Precision("fp32", torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False))
     batches, chunk_counts, step_counts = iter(loader), [], []
     for step in range(chunks * loader.batches_per_chunk):
         with host_to_device() as counts:
@@ -78,23 +81,23 @@ def loop_counts(chunk_images, batch=32, chunks=2):
             chunk_counts.append(counts)
         else:
             assert not counts, step
-        torch.manual_seed(step)
         with host_to_device() as counts:
-            state.add(train.train_step(model, optimizers, schedulers, images, labels, mix, autocast, 0.1))
+            images, targets = mix(images, labels, train.seed_step(0, 0, step, META))
+            state.add(train.train_step(model, optimizers, schedulers, images, targets, precision, 0.1))
         step_counts.append(counts)
-    return chunk_counts, step_counts
+    return setup, chunk_counts, step_counts
 
 
 def test_a_step_copies_nothing_from_the_host_and_a_chunk_a_fixed_few():
-    aa = data.BatchAutoAugment()
+    aa = augment.BatchAutoAugment()
     drawn = [aa.draw(n, torch.Generator().manual_seed(0)) for n in (64, 512)]
     groups = [sum(len(set(slot.tolist()) - {-1}) for slot in variants.T) for variants in drawn]
     assert groups[1] > 1.5 * groups[0]  # (op, magnitude) groups over both op slots: 32 and 56
     small, large = loop_counts(64), loop_counts(512)
-    for chunk_counts, step_counts in (small, large):
+    for setup, chunk_counts, step_counts in (small, large):
         assert all(not counts for counts in step_counts), step_counts
-        # A chunk copies its image indices and all its random choices in one tensor; the first chunk also copies
-        # the run's constants once (normalisation, AutoAugment's per-variant table and sharpness kernel).
-        assert chunk_counts[1] == {"aten._to_copy.default": 1}, chunk_counts
-        assert chunk_counts[0] == {"aten._to_copy.default": 4}, chunk_counts
-    assert small[0] == large[0]
+        # A chunk copies its image indices and all its random choices in one tensor.
+        assert chunk_counts == [{"aten._to_copy.default": 1}] * 2, chunk_counts
+    # The loader's setup copies the training set and the run's constants (normalisation, AutoAugment's tables) once,
+    # whatever the chunk size.
+    assert small[0] == large[0] and small[0]["aten._to_copy.default"] >= 2

@@ -1,0 +1,631 @@
+"""The machinery of a training run of PoorViTs: its device, its output folder and lock, checkpoints (atomic, written
+in the background), metrics and summary files, preemption signals, and failures said once by rank 0 with an exit
+code a job scheduler can act on. train.py is the recipe; predict.py and analyze.py read checkpoints through here.
+
+In --output-dir: metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt (each epoch, written
+atomically in the background), summary.json (at every end); .lock keeps a second process out.
+"""
+import argparse
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import os
+import pickle
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import einops
+import torch
+import torch.distributed as dist
+import torchvision
+from tqdm import tqdm
+
+import data
+from model import ViT, ViTConfig
+
+
+# ---- what can go wrong: each cause a job scheduler can act on has its exit code (docs/reliability.md)
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
+
+
+class DiskFull(OSError):
+    """No space left on the device for one of the run's files."""
+
+
+class OutputDirInUse(RuntimeError):
+    """Another process is running in the output dir."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during training."""
+
+
+class FailedOnRank0(Exception):
+    """This rank's view of a failure that rank 0 reports: the process ends quietly with the same exit code."""
+
+    def __init__(self, exit_code):
+        super().__init__(f"rank 0 failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+# 2 and 3 need a person; after 4-7 the environment is fixed and the run continued with --resume auto. Also 1: an
+# unexpected error (with its traceback), 128 + N: stopped by signal N.
+EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, DiskFull: 5,
+              OutputDirInUse: 6, OutOfMemory: 7}
+
+
+def exit_code(error) -> int:
+    return next((code for kind, code in EXIT_CODES.items() if isinstance(error, kind)), 1)
+
+
+def first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
+
+
+def is_rank0() -> bool:
+    """Rank 0, or a single process: the one that says what every rank would say."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def note(text):
+    """One line for the user on stderr, from rank 0 only, that leaves the progress bar whole."""
+    if is_rank0():
+        tqdm.write(f"train.py: note: {text}", file=sys.stderr)
+
+
+# ---- the device
+def device_of(name):
+    """--device `name` (cuda, cuda:N, cpu). Unset: cuda on a build of torch with CUDA, which must then start (a GPU
+    run that silently trained on the CPU would report hours of the wrong thing), else cpu."""
+    gpu_build = torch.version.cuda or torch.version.hip
+    if name is None and not gpu_build:
+        return torch.device("cpu")
+    device = torch.device(name or "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        try:
+            torch.cuda.init()
+            why = "no CUDA device is visible"
+        except Exception as e:  # the driver's own reason: missing, too old for this build, ...
+            why = first_line(e)
+        asked = f"--device {name}" if name else "--device unset means cuda on a CUDA build of torch"
+        raise ValueError(f"{asked}, but CUDA cannot start (torch {torch.__version__}, CUDA {torch.version.cuda}): "
+                         f"{why}; --device cpu runs on the CPU")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def run_info(device):
+    try:
+        root = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        commit = (commit + ("-dirty" if dirty.strip() else "")) or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"git_commit": commit, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": device_name(device), "hostname": platform.node()}
+
+
+class Rank0:
+    """Work that rank 0 alone does: claim the output dir, download, read the checkpoint, write the run's files.
+    Under DDP every rank then learns the outcome (one broadcast), so that a failure there stops all ranks at the
+    same point: rank 0 raises the error (and says it), the others a FailedOnRank0 with its exit code."""
+
+    def __init__(self, rank, world_size, device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def __call__(self, work, *args, **kwargs):
+        """work(*args, **kwargs)'s result on rank 0, None on the others."""
+        error = result = None
+        if self.rank == 0:
+            try:
+                result = work(*args, **kwargs)
+            except Exception as e:
+                error = e
+        if self.world_size > 1:
+            code = torch.tensor(0 if error is None else exit_code(error), device=self.device)
+            dist.broadcast(code, src=0)
+            if self.rank != 0 and code.item():
+                raise FailedOnRank0(int(code))
+        if error is not None:
+            raise error
+        return result
+
+    def shared(self, work, *args):
+        """work(*args)'s result on rank 0, sent to every rank: under multi-node torchrun the other nodes need not
+        see rank 0's files."""
+        result = [self(work, *args)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(result, src=0)
+        return result[0]
+
+    def first(self, work, *args):
+        """work(*args) on rank 0, then on every other rank: an error all would meet is said once, by rank 0."""
+        result = self(work, *args)
+        return result if self.rank == 0 else work(*args)
+
+
+# ---- files: written whole or not at all
+@contextlib.contextmanager
+def writing(path: Path, size: int):
+    """Turns "no space left" while writing `size` bytes to `path` into a DiskFull that says so."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"disk full: writing {path} needs {size:,} bytes free") from None
+        raise
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write(path: Path, payload):
+    """Writes `payload` (bytes) to a temporary file, fsyncs it and renames it over `path`: a reader never sees a
+    half-written file. On any failure the temporary file is removed, so that it holds no space."""
+    tmp = temp_path(path)
+    try:
+        with writing(path, len(payload)):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_line(path: Path, line: bytes):
+    """Adds one whole line to a log with one write to an O_APPEND file: a kill leaves the line whole or absent, and
+    the part of it that a nearly full disk took is cut off again."""
+    with writing(path, len(line)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            if os.write(fd, line) < len(line):
+                os.ftruncate(fd, end)
+                raise OSError(errno.ENOSPC, "the disk took only part of the line")
+        finally:
+            os.close(fd)
+
+
+def copy_to_host(obj):
+    """`obj` (state dicts: nested dicts, lists and tuples) with every tensor copied into new CPU memory, so that
+    training can go on changing the originals while the copy is written. From a GPU the copies go into pinned memory
+    without blocking: they have landed once an event recorded after them has."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj.detach(), non_blocking=True)
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: copy_to_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copy_to_host(value) for value in obj)
+    return obj  # numbers, strings, None: immutable
+
+
+class CheckpointWriter:
+    """Writes the checkpoint on a one-worker executor, so that training does not wait for its serialisation and
+    fsync: `save` copies the state to host memory and returns. At most one write is in flight: a save first waits
+    for the previous one. Rank 0 writes; under DDP `save` and `join` are collective calls (through Rank0), so that
+    the error of a write (disk full) stops every rank at the next save or at the join."""
+
+    def __init__(self, path: Path, rank0: Rank0, device, saved_step=None):
+        self.path, self.rank0, self.device = path, rank0, device
+        self.saved_step = saved_step  # the step of the newest checkpoint whose write completed; None: none yet
+        self.pending_step = self.write = None  # the step and future of the write in flight
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+
+    def save(self, step, content):
+        """Starts writing `content()` (the checkpoint's dict; called on rank 0 only) as the checkpoint of `step`."""
+        self.rank0(self._start, content)
+        self._confirm()
+        self.pending_step = step
+
+    def join(self):
+        """Waits for the write in flight; raises its error."""
+        self.rank0(self._wait)
+        self._confirm()
+
+    def finish(self):
+        """Waits for the write in flight without a collective call, for a run that ends by another error (or exits):
+        that error is the one reported, and `last_good` then names the checkpoint on disk."""
+        with contextlib.suppress(Exception):
+            self._wait()
+            self._confirm()
+        self.executor.shutdown()
+
+    def last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.path} (step {self.saved_step})"
+
+    def _start(self, content):
+        snapshot, copied = copy_to_host(content()), None
+        if self.device.type == "cuda":
+            # A blocking-sync event: the writer sleeps on it instead of spinning a core.
+            copied = torch.cuda.Event(blocking=True)
+            copied.record(torch.cuda.current_stream(self.device))
+        self._wait()
+        self.write = self.executor.submit(self._write, snapshot, copied)
+
+    def _wait(self):
+        write, self.write = self.write, None
+        try:
+            if write is not None:
+                write.result()
+        except Exception:
+            self.pending_step = None  # that write failed: the last good checkpoint stays the one before
+            raise
+
+    def _write(self, snapshot, copied):
+        if copied is not None:
+            copied.synchronize()
+        buffer = io.BytesIO()  # in memory first: atomic_write then knows the size to report if the disk is full
+        torch.save(snapshot, buffer)
+        atomic_write(self.path, buffer.getbuffer())
+
+    def _confirm(self):
+        """The write in flight completed (rank 0 waited for it, and under DDP told every rank so)."""
+        if self.pending_step is not None:
+            self.saved_step, self.pending_step = self.pending_step, None
+
+
+# ---- the output folder and the checkpoint to continue
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+
+
+def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
+    """An OS-held lock on out/.lock for the life of the run (on_exit closes it): the kernel drops it when the process
+    ends, kill -9 included, so a lock is never left behind. POSIX locks (lockf) rather than flock: a forked child
+    does not inherit them, so none keeps the lock after a kill. The file names the holder."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    on_exit.callback(os.close, fd)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        raise OutputDirInUse(f"--output-dir {out} is in use by {holder}: wait for that run to end (or stop it), or "
+                             f"choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+
+
+def claim_output_dir(args, on_exit: contextlib.ExitStack):
+    """Creates --output-dir and locks it for this run; removes the temporary files of a run killed while writing
+    (they may hold the space the run needs); refuses a folder holding another run unless resuming it."""
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out, on_exit)
+    except OSError as e:
+        raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
+    for name in RUN_FILES:
+        temp_path(out / name).unlink(missing_ok=True)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not args.resume:
+        raise ValueError(f"--output-dir {out} already holds a run ({', '.join(existing)}): "
+                         f"pass --resume {out / 'checkpoint.pt'} to continue it, or choose another --output-dir")
+
+
+def resume_checkpoint(args):
+    """The checkpoint to resume from: --resume PATH, or with --resume auto the output dir's, if it has one."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = Path(args.output_dir) / "checkpoint.pt"
+        return path if path.is_file() else None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
+    return path
+
+
+def read_checkpoint(path, flag):
+    """A checkpoint written by train.py, loaded without running any code from it (weights_only=True); a damaged or
+    foreign file is a one-line ValueError naming `flag`."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function it would have to call
+            raise ValueError(f"{flag} {path}: refused: it holds objects that would run code when loaded; only "
+                             f"tensors and plain values are loaded (weights_only=True)") from None
+        raise ValueError(f"{flag} {path}: not a readable checkpoint (damaged or not a torch file)") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "args", "step"} <= ckpt.keys():
+        raise ValueError(f"{flag} {path}: not a checkpoint written by train.py")
+    return ckpt
+
+
+def load_model(path, flag):
+    """(the trained ViT of a checkpoint, on the CPU; the checkpoint), or a one-line ValueError naming `flag`."""
+    ckpt = read_checkpoint(path, flag)
+    try:
+        model = ViT(ViTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{flag} {path}: not a model this code can build ({first_line(e)})") from None
+    return model, ckpt
+
+
+def load_resume(path, args, cfg, free_flags):
+    """The checkpoint of this run to continue from (None: start it), refused if it is for another model or was
+    trained with other flags than those in `free_flags` (where and how it runs, not what it computes)."""
+    if path is None:
+        return None
+    ckpt = read_checkpoint(path, "--resume")
+    if ckpt["config"] != asdict(cfg):
+        differing = sorted(k for k in asdict(cfg) if ckpt["config"].get(k) != asdict(cfg)[k])
+        raise ValueError(f"--resume {path}: checkpoint is for a different model: "
+                         + ", ".join(f"{k} {ckpt['config'].get(k)!r} -> {asdict(cfg)[k]!r}" for k in differing))
+    changed = sorted(k for k, v in vars(args).items() if k not in free_flags and ckpt["args"].get(k) != v)
+    if changed:
+        raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: "
+                         + ", ".join(f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {vars(args)[k]!r}"
+                                     for k in changed))
+    return ckpt
+
+
+# ---- the run's progress and its records
+NO_BAD_STEP = 2**62  # TrainingState.first_bad_step when every loss so far was finite
+
+
+class TrainingState:
+    """Progress that a checkpoint carries: step, accuracies, training time, and the open log interval (so a resume
+    at any step logs the same numbers as an uninterrupted run)."""
+
+    def __init__(self, device, log_every):
+        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
+        # This log interval's losses, kept on the device: adding one is a single copy, with no sync.
+        self.losses, self.interval_steps = torch.zeros(log_every, device=device), 0
+        self.interval_start = time.perf_counter()
+        self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
+
+    def add(self, loss):
+        self.losses[self.interval_steps] = loss
+        self.step += 1
+        self.interval_steps += 1
+
+    def first_bad_step(self):
+        """The first step of the interval whose loss is NaN or infinite (NO_BAD_STEP if none), on the device."""
+        n = self.interval_steps
+        steps = torch.arange(self.step - n, self.step, device=self.losses.device)
+        if not n:
+            return torch.full((), NO_BAD_STEP, device=self.losses.device)
+        return torch.where(self.losses[:n].isfinite(), NO_BAD_STEP, steps).amin()
+
+    def raise_if_not_finite(self, bad, epoch):
+        if bad != NO_BAD_STEP:
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
+                                f"without saving")
+
+    def log_interval(self, lr, batch_size):
+        """Mean loss and speed of the steps since the last log point; starts the next interval."""
+        seconds = time.perf_counter() - self.interval_start
+        metrics = {"lr": lr, "loss": self.losses[: self.interval_steps].sum().item() / self.interval_steps,
+                   "img_s": self.interval_steps * batch_size / seconds,
+                   "ms_per_step": 1000 * seconds / self.interval_steps}
+        self.train_seconds += seconds
+        if not self.first_interval:  # the first interval holds warm-up: not timed
+            self.timed_steps += self.interval_steps
+            self.timed_seconds += seconds
+        self.first_interval = False
+        self.interval_steps, self.interval_start = 0, time.perf_counter()
+        return metrics
+
+    def record_eval(self, acc, epoch):
+        self.acc = acc
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+
+    def speed(self, batch_size):
+        if not self.timed_seconds:
+            return {"img_per_s": None, "ms_per_step": None}
+        return {"img_per_s": self.timed_steps * batch_size / self.timed_seconds,
+                "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
+
+    def checkpoint(self):
+        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "train_seconds": self.train_seconds, "interval_losses": self.losses[: self.interval_steps].tolist()}
+
+    def load(self, ckpt):
+        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
+        self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
+        saved = ckpt["interval_losses"]
+        # The interval goes on to the next log point, at most --log-every steps on, which may have changed.
+        self.losses = torch.zeros(len(saved) + len(self.losses), device=self.losses.device)
+        self.losses[: len(saved)], self.interval_steps = torch.tensor(saved), len(saved)
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0 writes it): one JSON record per line, each added whole by a single write."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_until(self, step):
+        """On resume: drops the records after the checkpoint's `step` (they are redone), and a partial last line
+        (a write cut short by a kill or a crash), which is said once."""
+        if not self.path.exists():
+            return
+        whole, _, partial = self.path.read_bytes().rpartition(b"\n")
+        if partial:
+            note(f"dropped the partial last line of {self.path} ({len(partial)} bytes, a write cut short): its record "
+                 f"is redone")
+        kept = []
+        for number, line in enumerate(whole.splitlines(), 1):
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path} line {number} is not a metrics record ({e})") from None
+            if record_step <= step:
+                kept.append(line + b"\n")
+        atomic_write(self.path, b"".join(kept))
+
+    def write(self, **record):
+        append_line(self.path, (json.dumps(record) + "\n").encode())
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next step boundary, after saving a
+    checkpoint. Under DDP the ranks agree at the next log point or save, so that all stop at the same step.
+    A second signal stops at once, without saving."""
+
+    def __init__(self, world_size, device):
+        self.world_size, self.device = world_size, device
+        self.signum, self.agreed, self.previous = None, False, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def asked_locally(self):
+        return self.world_size == 1 and self.signum is not None
+
+    def agree(self, first_bad_step):
+        """Sets `agreed` when the run should stop now, and returns the first step with a non-finite loss (the step
+        of the state's first_bad_step); under DDP (collective calls) the ranks agree on both, the earliest step."""
+        if self.world_size > 1:
+            asked = torch.tensor(self.signum or 0, device=self.device)
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
+            self.signum = int(asked) or None
+        self.agreed = self.signum is not None
+        return int(first_bad_step)
+
+
+def final_line(summary, args):
+    out = Path(args.output_dir)
+    if summary["complete"]:
+        return (f"test accuracy: final {summary['final_acc']:.2f}% (epoch {args.epochs}), best "
+                f"{summary['best_acc']:.2f}% (epoch {summary['best_epoch']}); {summary['train_seconds']:.0f} s of "
+                f"training; {out}")
+    return (f"stopped at step {summary['steps']} of {summary['total_steps']} (epoch "
+            f"{summary['steps'] / summary['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
+            f"(or --resume auto)")
+
+
+@dataclass
+class Run:
+    """One invocation's bookkeeping on one rank: its progress, the metrics log, the checkpoint writer, the stop
+    signal and the progress bar; `content()` is the checkpoint's dict, `facts` what every summary repeats."""
+    args: argparse.Namespace
+    device: torch.device
+    rank0: Rank0
+    state: TrainingState
+    log: MetricsLog
+    writer: CheckpointWriter
+    stop: StopSignal
+    content: Callable[[], dict]
+    facts: dict
+    progress: tqdm = None
+
+    def begin(self, resumed: bool):
+        """The run record; on resume the records after the checkpoint are dropped (they are redone), and a run that
+        --resume auto restarts (no checkpoint) loses all of its."""
+        self.rank0(self.log.keep_until, self.state.step if resumed else -1)
+        epoch = self.state.step // self.facts["steps_per_epoch"]
+        self.rank0(self.log.write, kind="run", epoch=epoch, step=self.state.step, **self.facts)
+        self.progress = tqdm(total=self.facts["total_steps"], initial=self.state.step, disable=self.rank0.rank != 0,
+                             dynamic_ncols=True, desc="train")
+
+    def log_train(self, epoch, lr):
+        metrics = self.state.log_interval(lr, self.args.batch_size)
+        self.rank0(self.log.write, kind="train", epoch=epoch + 1, step=self.state.step, **metrics)
+        self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                  img_s=f"{metrics['img_s']:.0f}")
+        self.progress.update(self.state.step - self.progress.n)
+
+    def log_eval(self, epoch, acc, loss):
+        self.state.record_eval(acc, epoch + 1)
+        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=self.state.step, acc=acc, loss=loss)
+        if self.rank0.rank == 0:
+            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
+                                f"{self.state.best_epoch})")
+
+    def save(self):
+        self.writer.save(self.state.step, self.content)
+
+    def explain(self, error):
+        """A failure met while training, as the user should read it: what happened, the last good checkpoint (once
+        the write in flight has ended), what to do."""
+        self.writer.finish()
+        last_good = self.writer.last_good()
+        if isinstance(error, NonFiniteLoss):
+            return NonFiniteLoss(f"{error}: {last_good}")
+        if isinstance(error, DiskFull):
+            return DiskFull(f"{error}; {last_good}: free space, then --resume auto continues the run")
+        if isinstance(error, torch.OutOfMemoryError):
+            world_size = self.rank0.world_size
+            return OutOfMemory(
+                f"out of memory after {self.state.step} steps, with {self.args.batch_size // world_size} images per "
+                f"process (--batch-size {self.args.batch_size} over {world_size} process"
+                f"{'es' if world_size > 1 else ''}); {last_good}: free the device's memory, then --resume auto "
+                f"continues the run; or start a new run that needs less: a smaller --batch-size, more processes "
+                f"(torchrun --nproc_per_node), --amp")
+        return error
+
+    def finish(self, failure, seconds):
+        """Writes summary.json (rank 0) and says how the run ended; raises the failure that ended it."""
+        self.progress.close()
+        state, complete = self.state, self.state.step == self.facts["total_steps"]
+        summary = {
+            "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
+            "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
+            "train_seconds": state.train_seconds, "total_seconds": seconds, **state.speed(self.args.batch_size),
+            "stopped_by_signal": self.stop.signum if self.stop.agreed else None, **self.facts, "steps": state.step,
+            "failed": str(failure) if failure else None,
+        }
+        # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
+        if self.rank0.rank == 0:
+            try:
+                text = json.dumps(summary, indent=2) + "\n"
+                atomic_write(Path(self.args.output_dir) / "summary.json", text.encode())
+            except DiskFull as e:
+                failure = failure or self.explain(e)
+        if failure:
+            raise failure
+        if self.rank0.rank == 0:
+            print(final_line(summary, self.args))
+        return summary
