@@ -132,7 +132,7 @@ def test_table_runs_skips_finished_runs_and_runs_the_others_with_resume_auto(tmp
     (stopped / "checkpoint.pt").write_bytes(b"checkpoint")  # stopped: resumed
     (out / "baseline-seed1").mkdir()
     (out / "baseline-seed1" / "metrics.jsonl").write_text("{}\n")  # died before a checkpoint: train.py restarts it
-    result = subprocess.run(["make", "-o", ".venv/installed", "table-runs", "SEEDS=2", f"OUT={out}",
+    result = subprocess.run(["make", "table-runs", "SEEDS=2", f"OUT={out}",
                              "COLUMNS=baseline sin", f"PY={stub}", "EPOCHS=1"], cwd=Path(__file__).parents[1],
                             capture_output=True,
                             text=True, timeout=120)

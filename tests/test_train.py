@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 from contextlib import nullcontext
@@ -374,45 +375,6 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
     assert ((tmp_path / "metrics.jsonl").read_bytes(), (tmp_path / "checkpoint.pt").read_bytes()) == before
-
-
-COLUMNS = {
-    "baseline": {},
-    "no-aa": {"auto_augment": "none"},
-    "no-mixup": {"mixup_alpha": 0.0},
-    "no-cutmix": {"cutmix_alpha": 0.0},
-    "sin": {"pos_embed": "sincos"},
-    "whiten": {"whiten": True},
-    "mla-qkv": {"latent": "qkv"},
-    "mla-kv": {"latent": "kv"},
-    "mla-qk": {"latent": "qk"},
-    "mla-q": {"latent": "q"},
-    "mla-k": {"latent": "k"},
-    "ddp-bs256": {"ra_mode": "in-batch"},
-    "ddp-bs1024": {"batch_size": 1024, "ra_mode": "in-batch"},
-    "lion-bs1024": {"batch_size": 1024, "ra_mode": "in-batch", "opt": "lion", "lr": 1e-4, "weight_decay": 0.5},
-    "cls-2": {"num_cls": 2},
-    "cls-4": {"num_cls": 4},
-}
-
-
-@pytest.mark.parametrize("target", COLUMNS)
-def test_each_make_target_changes_only_its_columns_flags(target):
-    dry = subprocess.run(["make", "-n", target, "EPOCHS=7", "SEED=3", "NPROC=2", "DATA=/d", "OUT=/o"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    (command,) = [line.split() for line in dry.splitlines() if "train.py" in line]
-    assert ("--nproc_per_node=2" in command) == target.startswith(("ddp", "lion"))
-    args = vars(train.get_args_parser().parse_args(command[command.index("train.py") + 1:]))
-    defaults = vars(train.get_args_parser().parse_args([]))
-    base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3",
-            "tag": target, "resume": "auto"}
-    assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
-
-
-def test_makefile_has_a_target_for_every_column():
-    dry = subprocess.run(["make", "-pn"], cwd=ROOT, capture_output=True, text=True).stdout
-    (columns,) = [line for line in dry.splitlines() if line.startswith("COLUMNS :=")]
-    assert set(columns.split(":=")[1].split()) == set(COLUMNS)
 
 
 def test_variant_flags_train_end_to_end(tmp_path):
@@ -1041,3 +1003,92 @@ def test_a_run_ending_by_an_error_finishes_the_write_in_flight_before_it_release
     assert checkpoint_at_unlock == [True]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 8
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---- the machine: CUDA expected, precision, compiling, processes
+def test_a_missing_cuda_stops_a_run_that_expects_it_with_one_line(tmp_path, monkeypatch, capsys):
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update it")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build of torch, as pip installs on Linux
+    monkeypatch.setattr(torch.cuda, "init", init)
+    for device, asked in (([], "--device unset means cuda on a CUDA build of torch"), (["--device", "cuda"],
+                                                                                       "--device cuda")):
+        code, line = error_line(capsys, tmp_path / "out", "--epochs", "1", "--device", "cuda", *device)
+        assert code == 2 and line == (
+            f"train.py: error: --device cuda, but CUDA cannot start (torch {torch.__version__}, CUDA 13.0): "
+            f"RuntimeError: The NVIDIA driver on your system is too old (found version 11040).; --device cpu runs "
+            f"on the CPU")
+        args = train.get_args_parser().parse_args(TINY[:-2] + device)
+        with pytest.raises(ValueError, match=re.escape(f"{asked}, but CUDA cannot start")):
+            train.setup_distributed(args)
+    assert not (tmp_path / "out").exists()
+    assert run(tmp_path / "cpu", "--epochs", "1", *NO_AUGMENT)["complete"]  # TINY has --device cpu
+
+
+def test_amp_picks_bf16_where_the_device_has_it_else_fp16_with_a_scaler(monkeypatch):
+    parse, cpu, cuda = train.get_args_parser().parse_args, torch.device("cpu"), torch.device("cuda")
+    assert train.build_precision(parse([]), cpu).name == "fp32"
+    assert not train.build_precision(parse([]), cpu).autocast._enabled
+    assert train.build_precision(parse(["--amp"]), cpu).name == "bf16"
+    fp16 = train.build_precision(parse(["--amp", "--amp-dtype", "fp16"]), cpu)
+    assert fp16.autocast.fast_dtype == torch.float16 and fp16.scaler.is_enabled()
+    for has_bf16, name in ((True, "bf16"), (False, "fp16")):  # a V100 or T4 has no bf16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
+        with pytest.warns(UserWarning):  # no CUDA here: torch disables the autocast and the scaler it builds
+            precision = train.build_precision(parse(["--amp"]), cuda)
+        assert precision.name == name
+        assert precision.autocast.fast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def test_an_fp16_step_scales_the_loss_and_steps_with_the_unscaled_gradients():
+    args = train.get_args_parser().parse_args(["--amp", "--amp-dtype", "fp16"])
+    precision = train.build_precision(args, torch.device("cpu"))
+    unscaled = train.Precision("fp16", precision.autocast, torch.amp.GradScaler("cpu", enabled=False))
+    torch.manual_seed(0)
+    models = [ViT(ViTConfig(patch_size=8, dim=32, depth=2, heads=4, drop_path=0.0)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, targets = torch.randn(8, 3, 32, 32), F.one_hot(torch.arange(8), 10).float()
+    for model, amp in zip(models, (precision, unscaled)):
+        # SGD moves a weight by lr times its gradient: a gradient left scaled by 65536 would show.
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        train.train_step(model, [sgd], [torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)], x, targets, amp,
+                         0.0)
+    scaled, plain = (dict(m.named_parameters()) for m in models)
+    assert all(torch.allclose(scaled[k], plain[k], atol=1e-4) for k in scaled)
+    assert precision.scaler.get_scale() == 65536.0 and precision.scaler.state_dict()["_growth_tracker"] == 1
+
+
+def test_fp16_with_a_gradient_scaler_resumes_bit_exactly_with_the_scalers_state(tmp_path):
+    flags = ["--epochs", "2", "--ra-reps", "1", "--amp", "--amp-dtype", "fp16"]
+    summary = run(tmp_path / "full", *flags)
+    run(tmp_path / "split", *flags, "--stop-after-epochs", "1")
+    run(tmp_path / "split", *flags, "--resume", "auto")
+    assert_same_run(tmp_path / "full", tmp_path / "split")
+    full, split = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("full", "split"))
+    # 44 steps without an overflow: a resume that had lost the scaler's state would have counted 22.
+    assert summary["precision"] == "fp16" and full["scaler"] == split["scaler"]
+    assert full["scaler"]["_growth_tracker"] == 44
+
+
+def test_processes_wait_dist_timeout_minutes_at_a_collective_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu"]))[:2] == (0, 2)
+    train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu", "--dist-timeout", "90"]))
+    assert calls == [("gloo", {"timeout": timedelta(minutes=30), "device_id": None}),
+                     ("gloo", {"timeout": timedelta(minutes=90), "device_id": None})]
+
+
+def test_help_shows_every_flags_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a flag's help
+    parser = train.get_args_parser()
+    # Each flag's entry: its line, and the next one when argparse moves a long flag's help there.
+    entries = {e.split()[0].rstrip(","): e for e in re.split(r"\n(?=  -)", parser.format_help()) if e.startswith("  -")}
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            entry = entries[action.option_strings[0]]
+            assert f"(default: {action.default})" in entry, entry

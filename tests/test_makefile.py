@@ -1,0 +1,98 @@
+"""The Makefile: one target per column of the paper's table, each reading of the seed one command away, and a PY
+that runs everything in an environment as it is (no venv, no pip)."""
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(*argv):
+    """The commands `make -n` prints, each split into words."""
+    out = subprocess.run(["make", "-n", *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+def train_flags(command):
+    return vars(train.get_args_parser().parse_args(command[command.index("train.py") + 1:]))
+
+
+COLUMNS = {
+    "baseline": {},
+    "no-aa": {"auto_augment": "none"},
+    "no-mixup": {"mixup_alpha": 0.0},
+    "no-cutmix": {"cutmix_alpha": 0.0},
+    "sin": {"pos_embed": "sincos"},
+    "whiten": {"whiten": True},
+    "mla-qkv": {"latent": "qkv"},
+    "mla-kv": {"latent": "kv"},
+    "mla-qk": {"latent": "qk"},
+    "mla-q": {"latent": "q"},
+    "mla-k": {"latent": "k"},
+    "ddp-bs256": {"ra_mode": "in-batch"},
+    "ddp-bs1024": {"batch_size": 1024, "ra_mode": "in-batch"},
+    "lion-bs1024": {"batch_size": 1024, "ra_mode": "in-batch", "opt": "lion", "lr": 1e-4, "weight_decay": 0.5},
+    "cls-2": {"num_cls": 2},
+    "cls-4": {"num_cls": 4},
+}
+
+
+@pytest.mark.parametrize("target", COLUMNS)
+def test_each_make_target_changes_only_its_columns_flags(target):
+    (command,) = [c for c in dry_run(target, "EPOCHS=7", "SEED=3", "NPROC=2", "DATA=/d", "OUT=/o") if "train.py" in c]
+    assert ("--nproc_per_node=2" in command) == target.startswith(("ddp", "lion"))
+    args = train_flags(command)
+    defaults = vars(train.get_args_parser().parse_args([]))
+    base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3",
+            "tag": target, "resume": "auto"}
+    assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
+
+
+def test_makefile_has_a_target_for_every_column():
+    dry = subprocess.run(["make", "-pn"], cwd=ROOT, capture_output=True, text=True).stdout
+    (columns,) = [line for line in dry.splitlines() if line.startswith("COLUMNS :=")]
+    assert set(columns.split(":=")[1].split()) == set(COLUMNS)
+
+
+@pytest.mark.parametrize("target", ["test", "demo", "gpu-check", "bench", "table", "demo-base", *COLUMNS])
+def test_with_py_set_a_target_uses_that_python_and_no_venv_or_pip(target):
+    commands = dry_run(target, "PY=python3")
+    assert commands and all(c[0] in ("python3", "for", "@for") or "python3" in c for c in commands), commands
+    text = " ".join(" ".join(c) for c in commands)
+    assert ".venv" not in text and "pip" not in text and "venv" not in text
+
+
+def test_no_test_depends_on_a_venv():
+    """The suite runs with a plain `python -m pytest` in any environment that has the packages: no test names the
+    .venv folder that `make` builds (this test's own file excepted)."""
+    tests = [p for p in (ROOT / "tests").glob("*.py") if p.name != Path(__file__).name]
+    assert tests and not [p.name for p in tests if re.search(r"\.venv\b|/bin/python", p.read_text())]
+
+
+def test_extra_comes_last_so_it_overrides_any_targets_flag():
+    (command,) = dry_run("lion-bs1024", 'EXTRA=--lr 1e-3 --weight-decay 0.05')
+    assert command[-4:] == ["--lr", "1e-3", "--weight-decay", "0.05"]
+    assert (train_flags(command)["lr"], train_flags(command)["weight_decay"]) == (1e-3, 0.05)
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["baseline", "EXTRA=--depth 12"], "depth", 12),
+    (["baseline", "EXTRA=--ra-mode in-batch"], "ra_mode", "in-batch"),
+    (["ddp-bs256", "EXTRA=--same-seed-on-ranks"], "same_seed_on_ranks", True),
+    (["baseline", "EXTRA=--eval-every 1"], "eval_every", 1),
+    (["lion-bs1024", "EXTRA=--lr 1e-3 --weight-decay 0.05"], "lr", 1e-3),
+    (["baseline", "AMP="], "amp", False),
+])
+def test_each_other_reading_of_the_seed_is_one_command(argv, flag, value):
+    (command,) = dry_run(*argv)
+    assert train_flags(command)[flag] == value
+    if argv[1].startswith("EXTRA="):
+        extra = argv[1].removeprefix("EXTRA=").split()
+        assert command[-len(extra):] == extra  # the flags it names, last: they win
+    else:
+        assert "--amp" not in command
