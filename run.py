@@ -1,9 +1,7 @@
-"""The machinery of a training run of PoorViTs: its device, its output folder and lock, checkpoints (atomic, written
-in the background), metrics and summary files, preemption signals, and failures said once by rank 0 with an exit
-code a job scheduler can act on. train.py is the recipe; predict.py and analyze.py read checkpoints through here.
-
-In --output-dir: metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt (each epoch, written
-atomically in the background), summary.json (at every end); .lock keeps a second process out.
+"""The machinery of a PoorViTs training run (train.py is the recipe): its device; its output folder with a lock, and
+in it metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt (atomic, written in the background)
+and summary.json (at every end); preemption signals; failures said once, by rank 0, with an exit code a job
+scheduler can act on. predict.py and analyze.py read checkpoints through here.
 """
 import argparse
 import contextlib
@@ -18,15 +16,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import einops
 import torch
 import torch.distributed as dist
 import torchvision
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 import data
@@ -217,19 +215,17 @@ def append_line(path: Path, line: bytes):
             os.close(fd)
 
 
-def copy_to_host(obj):
-    """`obj` (state dicts: nested dicts, lists and tuples) with every tensor copied into new CPU memory, so that
-    training can go on changing the originals while the copy is written. From a GPU the copies go into pinned memory
-    without blocking: they have landed once an event recorded after them has."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_cuda:
-            return torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True).copy_(obj.detach(), non_blocking=True)
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: copy_to_host(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_to_host(value) for value in obj)
-    return obj  # numbers, strings, None: immutable
+def copy_to_host(state):
+    """`state` (nested state dicts) with every tensor copied into new CPU memory, so that training can go on changing
+    the originals while the copy is written. From a GPU the copies go into pinned memory without blocking: they have
+    landed once an event recorded after them has."""
+    def copy(t):
+        if not isinstance(t, torch.Tensor):
+            return t  # numbers, strings, None: immutable
+        if t.is_cuda:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach(), non_blocking=True)
+        return t.detach().to("cpu", copy=True)
+    return tree_map(copy, state)
 
 
 class CheckpointWriter:
@@ -238,53 +234,46 @@ class CheckpointWriter:
     for the previous one. Rank 0 writes; under DDP `save` and `join` are collective calls (through Rank0), so that
     the error of a write (disk full) stops every rank at the next save or at the join."""
 
-    def __init__(self, path: Path, rank0: Rank0, device, saved_step=None):
-        self.path, self.rank0, self.device = path, rank0, device
-        self.saved_step = saved_step  # the step of the newest checkpoint whose write completed; None: none yet
-        self.pending_step = self.write = None  # the step and future of the write in flight
+    def __init__(self, path: Path, rank0: Rank0):
+        self.path, self.rank0, self.write = path, rank0, None  # write: the future of the write in flight
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
 
-    def save(self, step, content):
-        """Starts writing `content()` (the checkpoint's dict; called on rank 0 only) as the checkpoint of `step`."""
+    def save(self, content):
+        """Waits for the write in flight, then starts writing `content()` (called on rank 0)."""
+        self.join()
         self.rank0(self._start, content)
-        self._confirm()
-        self.pending_step = step
 
     def join(self):
         """Waits for the write in flight; raises its error."""
         self.rank0(self._wait)
-        self._confirm()
 
     def finish(self):
         """Waits for the write in flight without a collective call, for a run that ends by another error (or exits):
-        that error is the one reported, and `last_good` then names the checkpoint on disk."""
+        that error is the one reported."""
         with contextlib.suppress(Exception):
             self._wait()
-            self._confirm()
         self.executor.shutdown()
 
     def last_good(self) -> str:
-        if self.saved_step is None:
+        """The checkpoint on disk, once the write in flight has ended: written atomically, it is the last whole one."""
+        self.finish()
+        if not self.path.is_file():
             return "no checkpoint was saved yet"
-        return f"the last good checkpoint is {self.path} (step {self.saved_step})"
+        step = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        return f"the last good checkpoint is {self.path} (step {step})"
 
     def _start(self, content):
         snapshot, copied = copy_to_host(content()), None
-        if self.device.type == "cuda":
+        if self.rank0.device.type == "cuda":
             # A blocking-sync event: the writer sleeps on it instead of spinning a core.
             copied = torch.cuda.Event(blocking=True)
-            copied.record(torch.cuda.current_stream(self.device))
-        self._wait()
+            copied.record(torch.cuda.current_stream(self.rank0.device))
         self.write = self.executor.submit(self._write, snapshot, copied)
 
     def _wait(self):
         write, self.write = self.write, None
-        try:
-            if write is not None:
-                write.result()
-        except Exception:
-            self.pending_step = None  # that write failed: the last good checkpoint stays the one before
-            raise
+        if write is not None:
+            write.result()
 
     def _write(self, snapshot, copied):
         if copied is not None:
@@ -292,11 +281,6 @@ class CheckpointWriter:
         buffer = io.BytesIO()  # in memory first: atomic_write then knows the size to report if the disk is full
         torch.save(snapshot, buffer)
         atomic_write(self.path, buffer.getbuffer())
-
-    def _confirm(self):
-        """The write in flight completed (rank 0 waited for it, and under DDP told every rank so)."""
-        if self.pending_step is not None:
-            self.saved_step, self.pending_step = self.pending_step, None
 
 
 # ---- the output folder and the checkpoint to continue
@@ -444,17 +428,6 @@ class TrainingState:
         self.interval_steps, self.interval_start = 0, time.perf_counter()
         return metrics
 
-    def record_eval(self, acc, epoch):
-        self.acc = acc
-        if self.best_acc is None or acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, epoch
-
-    def speed(self, batch_size):
-        if not self.timed_seconds:
-            return {"img_per_s": None, "ms_per_step": None}
-        return {"img_per_s": self.timed_steps * batch_size / self.timed_seconds,
-                "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
-
     def checkpoint(self):
         return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
                 "train_seconds": self.train_seconds, "interval_losses": self.losses[: self.interval_steps].tolist()}
@@ -546,28 +519,23 @@ def final_line(summary, args):
             f"(or --resume auto)")
 
 
-@dataclass
 class Run:
-    """One invocation's bookkeeping on one rank: its progress, the metrics log, the checkpoint writer, the stop
-    signal and the progress bar; `content()` is the checkpoint's dict, `facts` what every summary repeats."""
-    args: argparse.Namespace
-    device: torch.device
-    rank0: Rank0
-    state: TrainingState
-    log: MetricsLog
-    writer: CheckpointWriter
-    stop: StopSignal
-    content: Callable[[], dict]
-    facts: dict
-    progress: tqdm = None
+    """One invocation's bookkeeping on one rank, in the output dir that claim_output_dir locked: its progress
+    (`state`), the metrics log, the checkpoint writer (its last write waited for by `on_exit`), the stop signal and
+    the progress bar. `content()` is the checkpoint's dict, `facts` what every record and summary repeats. Opening
+    it writes the run record; on resume the records after the checkpoint are dropped (they are redone), and a run
+    that --resume auto restarts (no checkpoint) loses all of its."""
 
-    def begin(self, resumed: bool):
-        """The run record; on resume the records after the checkpoint are dropped (they are redone), and a run that
-        --resume auto restarts (no checkpoint) loses all of its."""
-        self.rank0(self.log.keep_until, self.state.step if resumed else -1)
-        epoch = self.state.step // self.facts["steps_per_epoch"]
-        self.rank0(self.log.write, kind="run", epoch=epoch, step=self.state.step, **self.facts)
-        self.progress = tqdm(total=self.facts["total_steps"], initial=self.state.step, disable=self.rank0.rank != 0,
+    def __init__(self, args, rank0, state, content, facts, on_exit, resumed):
+        out = Path(args.output_dir)
+        self.args, self.rank0, self.state, self.content, self.facts = args, rank0, state, content, facts
+        self.log = MetricsLog(out / "metrics.jsonl")
+        self.writer = CheckpointWriter(out / "checkpoint.pt", rank0)
+        on_exit.callback(self.writer.finish)  # runs before the output dir's lock is released
+        self.stop = on_exit.enter_context(StopSignal(rank0.world_size, rank0.device))
+        rank0(self.log.keep_until, state.step if resumed else -1)
+        rank0(self.log.write, kind="run", epoch=state.step // facts["steps_per_epoch"], step=state.step, **facts)
+        self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=rank0.rank != 0,
                              dynamic_ncols=True, desc="train")
 
     def log_train(self, epoch, lr):
@@ -578,19 +546,21 @@ class Run:
         self.progress.update(self.state.step - self.progress.n)
 
     def log_eval(self, epoch, acc, loss):
-        self.state.record_eval(acc, epoch + 1)
-        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=self.state.step, acc=acc, loss=loss)
+        state = self.state
+        if state.best_acc is None or acc > state.best_acc:
+            state.best_acc, state.best_epoch = acc, epoch + 1
+        state.acc = acc
+        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=loss)
         if self.rank0.rank == 0:
-            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
-                                f"{self.state.best_epoch})")
+            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {state.best_acc:.2f}% at epoch "
+                                f"{state.best_epoch})")
 
     def save(self):
-        self.writer.save(self.state.step, self.content)
+        self.writer.save(self.content)
 
     def explain(self, error):
-        """A failure met while training, as the user should read it: what happened, the last good checkpoint (once
-        the write in flight has ended), what to do."""
-        self.writer.finish()
+        """A failure met while training, as the user should read it: what happened, the last good checkpoint, what
+        to do."""
         last_good = self.writer.last_good()
         if isinstance(error, NonFiniteLoss):
             return NonFiniteLoss(f"{error}: {last_good}")
@@ -610,18 +580,20 @@ class Run:
         """Writes summary.json (rank 0) and says how the run ended; raises the failure that ended it."""
         self.progress.close()
         state, complete = self.state, self.state.step == self.facts["total_steps"]
+        timed = state.timed_seconds or None  # the speed leaves out the first log interval (warm-up)
         summary = {
             "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
             "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
-            "train_seconds": state.train_seconds, "total_seconds": seconds, **state.speed(self.args.batch_size),
+            "train_seconds": state.train_seconds, "total_seconds": seconds,
+            "img_per_s": timed and state.timed_steps * self.args.batch_size / timed,
+            "ms_per_step": timed and 1000 * timed / state.timed_steps,
             "stopped_by_signal": self.stop.signum if self.stop.agreed else None, **self.facts, "steps": state.step,
             "failed": str(failure) if failure else None,
         }
         # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
         if self.rank0.rank == 0:
             try:
-                text = json.dumps(summary, indent=2) + "\n"
-                atomic_write(Path(self.args.output_dir) / "summary.json", text.encode())
+                atomic_write(Path(self.args.output_dir) / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
             except DiskFull as e:
                 failure = failure or self.explain(e)
         if failure:

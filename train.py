@@ -359,7 +359,7 @@ def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision
     model.train()
     state.interval_start = time.perf_counter()
     for images, labels in loader:
-        images, targets = mix(images, labels, seed_step(args.seed, rank, state.step, job.device))
+        images, targets = mix(images, labels, seed_step(args.seed, rank, state.step, job.rank0.device))
         state.add(train_step(model, optimizers, schedulers, images, targets, precision, args.label_smoothing))
         end_of_epoch = state.step % loader.sampler.steps_per_epoch == 0
         log_now = end_of_epoch or state.step % args.log_every == 0
@@ -410,7 +410,7 @@ def train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, 
             if train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision, job):
                 break
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                job.log_eval(epoch, *evaluate(model_without_ddp, *test_set, job.device, job.rank0.rank,
+                job.log_eval(epoch, *evaluate(model_without_ddp, *test_set, job.rank0.device, job.rank0.rank,
                                               job.rank0.world_size, precision.autocast))
             job.save()
             if job.stop.agreed:
@@ -489,18 +489,13 @@ def main(args):
                      world_size=world_size, dataset=args.dataset, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                      total_steps=args.epochs * steps_per_epoch, precision=precision.name, compiled=compiled,
                      config=cfg, args=vars(args), **info)
-        out = Path(args.output_dir)
-        writer = run.CheckpointWriter(out / "checkpoint.pt", rank0, device, state.step if resume_path else None)
-        on_exit.callback(writer.finish)  # runs before the output dir's lock is released
-        job = run.Run(args, device, rank0, state, run.MetricsLog(out / "metrics.jsonl"), writer,
-                      on_exit.enter_context(run.StopSignal(world_size, device)),
-                      content=lambda: {
-                          "model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                          "schedulers": [s.state_dict() for s in schedulers], "scaler": precision.scaler.state_dict(),
-                          **state.checkpoint(), "args": vars(args), "config": cfg, "run": info,
-                          "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}},
-                      facts=facts)
-        job.begin(resumed=resume_path is not None)
+
+        def content():  # the checkpoint: all a resume needs, and what predict.py needs to use the model
+            return {"model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [s.state_dict() for s in schedulers], "scaler": precision.scaler.state_dict(),
+                    **state.checkpoint(), "args": vars(args), "config": cfg, "run": info,
+                    "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}}
+        job = run.Run(args, rank0, state, content, facts, on_exit, resumed=resume_path is not None)
         failure = train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, test_set, precision, job)
         return job.finish(failure, time.perf_counter() - start)
 
