@@ -1,18 +1,10 @@
-"""What a trained PoorViT holds: singular-value spectra, post-hoc rank truncation, CLS attention (arXiv 2501.06220).
+"""What a trained PoorViT holds (arXiv 2501.06220's "redundancy among ViTs", measured): singular-value spectra and
+effective ranks of every block's q, k, v, o, fc1 and fc2 (a low-rank layer as the product up @ down), test accuracy
+after post-hoc rank truncation of each family, CLS attention and the similarity of several CLS tokens' outputs, and
+the per-class accuracy. report.md and the PNGs are described in docs/analysis.md.
 
-    python analyze.py runs/demo                        # -> runs/demo/analysis/report.md and PNGs
-    python analyze.py runs/demo/checkpoint.pt --out docs/analysis --device cuda --images 2000
-
-For every block's q, k, v, o, fc1 and fc2 (a low-rank layer: the product up @ down) it writes
-  spectra_per_block.png, spectra_per_family.png   singular values, each matrix's divided by its largest
-  effective_rank.png                              the rank holding 90/95/99% of the squared-singular-value energy
-  truncation.png                                  test accuracy when every matrix of a family (q, k, v, qk, kv, qkv,
-                                                  o, mlp) is replaced by its best rank-r approximation, no retraining
-  cls_attention.png                               each CLS token's last-block attention over the patch grid (mean
-                                                  over heads) on a few test images
-  cls_similarity.png                              with k >= 2 CLS tokens: the mean cosine similarity of their outputs
-  confusion.png, per_class.png                    the confusion matrix and per-class accuracy
-and report.md with the tables. The README's "Analysing a trained model" says how to read them.
+    python analyze.py runs/demo --device cpu           # -> runs/demo/analysis/report.md and PNGs
+    python analyze.py runs/demo/checkpoint.pt --out docs/analysis --images 2000
 """
 import argparse
 import sys
@@ -140,15 +132,7 @@ def grid_of_axes(n, per_row, width=3.0, height=2.6):
 
 
 def plot_spectra(spectrum, depth, out: Path):
-    colors = dict(zip(MATRICES, plt.cm.tab10.colors))
-    fig, axes = grid_of_axes(depth, per_row=3)
-    for i, ax in enumerate(axes):
-        for name in MATRICES:
-            s = spectrum[i, name]
-            ax.semilogy(range(1, len(s) + 1), s / s[0], color=colors[name], label=name)
-        ax.set(title=f"block {i}", xlabel="index", ylabel="σ / σ_max")
-    axes[0].legend(fontsize=7)
-    save(fig, out / "spectra_per_block.png")
+    """One panel per matrix family, a curve per block."""
     fig, axes = grid_of_axes(len(MATRICES), per_row=3)
     shades = plt.cm.viridis(torch.linspace(0, 0.9, depth).tolist())
     for ax, name in zip(axes, MATRICES):
@@ -157,7 +141,7 @@ def plot_spectra(spectrum, depth, out: Path):
             ax.semilogy(range(1, len(s) + 1), s / s[0], color=shades[i], label=f"block {i}")
         ax.set(title=name, xlabel="index", ylabel="σ / σ_max")
     axes[0].legend(fontsize=7)
-    save(fig, out / "spectra_per_family.png")
+    save(fig, out / "spectra.png")
 
 
 def plot_effective_rank(ranks, depth, width, out: Path):
@@ -228,19 +212,11 @@ def plot_matrix(matrix, labels, title, vmin, vmax, fmt="{:.0f}"):
     return fig, ax
 
 
-def plot_scores(result, classes, out: Path):
+def plot_confusion(result, classes, out: Path):
     fig, ax = plot_matrix(result["confusion"], classes, "confusion matrix (test set)", 0,
                           max(1, result["confusion"].max().item()))
     ax.set(xlabel="predicted", ylabel="true")
     save(fig, out / "confusion.png")
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(classes) + 1.5), 3.0))
-    ax.bar(range(len(classes)), result["per_class"])
-    ax.axhline(result["acc"], color="black", linewidth=0.8, label=f"overall {result['acc']:.2f}%")
-    if len(classes) <= 20:
-        ax.set_xticks(range(len(classes)), classes, fontsize=7)
-    ax.set(ylabel="test accuracy %", title="per-class accuracy", ylim=(min(result["per_class"]) - 5, 100))
-    ax.legend(fontsize=7)
-    save(fig, out / "per_class.png")
 
 
 def stable_rank(curve, ranks, full_acc, tolerance=1.0):
@@ -326,8 +302,8 @@ def report(path, cfg, dataset_name, classes, a) -> str:
 
 
 def plot_names(num_cls):
-    names = ["spectra_per_block", "spectra_per_family", "effective_rank", "truncation", "cls_attention"]
-    return names + (["cls_similarity"] if num_cls > 1 else []) + ["confusion", "per_class"]
+    names = ["spectra", "effective_rank", "truncation", "cls_attention"]
+    return names + (["cls_similarity"] if num_cls > 1 else []) + ["confusion"]
 
 
 def write_plots(a, cfg, classes, out: Path):
@@ -342,7 +318,7 @@ def write_plots(a, cfg, classes, out: Path):
         fig, _ = plot_matrix(a["similarity"], labels, "cosine similarity of CLS outputs (test mean)", -1, 1,
                              fmt="{:.2f}")
         save(fig, out / "cls_similarity.png")
-    plot_scores(a["result"], classes, out)
+    plot_confusion(a["result"], classes, out)
 
 
 def get_args_parser():

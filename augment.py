@@ -1,11 +1,9 @@
 """The training augmentation of PoorViTs on the training device, a chunk of batches at a time (arXiv 2501.06220; the
 seed's per-image recipe): flip, crop, AutoAugment, normalisation and random erasing, every random choice made per
-image, each op equal bit for bit to torchvision's on that image (data.train_transform, tested op by op).
-
-The choices are drawn on the CPU from a chunk's generator (so they are the same on any device) and reach the device
-in one copy with the chunk's image indices; nothing is read back from the device. Per AutoAugment op slot one gather
-sorts the images by op kind, and each kind runs once on its run of images with every image's own magnitude, read
-from per-variant tables put on the device once.
+image, each op bit for bit torchvision's on that image (data.train_transform; tested op by op). The choices are
+drawn on the CPU (the same on any device) and reach the device in one copy with the chunk's image indices; nothing
+is read back. Per AutoAugment op slot one gather sorts the images by op kind, and each kind runs once on its images,
+each with its own magnitude from per-variant tables put on the device once.
 """
 import math
 
@@ -22,8 +20,7 @@ GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
 def rows_to_device(rows: dict, device) -> dict:
-    """Named int64 tensors of one length n, each (n,) or (k, n), moved to `device` in a single copy; returns views of
-    that copy under the same names and shapes."""
+    """Named int64 tensors of one length n, each (n,) or (k, n), moved to `device` in a single copy."""
     if not rows:
         return {}
     flat = [rearrange(row, "... n -> (...) n") for row in rows.values()]
@@ -32,8 +29,8 @@ def rows_to_device(rows: dict, device) -> dict:
 
 
 def geometry_matrix(op, magnitude, size):
-    """The inverse affine matrix torchvision's AutoAugment has its affine or rotate build for a geometric op on a
-    size x size image, from torchvision's own helper with the arguments those functions pass it."""
+    """The inverse affine matrix that torchvision's AutoAugment has affine or rotate build for a geometric op, by
+    torchvision's own helper with the arguments those pass it."""
     if op in ("ShearX", "ShearY"):
         shear = math.degrees(math.atan(magnitude))
         # AutoAugment shears about the top-left corner: center [0, 0], which affine moves to (-w/2, -h/2).
@@ -145,8 +142,8 @@ class BatchAutoAugment:
 
     def plan(self, variants: torch.Tensor):
         """The host side of __call__: per op slot, the gather that sorts the images by op kind (composed with the
-        previous slot's sort), their variants in that order and where each kind's run ends (host ints); then the
-        gather back to the images' order. Returns (rows for rows_to_device, ends)."""
+        previous slot's), their variants in that order and where each kind's run ends (host ints); then the gather
+        back to the images' order. Returns (rows for rows_to_device, ends)."""
         position = torch.arange(len(variants))  # where each image sits in the current order
         gathers, sorted_variants, ends = [], [], []
         for slot in variants.T:
@@ -211,10 +208,8 @@ def flip_crop(images, flip, top, left, padding):
 
 
 class BatchAugment:
-    """The pipeline of data.train_transform for a whole uint8 batch on its device (GPU or CPU), with every random
-    choice made per image: flip, crop offsets, AutoAugment sub-policy and signs, erasing box. The choices are drawn on
-    the CPU from `generator` (choose), so a batch's augmentation depends only on that generator, not on the device;
-    they reach the device in one copy, and apply never reads anything back from it."""
+    """data.train_transform for a whole uint8 batch on its device, every random choice per image: flip, crop
+    offsets, AutoAugment sub-policy and signs, erasing box, drawn on the CPU from `generator` (choose)."""
 
     def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25,
                  aa_fill=data.AA_FILL):
@@ -225,8 +220,7 @@ class BatchAugment:
         self.on_device = {}
 
     def prepare(self, device):
-        """Puts the constants on `device` (normalisation, AutoAugment's tables), once: the copies a chunk then makes
-        are its own choices only."""
+        """Puts the constants on `device` once (normalisation, AutoAugment tables): a chunk copies its choices only."""
         if device not in self.on_device:
             self.on_device[device] = data.to_device(data.normalization(self.mean, self.std), device)
             if self.auto_augment is not None:
@@ -256,8 +250,7 @@ class BatchAugment:
         return rows, ends
 
     def apply(self, images, rows, ends):
-        """choose's choices, planned, with the rows on the images' device, applied to uint8 images (n, C, H, W):
-        float out."""
+        """choose's choices, planned, their rows on the device, applied to uint8 images (n, C, H, W): float out."""
         if "crop" in rows:
             flip, top, left = rows["crop"]
             images = flip_crop(images, flip.bool(), top, left, self.padding)

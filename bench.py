@@ -1,24 +1,15 @@
-"""Speed of PoorViTs on this machine, in sections that print Markdown tables and assert nothing.
+"""Speed of PoorViTs on this machine, in sections that print Markdown tables and assert nothing (docs/performance.md).
 
-    python bench.py --device cpu                 # step, augment, pipeline: the CPU figures of docs/performance.md
-    python bench.py --gpu-check                  # every section, time-boxed, for a lent GPU (make gpu-check)
+    python bench.py --device cpu                 # step, augment, pipeline: the CPU figures
+    python bench.py --gpu-check                  # every section, time-boxed, for a GPU machine (make gpu-check)
     python bench.py --gpu-check --device cpu --smoke --output-dir /tmp/check   # every section, tiny (the tests)
 
-Sections (--sections picks some, in the order given):
-  host       host ms per step of what runs around the model (loader, seeding and mixing, loss bookkeeping), on the
-             meta device: every op dispatched, no data touched
-  step       train-step img/s per variant (baseline, mla-q, mla-qkv, cls-4), eager, at --batch-size
-  precision  the baseline step in fp32, bf16 autocast, and fp16 autocast with a gradient scaler
-  sdpa       which SDPA kernel a step runs at head dim 16 (the op in a profile) and the step with each kernel here
-  compile    the baseline step at each --compile-batches: eager, torch.compile'd, and reduce-overhead (CUDA graphs,
-             CUDA only); compile seconds and Dynamo's graph count
-  sync       whether a warmed-up training step and a loader chunk run under set_sync_debug_mode("error") (CUDA)
-  pipeline   the training loop (loader, augmentation, mixing, step) vs the bare step on a fixed batch
-  augment    the batched augmentation vs torchvision's per-image PIL pipeline
-  train      a 1-epoch train.py run on --dataset synthetic (CIFAR-10's shapes), --compile-mode passed through
-Timings cover only the timed steps: warm-up and compilation are excluded, the device synchronised around them. With
---output-dir, bench.md and bench.json are rewritten as each section ends: a check cut short keeps its figures. A
-section that fails is recorded with its error, and the others go on.
+Sections: host (host time and device ops per step of the loop around the model), step (per variant), precision
+(fp32, bf16, fp16), sdpa (the kernel that runs at head dim 16, and each kernel's step), compile (eager, compiled,
+CUDA graphs, per-rank batches), sync (set_sync_debug_mode("error") on a step and a loader chunk), pipeline (the
+training loop vs the bare step), augment (batched vs torchvision per image), train (a 1-epoch train.py run).
+Timings cover only the timed steps, the device synchronised around them. With --output-dir, bench.md and bench.json
+are rewritten as each section ends; a section that fails is recorded with its error, and the others go on.
 """
 import argparse
 import json
@@ -49,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"}, "cls-4": {"num_cls": 4}}
 RECIPE = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25)
 BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 training set
-GPU_CHECK_SECTIONS = "host,step,precision,sdpa,compile,sync,pipeline,augment,train"
+GPU_CHECK = "host,step,precision,sdpa,compile,sync,pipeline,augment,train"
 # --smoke: sizes for a CPU test of every section; aot_eager builds the graphs without Inductor's C++ build.
 SMOKE = dict(batch_size=8, compile_batches="8,4", steps=1, warmup=1, rounds=1, aug_images=64, compile_backend="aot_eager",
              train_args="--dataset digits --dim 32 --depth 2 --heads 4 --patch-size 8 --ra-reps 1 --log-every 50")
@@ -59,25 +50,22 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="PoorViTs speed benchmarks.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--sections", default="step,augment,pipeline", help="comma-separated, from: " + ", ".join(SECTIONS))
+    add("--sections", default="step,augment,pipeline", help=f"comma-separated, from {GPU_CHECK}")
     add("--gpu-check", action="store_true", help="every section, into --output-dir (unset: runs/gpu-check)")
     add("--smoke", action="store_true", help="tiny sizes, aot_eager compiling: every section in seconds on a CPU")
     add("--device", help="cuda or cpu (unset: cuda on a CUDA build of torch, which must then start; else cpu)")
     add("--batch-size", default=256, type=int, help="images per step (the recipe's global batch)")
-    add("--compile-batches", default="256,64", help="compile section: per-rank batches (ddp-bs1024, ddp-bs256 on 4)")
-    add("--steps", type=int, help="timed steps per round (unset: 1 on CPU; --gpu-check 50)")
-    add("--warmup", type=int, help="untimed steps first (unset: 2 on CPU; --gpu-check 20)")
-    add("--rounds", type=int, help="rounds, variants interleaved; the median round counts (unset: 24 on CPU; "
-                                   "--gpu-check 5)")
+    add("--compile-batches", default="256,64", help="per-rank batches (ddp-bs1024, ddp-bs256 on 4 processes)")
+    add("--steps", type=int, help="timed steps per round (unset: 50 on CUDA, 1 on CPU)")
+    add("--warmup", type=int, help="untimed steps first (unset: 20 on CUDA, 2 on CPU)")
+    add("--rounds", type=int, help="interleaved rounds; the median counts (unset: 5 on CUDA, 24 on CPU)")
     add("--aug-images", default=4096, type=int, help="images per augmentation measurement")
-    add("--compile-mode", default="default", choices=train.COMPILE_MODES, help="mode of compiled steps and train")
-    add("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
-        help="aot_eager builds the graphs without generating code: it tells a Dynamo problem from an Inductor one")
+    add("--compile-mode", default="default", choices=train.COMPILE_MODES, help="of the train section's run")
+    add("--compile-backend", default="inductor", help="aot_eager: graphs without code generation (Dynamo alone)")
     add("--compile-budget", default=200.0, type=float, help="seconds of compiling in the compile section")
     add("--time-limit", default=450.0, type=float, help="seconds for all sections: train gets what is left")
     add("--train-args", default="", help="extra train.py flags for the train section")
-    add("--output-dir", help="where bench.md, bench.json and the train section's run go (--gpu-check: "
-                             "runs/gpu-check)")
+    add("--output-dir", help="where bench.md, bench.json and the train section's run go")
     return parser
 
 
@@ -99,8 +87,8 @@ def timed(fn, steps, device, warmup=0):
     return (time.perf_counter() - start) / steps
 
 
-def interleaved(fns, opts, device, steps=None):
-    """Seconds per call of each fn in each round: all warmed up first, then rounds that time `steps` calls of each
+def interleaved(fns, opts, device):
+    """Seconds per call of each fn in each round: all warmed up first, then rounds that time opts.steps calls of each
     in turn, so that drift in the machine's speed hits every fn alike."""
     for fn in fns.values():
         for _ in range(opts.warmup):
@@ -108,32 +96,29 @@ def interleaved(fns, opts, device, steps=None):
     seconds = {name: [] for name in fns}
     for _ in range(opts.rounds):
         for name, fn in fns.items():
-            seconds[name].append(timed(fn, steps or opts.steps, device))
+            seconds[name].append(timed(fn, opts.steps, device))
     return seconds
 
 
-def speed_rows(rounds, opts, reference=None):
+def speed_rows(rounds, batch_size, reference=None):
     """img/s and ms/step (medians), and how many times faster than `reference` (the median of per-round ratios)."""
     rows = []
     for name, seconds in rounds.items():
         s = statistics.median(seconds)
-        row = {"": name, "img/s": opts.batch_size / s, "ms/step": 1000 * s}
+        rows.append({"": name, "img/s": batch_size / s, "ms/step": 1000 * s})
         if reference in rounds:
-            row["vs " + reference] = statistics.median(r / n for r, n in zip(rounds[reference], seconds))
-        rows.append(row)
+            rows[-1]["vs " + reference] = statistics.median(r / n for r, n in zip(rounds[reference], seconds))
     return rows
 
 
-def random_batch(n, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    return images.to(device), torch.randint(0, 10, (n,), generator=g).to(device)
-
-
-def fixed_batch(batch_size, device):
-    """The bare step's input: a normalised batch and its one-hot targets."""
-    images, labels = random_batch(batch_size, device)
-    return data.normalize(images, *data.CIFAR10_STATS), F.one_hot(labels, 10).float()
+def random_batch(n, device, normalised=False):
+    """n random images (uint8, or normalised) and their labels (or, normalised, one-hot targets) on `device`."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (n,), generator=g).to(device)
+    if normalised:
+        return data.normalize(images, *data.CIFAR10_STATS), F.one_hot(labels, 10).float()
+    return images, labels
 
 
 def make_step(overrides, device, precision=None, compile_options=None):
@@ -150,9 +135,11 @@ def make_step(overrides, device, precision=None, compile_options=None):
 
 
 def time_steps(steps, opts, device, batch_size=None):
-    """Rounds of each step function on one fixed batch (see interleaved)."""
-    images, targets = fixed_batch(batch_size or opts.batch_size, device)
-    return interleaved({name: (lambda step=step: step(images, targets)) for name, step in steps.items()}, opts, device)
+    """The speed of each step function on one fixed batch, in interleaved rounds."""
+    batch_size = batch_size or opts.batch_size
+    images, targets = random_batch(batch_size, device, normalised=True)
+    fns = {name: (lambda step=step: step(images, targets)) for name, step in steps.items()}
+    return speed_rows(interleaved(fns, opts, device), batch_size, next(iter(steps)))
 
 
 def recipe_loader(n, opts, device, chunk_images):
@@ -195,11 +182,11 @@ class DeviceOps(TorchDispatchMode):
 def bench_host(opts, device, check):
     """Host time and device ops per step of the work around the model, on the meta device: every op is dispatched
     and no data is touched. A meta op costs the host more than a CUDA launch (many meta kernels are Python), so the
-    milliseconds are an upper bound for a GPU; the ops count is what a GPU launches."""
+    milliseconds are an upper bound for a GPU; the ops are what a GPU launches."""
     meta = torch.device("meta")
     loader = recipe_loader(8192, opts, meta, chunk_images=4096)
     x, labels = torch.empty(opts.batch_size, 3, 32, 32, device=meta), torch.zeros(opts.batch_size, device=meta).long()
-    mix, state, loss = data.BatchMix(10, prob=1.0), run.TrainingState(meta, 50), torch.empty((), device=meta)
+    mix, state, loss = data.BatchMix(10, prob=1.0), train.TrainingState(meta, 50), torch.empty((), device=meta)
     epoch = loader.sampler.steps_per_epoch
     parts = {f"loader: an epoch of {epoch} steps, augmented 4096 images at a time": (lambda: list(loader), epoch),
              "seeding and batch mixing (every batch mixed)": (lambda: mix(x, labels, train.seed_step(0, 0, 0, meta)), 1),
@@ -216,7 +203,7 @@ def bench_host(opts, device, check):
 
 def bench_step(opts, device, check):
     models = {name: make_step(overrides, device) for name, overrides in VARIANTS.items()}
-    rows = speed_rows(time_steps({name: step for name, (_, step) in models.items()}, opts, device), opts, "baseline")
+    rows = time_steps({name: step for name, (_, step) in models.items()}, opts, device)
     for row, (model, _) in zip(rows, models.values()):
         row.update(params=count_parameters(model), fwd_gmac=forward_macs(model.cfg) / 1e9)
     return {"batch_size": opts.batch_size, "precision": "bf16" if device.type == "cuda" else "fp32", "rows": rows}
@@ -224,37 +211,36 @@ def bench_step(opts, device, check):
 
 def bench_precision(opts, device, check):
     steps = {name: make_step({}, device, name)[1] for name in ("fp32", "bf16", "fp16")}
-    return {"batch_size": opts.batch_size, "rows": speed_rows(time_steps(steps, opts, device), opts, "fp32")}
+    return {"batch_size": opts.batch_size, "rows": time_steps(steps, opts, device)}
 
 
 def bench_sdpa(opts, device, check):
     _, step = make_step({}, device)
-    images, targets = fixed_batch(opts.batch_size, device)
+    images, targets = random_batch(opts.batch_size, device, normalised=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step(images, targets)
     ran = sorted({e.name for e in profile.events() if e.name.startswith("aten::_scaled_dot_product")})
     steps, unavailable = {}, {}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                     SDPBackend.MATH):
-        def under(backend=backend):
+        def under(images, targets, backend=backend):
             with sdpa_kernel(backend):
                 step(images, targets)
         try:
-            under()
+            under(images, targets)
             steps[backend.name] = under
         except RuntimeError as e:  # "No available kernel": not on this device, dtype or head dim
             unavailable[backend.name] = run.first_line(e)[:200]
-    rows = speed_rows(interleaved(steps, opts, device), opts)
-    return {"kernels_that_ran": ran, "head_dim": 16, "rows": rows, "unavailable": unavailable}
+    return {"kernels_that_ran": ran, "head_dim": 16, "rows": time_steps(steps, opts, device), "unavailable": unavailable}
 
 
 def compiled_steps(opts, device, batch, check):
-    """{mode: step} of the baseline, eager then compiled in each mode that fits the compile budget; the compile
-    seconds (the first step, forward and backward graphs) and the first compile error."""
+    """{mode: step} of the baseline, eager then compiled in each mode while the compile budget lasts; the compile
+    seconds (the first step: forward and backward graphs) and the first compile error."""
     modes = {"eager": None, "compiled": "default"}
     if device.type == "cuda":
-        modes["reduce-overhead"] = "reduce-overhead"
-    steps, seconds, images, targets = {}, {}, *fixed_batch(batch, device)
+        modes["reduce-overhead"] = "reduce-overhead"  # CUDA graphs
+    steps, seconds, images, targets = {}, {}, *random_batch(batch, device, normalised=True)
     for name, mode in modes.items():
         if mode and check.compile_seconds + max(seconds.values(), default=0) > opts.compile_budget:
             break
@@ -276,17 +262,16 @@ def bench_compile(opts, device, check):
     rows, errors = [], []
     for batch in map(int, opts.compile_batches.split(",")):
         steps, seconds, error = compiled_steps(opts, device, batch, check)
-        errors += [error] * bool(error)
         graphs = counters["stats"]["unique_graphs"]
-        batch_rows = speed_rows(time_steps(steps, opts, device, batch), argparse.Namespace(batch_size=batch), "eager")
-        for row in batch_rows:
-            row.update(batch=batch, compile_s=seconds[row[""]] if row[""] != "eager" else None)
-        rows += batch_rows
-        if batch == opts.batch_size:
+        for row in time_steps(steps, opts, device, batch):
+            rows.append({"batch": batch, **row, "compile s": seconds[row[""]] if row[""] != "eager" else None})
+        if counters["stats"]["unique_graphs"] > graphs:
+            error = f"batch {batch}: the timed steps added Dynamo graphs (a recompile)"
+        errors += [error] if error else []
+        if batch == opts.batch_size:  # for the sync and pipeline sections
             check.baseline = steps.get("compiled") or steps["eager"]
-        errors += [f"batch {batch}: the timed steps added Dynamo graphs"] * (counters["stats"]["unique_graphs"] > graphs)
-    return {"backend": opts.compile_backend, "rows": rows, "errors": errors, "dynamo_graphs": counters["stats"][
-        "unique_graphs"]}
+    return {"backend": opts.compile_backend, "rows": rows, "errors": errors,
+            "dynamo_graphs": counters["stats"]["unique_graphs"]}
 
 
 def first_sync(fn):
@@ -309,15 +294,14 @@ def bench_sync(opts, device, check):
     if device.type != "cuda":
         return {"skipped": "set_sync_debug_mode needs CUDA", "rows": []}
     loader = recipe_loader(4 * opts.batch_size, opts, device, chunk_images=2 * opts.batch_size)
-    state, step = run.TrainingState(device, 50), check.baseline or make_step({}, device)[1]
-    checks = {"training step (seeding, mixing, step, loss bookkeeping)": loop_step(loader, lambda *b: state.add(step(*b)),
-                                                                                   device),
+    state, step = train.TrainingState(device, 50), check.baseline or make_step({}, device)[1]
+    checks = {"training step: seeding, mixing, step, loss bookkeeping": loop_step(loader, lambda *b: state.add(step(*b)),
+                                                                                  device),
               "device loader, one augmentation chunk": lambda: next(iter(loader))}
     rows = []
     for name, fn in checks.items():
         for _ in range(2):  # warm-up: allocator, cuBLAS handles, compilation
             fn()
-        synchronize(device)
         rows.append({"": name, "under set_sync_debug_mode('error')": first_sync(fn)})
         synchronize(device)
     return {"rows": rows}
@@ -329,48 +313,41 @@ def bench_pipeline(opts, device, check):
     step = check.baseline or make_step({}, device)[1]
     chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size  # 4 batches a chunk keeps a CPU run short
     loader = recipe_loader(10_000, opts, device, chunk)
-    images, targets = fixed_batch(opts.batch_size, device)
-    fns = {"bare step (fixed batch, no mixing)": lambda: step(images, targets),
-           "training loop (loader, augmentation, mixing, step)": loop_step(loader, step, device)}
-    per_round = loader.batches_per_chunk
-    rounds = argparse.Namespace(batch_size=opts.batch_size, warmup=per_round, steps=per_round,
-                                rounds=max(2, opts.rounds * opts.steps // per_round))
-    seconds = {name: [statistics.mean(values)] for name, values in interleaved(fns, rounds, device).items()}
-    rows = speed_rows(seconds, opts, reference="bare step (fixed batch, no mixing)")
-    loop = rows[1]["img/s"]
-    return {"rows": rows, "loop_over_bare": loop / rows[0]["img/s"], "projected_baseline_s": BASELINE_SAMPLES / loop}
+    images, targets = random_batch(opts.batch_size, device, normalised=True)
+    per_chunk = loader.batches_per_chunk
+    rounds = argparse.Namespace(warmup=per_chunk, steps=per_chunk, rounds=max(2, opts.rounds * opts.steps // per_chunk))
+    seconds = interleaved({"bare step (fixed batch, no mixing)": lambda: step(images, targets),
+                           "training loop (loader, augmentation, mixing, step)": loop_step(loader, step, device)},
+                          rounds, device)
+    rows = speed_rows({name: [statistics.mean(s)] for name, s in seconds.items()}, opts.batch_size,
+                      "bare step (fixed batch, no mixing)")
+    return {"rows": rows, "loop_over_bare": rows[1]["img/s"] / rows[0]["img/s"],
+            "projected_baseline_s": BASELINE_SAMPLES / rows[1]["img/s"]}
 
 
 def bench_augment(opts, device, check):
-    n, batch = opts.aug_images, opts.batch_size
-    images, labels = random_batch(n, device)
-    mix, batch_augment = data.BatchMix(10), augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
-    rng = train.seed_step(0, 0, 0, device)
+    images, labels = random_batch(opts.aug_images, device)
+    mix, rng, batch = data.BatchMix(10), train.seed_step(0, 0, 0, device), opts.batch_size
+    batch_augment = augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
+    transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
+    pil_images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images[:1024]]
 
     def batched():
         out = batch_augment(images, torch.Generator().manual_seed(0))
         for x, y in zip(out.split(batch), labels.split(batch)):
             mix(x, y, rng)
 
-    pil_images = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images[:1024]]
-    transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
-
-    def per_image():
+    def per_image():  # one thread: a DataLoader worker's
         for start in range(0, len(pil_images), batch):
-            x = torch.stack([transform(img) for img in pil_images[start:start + batch]])
-            mix(x, labels[start:start + batch].cpu(), rng)
+            mix(torch.stack([transform(image) for image in pil_images[start:start + batch]]),
+                labels[start:start + batch].cpu(), rng)
 
+    rows = [{"": f"batched, on {device.type}", "img/s": len(images) / timed(batched, 3, device, warmup=1)}]
     threads = torch.get_num_threads()
-    rows = [{"": f"batched, on {device.type}", "img/s": n / timed(batched, 3, device, warmup=1)}]
-    if device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-        rows.append({"": "batched, on cpu, 1 thread", "img/s": n / timed(batched, 3, device, warmup=1)})
-    torch.set_num_threads(1)  # PIL works on one core; a DataLoader worker runs one thread
+    torch.set_num_threads(1)
     rows.append({"": "torchvision per-image PIL, 1 process", "img/s": len(pil_images) / timed(per_image, 2, device)})
     torch.set_num_threads(threads)
-    for row in rows:
-        row["vs per-image"] = row["img/s"] / rows[-1]["img/s"]
-    return {"rows": rows}
+    return {"threads": threads, "rows": [{**row, "vs per-image": row["img/s"] / rows[-1]["img/s"]} for row in rows]}
 
 
 def tail(text, lines=15):
@@ -379,26 +356,25 @@ def tail(text, lines=15):
 
 def bench_train(opts, device, check):
     out = (check.out or Path("runs/bench")).resolve() / "train-run"
+    shutil.rmtree(out, ignore_errors=True)  # train.py never overwrites a run: a check run again replaces its own
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "synthetic", "--epochs", "1", "--warmup-epochs", "1",
            "--batch-size", str(opts.batch_size), "--amp", "--device", str(device), "--output-dir", str(out),
-           "--compile-mode", opts.compile_mode, *shlex.split(opts.train_args)]
-    if opts.compile_mode != "default" and device.type != "cuda":
-        cmd.append("--compile")
-    shutil.rmtree(out, ignore_errors=True)  # train.py never overwrites a run: a check run again replaces its own
-    timeout = max(60.0, check.seconds_left())
+           "--compile-mode", opts.compile_mode, *["--compile"] * (opts.compile_mode != "default"),
+           *shlex.split(opts.train_args)]
+    figures = {"command": shlex.join(cmd), "rows": []}
     try:
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60, check.seconds_left()))
+        figures["returncode"] = result.returncode
+        if result.returncode:
+            figures["error"] = tail(result.stderr)
     except subprocess.TimeoutExpired as e:
-        return {"command": shlex.join(cmd), "error": f"timed out after {timeout:.0f} s: {tail(e.stderr)}", "rows": []}
-    figures = {"command": shlex.join(cmd), "returncode": result.returncode, "rows": []}
-    if result.returncode:
-        figures["error"] = tail(result.stderr)
+        figures["error"] = f"timed out after {e.timeout:.0f} s: {tail(e.stderr)}"
     if (out / "summary.json").exists():
         summary = json.loads((out / "summary.json").read_text())
         figures["rows"] = [{key: summary[key] for key in ("complete", "steps", "img_per_s", "ms_per_step",
                                                           "train_seconds", "total_seconds", "precision", "compiled")}]
-        if summary["img_per_s"]:  # at this speed, the 100-epoch baseline's steps (evaluation and saving excluded)
-            figures["projected_baseline_s"] = BASELINE_SAMPLES / summary["img_per_s"]
+        # At this speed, the 100-epoch baseline's steps (evaluation and saving excluded).
+        figures["projected_baseline_s"] = summary["img_per_s"] and BASELINE_SAMPLES / summary["img_per_s"]
     return figures
 
 
@@ -416,11 +392,10 @@ def cell(value):
 
 def markdown(name, result):
     lines = ["", f"## {name} ({result['seconds']:.0f} s)", ""]
-    rows = result.get("rows", [])
-    if rows:
-        header = list(dict.fromkeys(key for row in rows for key in row))
+    header = list(dict.fromkeys(key for row in result.get("rows", []) for key in row))
+    if header:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell(row.get(key)) for key in header) + " |" for row in rows]
+        lines += ["| " + " | ".join(cell(row.get(key)) for key in header) + " |" for row in result["rows"]]
     lines += [f"- {key}: {cell(value)}" for key, value in result.items() if key not in ("rows", "seconds", "error")]
     return lines + (["", "**failed**:", "", "```", result["error"], "```"] if result.get("error") else [])
 
@@ -458,7 +433,7 @@ class Check:
 
 def main(opts):
     if opts.gpu_check:
-        opts.sections, opts.output_dir = GPU_CHECK_SECTIONS, opts.output_dir or "runs/gpu-check"
+        opts.sections, opts.output_dir = GPU_CHECK, opts.output_dir or "runs/gpu-check"
     for key, value in (SMOKE if opts.smoke else {}).items():
         setattr(opts, key, value)
     unknown = [s for s in opts.sections.split(",") if s not in SECTIONS]
@@ -470,7 +445,7 @@ def main(opts):
         raise SystemExit(f"bench.py: error: {e}") from None
     gpu = device.type == "cuda"
     opts.steps, opts.rounds = opts.steps or (50 if gpu else 1), opts.rounds or (5 if gpu else 24)
-    opts.warmup = opts.warmup if opts.warmup is not None else (20 if gpu else 2)
+    opts.warmup = (20 if gpu else 2) if opts.warmup is None else opts.warmup
     check = Check(opts, device)
     print(f"machine: {check.results['machine']['device_name']}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}", flush=True)

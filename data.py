@@ -1,12 +1,11 @@
 """Datasets, the per-image training augmentation, repeated augmentation and batch mixing of PoorViTs (arXiv 2501.06220;
 the recipe of the seed's finetune.py).
 
-Every dataset is held in memory as uint8 images (N, 3, 32, 32) and int64 labels. A training sample passes through
-flip -> crop with padding -> AutoAugment (CIFAR-10 policy) -> normalise -> random erasing, every choice per image:
-`train_transform` is that pipeline in torchvision's own per-image transforms, the specification that augment.py's
-batched device pipeline is tested against. Whole batches are then mixed by CutMix or Mixup (BatchMix). Repeated
-augmentation shows each image `reps` times per epoch. All randomness is a function of the seed and the position in
-the run, so a run gives the same batches on any number of processes, and after a resume.
+Datasets are held in memory as uint8 images (N, 3, 32, 32) and int64 labels. A training image passes through flip,
+crop with padding, AutoAugment (CIFAR-10 policy), normalisation and random erasing, each choice per image:
+`train_transform` is that pipeline in torchvision's per-image transforms, the specification augment.py's batched
+pipeline is tested against. Batches are then mixed by CutMix or Mixup (BatchMix). All randomness derives from the
+seed and the position in the run: the same batches on any number of processes, and after a resume.
 """
 import hashlib
 import math
@@ -73,8 +72,7 @@ def normalization(mean, std) -> torch.Tensor:
 
 
 def scale_shift(images: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
-    """uint8 -> images * scale - shift in torch's default dtype (float32), with `constants` from `normalization` on
-    the images' device."""
+    """uint8 -> images * scale - shift in torch's default dtype, `constants` from `normalization` on their device."""
     scale, shift = constants
     return images.to(torch.get_default_dtype()).mul_(scale).sub_(shift)
 
@@ -89,8 +87,8 @@ class DownloadError(OSError):
 
 
 def download(name: str, root):
-    """Fetch CIFAR-10/100 with torchvision (checks the archive's md5; a no-op when the files are there). An archive
-    placed in `root` by hand is checked and extracted instead of fetched, so an offline machine needs only a copy."""
+    """Fetch CIFAR-10/100 with torchvision (md5-checked; a no-op when the files are there). An archive placed in
+    `root` by hand is checked and extracted instead: an offline machine needs only a copy."""
     if name not in CIFAR:
         raise ValueError(f"name={name!r}: only cifar10 and cifar100 are downloaded")
     tv_class = CIFAR[name][0]
@@ -118,8 +116,7 @@ def cifar_problem(name, folder: Path, tv_class) -> Exception:
 
 
 def load_cifar(root, name: str = "cifar10") -> ImageData:
-    """CIFAR-10/100 through torchvision.datasets, which checks every file's md5 before reading it (root holds
-    cifar-10-batches-py or cifar-100-python); a missing or damaged file is named."""
+    """CIFAR-10/100 through torchvision.datasets, which checks every file's md5 before it unpickles it."""
     tv_class, (mean, std) = CIFAR[name]
     try:
         splits = [tv_class(root, train=train) for train in (True, False)]
@@ -156,8 +153,7 @@ def load_synthetic(train: int = 50_000, test: int = 10_000) -> ImageData:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """An image file of any size as uint8 (3, 32, 32) RGB, resized bilinearly; a ValueError naming an unreadable
-    file."""
+    """An image file of any size as uint8 (3, 32, 32) RGB, resized bilinearly."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -205,11 +201,10 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
 
 # ---- the per-image augmentation (torchvision's transforms: the specification of augment.py's batched pipeline)
 def erasing_boxes(n, h, w, p, generator=None, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=ERASE_ATTEMPTS):
-    """The seed's random erasing draw for n images (from torch's default generator when `generator` is None): with
-    probability p, tries of an area uniform in scale * h * w and an aspect ratio uniform on a linear scale in `ratio`
-    until a box with height < h and width < w comes up (at most `attempts`), placed uniformly. Tries are drawn in
-    rounds, one per image still without a box, so the host draws about one try per image, not `attempts`.
-    (n, 4) int64 top, left, height, width; height 0 where nothing is erased."""
+    """The seed's random erasing draw for n images: with probability p, tries of an area uniform in scale * h * w
+    and an aspect ratio uniform on a linear scale in `ratio` until a box with height < h and width < w comes up (at
+    most `attempts`), placed uniformly. A round draws a try for each image still without a box: about one try an
+    image, not `attempts`. (n, 4) int64 top, left, height, width; height 0 where nothing is erased."""
     erased = (torch.rand(n, generator=generator) < p).nonzero()[:, 0]
     size, waiting = torch.zeros(len(erased), 2, dtype=torch.long), torch.arange(len(erased))
     for _ in range(attempts):
@@ -241,8 +236,7 @@ def erase(images, boxes, value):
 
 
 class RandomErasing:
-    """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline: the box is
-    drawn by erasing_boxes from torch's default generator."""
+    """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline."""
 
     def __init__(self, p, value):
         self.p, self.value = p, value
@@ -265,8 +259,8 @@ def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL
 
 def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, aa_fill=AA_FILL,
                     pil=False):
-    """The training pipeline of one uint8 (3, 32, 32) tensor (a PIL image with pil=True) in torchvision's own
-    per-image transforms: the reference augment.BatchAugment is tested against, and bench.py's per-image baseline."""
+    """The training pipeline of one uint8 (3, 32, 32) tensor (a PIL image with pil=True) in torchvision's per-image
+    transforms: the reference augment.BatchAugment is tested against."""
     check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
     steps = []
     if hflip:

@@ -4,36 +4,22 @@
     p      = p - lr * (update + weight_decay * p)
     m      = beta2 * m + (1 - beta2) * g
 
-Every update entry is +-1, so the lr should be 3-10x smaller and the weight decay 3-10x larger than AdamW's.
+Every update entry is +-1, so the lr should be 3-10x smaller and the weight decay 3-10x larger than AdamW's. The
+update runs as torch._foreach_* ops over each group's tensors: a few kernels per step, not a few per parameter.
 """
 import torch
 from torch.optim import Optimizer
 
 
-def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay):
-    for param, grad, exp_avg in zip(params, grads, exp_avgs):
-        param.mul_(1 - lr * weight_decay)
-        param.add_(exp_avg.lerp(grad, 1 - beta1).sign_(), alpha=-lr)
-        exp_avg.lerp_(grad, 1 - beta2)
-
-
-def _foreach_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay):
-    torch._foreach_mul_(params, 1 - lr * weight_decay)
-    updates = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
-    torch._foreach_sign_(updates)
-    torch._foreach_add_(params, updates, alpha=-lr)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
-
-
 class Lion(Optimizer):
-    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, foreach: bool = True):
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
         if not lr > 0:
             raise ValueError(f"Lion lr={lr} must be positive")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"Lion betas={tuple(betas)} must be two numbers in [0, 1)")
         if not weight_decay >= 0:
             raise ValueError(f"Lion weight_decay={weight_decay} must be >= 0")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -48,15 +34,13 @@ class Lion(Optimizer):
             for p in params:
                 if not self.state[p]:
                     self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            lion = _foreach_lion if group["foreach"] else _single_tensor_lion
+            if not params:
+                continue
+            grads, exp_avgs = [p.grad for p in params], [self.state[p]["exp_avg"] for p in params]
             beta1, beta2 = group["betas"]
-            lion(
-                params,
-                [p.grad for p in params],
-                [self.state[p]["exp_avg"] for p in params],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-            )
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            updates = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+            torch._foreach_sign_(updates)
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
         return loss

@@ -1,13 +1,12 @@
 """PoorViTs: a small pre-norm Vision Transformer with several CLS tokens (arXiv 2501.06220).
 
 Baseline: patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12 heads, MLP ratio 2, stochastic depth 0 -> 0.1,
-~2.70 M parameters. Depth is the seed's one ambiguity here (docs/faithfulness.md): its models/vit.py defaults to
-depth 12 (3.59 M) where its build_model.py has depth=9 commented out; depth 9 is its parent commit's and the ViT its
-numbers compare with. We default to 9; --depth 12 is the other reading. Options: low-rank latent attention (attention.py)
-and a low-rank MLP, k CLS tokens pooled by concatenation or mean, fixed 2-D sin-cos positions, and whitening init of
-the patch embedding. `transfer_weights` builds a (low-rank) model from a trained one by truncated SVD.
+2.70 M parameters. Depth is ambiguous in the seed (docs/faithfulness.md): its build_model.py has depth=9 commented
+out, so its models/vit.py default, 12 (3.59 M), applies; 9 is its parent commit's and its ancestor's, whose 93.58%
+matches the paper's baseline. We default to 9; depth=12 is the other reading. Options: low-rank attention
+(attention.py) and MLP, k CLS tokens pooled by concatenation or mean, the seed's fixed 2-D sin-cos positions,
+whitening init of the patch embedding; `transfer_weights` builds a low-rank model from a trained one (truncated SVD).
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,12 +52,9 @@ class ViTConfig:
             raise ValueError(f"patch_size={self.patch_size} must divide img_size={self.img_size}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
-        if self.cls_pool not in CLS_POOLS:
-            raise ValueError(f"cls_pool={self.cls_pool!r} must be one of {', '.join(CLS_POOLS)}")
-        if self.pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed={self.pos_embed!r} must be one of {', '.join(POS_EMBEDS)}")
-        if self.patch_init not in PATCH_INITS:
-            raise ValueError(f"patch_init={self.patch_init!r} must be one of {', '.join(PATCH_INITS)}")
+        for name, choices in (("cls_pool", CLS_POOLS), ("pos_embed", POS_EMBEDS), ("patch_init", PATCH_INITS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(choices)}")
         if self.pos_embed == "sincos" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got dim={self.dim}")
         check_shape(self.dim, self.heads, self.latent, self.latent_dim)

@@ -1,14 +1,13 @@
-"""The paper's table regenerated from runs, with training curves and plots.
+"""The paper's table regenerated from runs, with training curves and plots (docs/training.md, "Results").
 
     python report.py runs                   # or: make table   -> runs/report/table.md
     python report.py runs --plots           # or: make plots   -> also curves/<run>.png, accuracy_vs_time.png, ...
 
-Reads every sub-folder of the runs folder that holds a summary.json or a metrics.jsonl. Runs are grouped into
-table columns by their --tag (else by the folder name without "-seed<N>"); a column's numbers are the mean and
-standard deviation over its complete runs. A run of one of the paper's columns that read the seed otherwise than our
-default (depth, repeated-augmentation mode, precision: docs/faithfulness.md) gets a column of its own, labelled with
-that reading, so that runs of different readings are never averaged together. "final" is the test accuracy after the last epoch, "best" the highest
-of the periodic evaluations. Missing, unfinished and unreadable runs are listed under the table, never fatal.
+Runs (sub-folders with a summary.json) are grouped into columns by their --tag (else the folder name without
+"-seed<N>"): mean and standard deviation over a column's complete runs of the final test accuracy (after the last
+epoch) and the best of the periodic evaluations. A run of a paper column that read the seed otherwise than our
+default (depth, repeated-augmentation mode, precision) gets a column of its own, labelled with that reading: runs
+of different readings are never averaged together. Missing, unfinished and unreadable runs are listed, never fatal.
 """
 import argparse
 import json
@@ -18,6 +17,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import matplotlib.pyplot as plt
 
 # arXiv 2501.06220, Table 1 (CIFAR-10 top-1 %, one seed each; runtime in seconds, GPU not stated), in its layout.
 PAPER = [
@@ -40,6 +41,7 @@ PAPER = [
 ]
 
 
+PAPER_TARGETS = {row[2] for row in PAPER}
 DDP_TARGETS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
 
 
@@ -53,8 +55,6 @@ def reading(summary: dict, target: str) -> str:
     used = {"depth": args.get("depth", 9), "RA": args.get("ra_mode", defaults["RA"]), "precision": precision}
     return ", ".join(f"{key} {used[key]}" if key != "precision" else used[key]
                      for key in defaults if used[key] != defaults[key])
-
-PAPER_TARGETS = {row[2] for row in PAPER}
 
 
 @dataclass
@@ -184,9 +184,13 @@ def epochs_axis(run, records):
     return [r["step"] / steps_per_epoch for r in records]
 
 
-def plot_curves(run, path):
-    import matplotlib.pyplot as plt
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
+
+def plot_curves(run, path):
     train = [r for r in run.metrics if r.get("kind") == "train"]
     evals = [r for r in run.metrics if r.get("kind") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
@@ -197,14 +201,10 @@ def plot_curves(run, path):
     axes[2].plot(epochs_axis(run, train), [r["lr"] for r in train])
     axes[2].set(title="learning rate", xlabel="epoch")
     fig.suptitle(run.folder.name, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_accuracy_vs_time(columns, path):
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for target, column in sorted(columns.items()):
         final, std = column.mean_std("final_acc")
@@ -213,9 +213,7 @@ def plot_accuracy_vs_time(columns, path):
         ax.annotate(target, (seconds, final), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="training time per run (s)", ylabel="final test accuracy % (mean ± std over seeds)",
            title="accuracy vs training time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def differences(columns, baseline):
@@ -233,8 +231,6 @@ def differences(columns, baseline):
 
 
 def plot_differences(columns, baseline, path):
-    import matplotlib.pyplot as plt
-
     diffs = differences(columns, baseline)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(diffs) + 2), 3.5))
     names = list(diffs)
@@ -243,19 +239,19 @@ def plot_differences(columns, baseline, path):
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(ylabel=f"final acc − {baseline} (points)", title=f"vs {baseline} (± standard error)")
     ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Regenerate the paper's table (and plots) from a folder of runs.")
-    parser.add_argument("runs", type=str, help="folder whose sub-folders are runs (summary.json + metrics.jsonl)")
-    parser.add_argument("--out", default=None, type=str, help="where table.md and plots go (default: <runs>/report)")
-    parser.add_argument("--plots", action="store_true", help="also write PNG plots")
-    parser.add_argument("--baseline", default="baseline", type=str, help="the column ablations are compared with")
-    parser.add_argument("--seeds", default=None, type=int, help="seeds each column should have (to list shortfalls)")
-    parser.add_argument("--only-run", action="store_true", help="leave out the paper's columns that have no runs")
+    parser = argparse.ArgumentParser(description="Regenerate the paper's table (and plots) from a folder of runs.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("runs", help="folder whose sub-folders are runs (summary.json + metrics.jsonl)")
+    add("--out", help="where table.md and plots go (unset: <runs>/report)")
+    add("--plots", action="store_true", help="also write PNG plots")
+    add("--baseline", default="baseline", help="the column ablations are compared with")
+    add("--seeds", type=int, help="seeds each column should have (to list shortfalls)")
+    add("--only-run", action="store_true", help="leave out the paper's columns that have no runs")
     return parser
 
 

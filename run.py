@@ -3,7 +3,6 @@ in it metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt 
 and summary.json (at every end); preemption signals; failures said once, by rank 0, with an exit code a job
 scheduler can act on. predict.py and analyze.py read checkpoints through here.
 """
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -15,7 +14,6 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -37,15 +35,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 class DiskFull(OSError):
-    """No space left on the device for one of the run's files."""
+    pass
 
 
 class OutputDirInUse(RuntimeError):
-    """Another process is running in the output dir."""
+    pass
 
 
 class OutOfMemory(RuntimeError):
-    """The device ran out of memory during training."""
+    pass
 
 
 class FailedOnRank0(Exception):
@@ -76,8 +74,7 @@ def is_rank0() -> bool:
 
 
 def note(text):
-    """One line for the user on stderr, from rank 0 only, that leaves the progress bar whole."""
-    if is_rank0():
+    if is_rank0():  # tqdm.write leaves the progress bar whole
         tqdm.write(f"train.py: note: {text}", file=sys.stderr)
 
 
@@ -216,9 +213,8 @@ def append_line(path: Path, line: bytes):
 
 
 def copy_to_host(state):
-    """`state` (nested state dicts) with every tensor copied into new CPU memory, so that training can go on changing
-    the originals while the copy is written. From a GPU the copies go into pinned memory without blocking: they have
-    landed once an event recorded after them has."""
+    """`state` with every tensor copied into new CPU memory, which training does not change while it is written. From
+    a GPU into pinned memory without blocking: the copies have landed once an event recorded after them has."""
     def copy(t):
         if not isinstance(t, torch.Tensor):
             return t  # numbers, strings, None: immutable
@@ -248,8 +244,7 @@ class CheckpointWriter:
         self.rank0(self._wait)
 
     def finish(self):
-        """Waits for the write in flight without a collective call, for a run that ends by another error (or exits):
-        that error is the one reported."""
+        """Waits for the write in flight without a collective call, for a run that ends by another error or exits."""
         with contextlib.suppress(Exception):
             self._wait()
         self.executor.shutdown()
@@ -307,7 +302,7 @@ def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
 
 def claim_output_dir(args, on_exit: contextlib.ExitStack):
     """Creates --output-dir and locks it for this run; removes the temporary files of a run killed while writing
-    (they may hold the space the run needs); refuses a folder holding another run unless resuming it."""
+    (they may hold the space it needs); refuses a folder holding another run unless resuming it."""
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -336,8 +331,7 @@ def resume_checkpoint(args):
 
 
 def read_checkpoint(path, flag):
-    """A checkpoint written by train.py, loaded without running any code from it (weights_only=True); a damaged or
-    foreign file is a one-line ValueError naming `flag`."""
+    """A train.py checkpoint, loaded running no code from it (weights_only); a damaged or foreign one: ValueError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -381,66 +375,7 @@ def load_resume(path, args, cfg, free_flags):
     return ckpt
 
 
-# ---- the run's progress and its records
-NO_BAD_STEP = 2**62  # TrainingState.first_bad_step when every loss so far was finite
-
-
-class TrainingState:
-    """Progress that a checkpoint carries: step, accuracies, training time, and the open log interval (so a resume
-    at any step logs the same numbers as an uninterrupted run)."""
-
-    def __init__(self, device, log_every):
-        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
-        # This log interval's losses, kept on the device: adding one is a single copy, with no sync.
-        self.losses, self.interval_steps = torch.zeros(log_every, device=device), 0
-        self.interval_start = time.perf_counter()
-        self.timed_steps, self.timed_seconds, self.first_interval = 0, 0.0, True
-
-    def add(self, loss):
-        self.losses[self.interval_steps] = loss
-        self.step += 1
-        self.interval_steps += 1
-
-    def first_bad_step(self):
-        """The first step of the interval whose loss is NaN or infinite (NO_BAD_STEP if none), on the device."""
-        n = self.interval_steps
-        steps = torch.arange(self.step - n, self.step, device=self.losses.device)
-        if not n:
-            return torch.full((), NO_BAD_STEP, device=self.losses.device)
-        return torch.where(self.losses[:n].isfinite(), NO_BAD_STEP, steps).amin()
-
-    def raise_if_not_finite(self, bad, epoch):
-        if bad != NO_BAD_STEP:
-            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
-                                f"without saving")
-
-    def log_interval(self, lr, batch_size):
-        """Mean loss and speed of the steps since the last log point; starts the next interval."""
-        seconds = time.perf_counter() - self.interval_start
-        metrics = {"lr": lr, "loss": self.losses[: self.interval_steps].sum().item() / self.interval_steps,
-                   "img_s": self.interval_steps * batch_size / seconds,
-                   "ms_per_step": 1000 * seconds / self.interval_steps}
-        self.train_seconds += seconds
-        if not self.first_interval:  # the first interval holds warm-up: not timed
-            self.timed_steps += self.interval_steps
-            self.timed_seconds += seconds
-        self.first_interval = False
-        self.interval_steps, self.interval_start = 0, time.perf_counter()
-        return metrics
-
-    def checkpoint(self):
-        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                "train_seconds": self.train_seconds, "interval_losses": self.losses[: self.interval_steps].tolist()}
-
-    def load(self, ckpt):
-        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
-        self.best_epoch, self.train_seconds = ckpt["best_epoch"], ckpt["train_seconds"]
-        saved = ckpt["interval_losses"]
-        # The interval goes on to the next log point, at most --log-every steps on, which may have changed.
-        self.losses = torch.zeros(len(saved) + len(self.losses), device=self.losses.device)
-        self.losses[: len(saved)], self.interval_steps = torch.tensor(saved), len(saved)
-
-
+# ---- the run's records
 class MetricsLog:
     """metrics.jsonl (rank 0 writes it): one JSON record per line, each added whole by a single write."""
 
@@ -448,8 +383,8 @@ class MetricsLog:
         self.path = path
 
     def keep_until(self, step):
-        """On resume: drops the records after the checkpoint's `step` (they are redone), and a partial last line
-        (a write cut short by a kill or a crash), which is said once."""
+        """On resume: drops the records after the checkpoint's `step` (they are redone), and a partial last line (a
+        write cut short), which is said once."""
         if not self.path.exists():
             return
         whole, _, partial = self.path.read_bytes().rpartition(b"\n")
@@ -475,18 +410,10 @@ class StopSignal:
     checkpoint. Under DDP the ranks agree at the next log point or save, so that all stop at the same step.
     A second signal stops at once, without saving."""
 
-    def __init__(self, world_size, device):
-        self.world_size, self.device = world_size, device
-        self.signum, self.agreed, self.previous = None, False, {}
-
-    def __enter__(self):
+    def __init__(self, world_size, device, on_exit: contextlib.ExitStack):
+        self.world_size, self.device, self.signum, self.agreed = world_size, device, None, False
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            on_exit.callback(signal.signal, sig, signal.signal(sig, self._handle))  # the old handler, back at exit
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -497,8 +424,8 @@ class StopSignal:
         return self.world_size == 1 and self.signum is not None
 
     def agree(self, first_bad_step):
-        """Sets `agreed` when the run should stop now, and returns the first step with a non-finite loss (the step
-        of the state's first_bad_step); under DDP (collective calls) the ranks agree on both, the earliest step."""
+        """Sets `agreed` when the run should stop now, and returns `first_bad_step` (a device tensor) as an int;
+        under DDP (collective calls) the ranks agree on both, the earliest step."""
         if self.world_size > 1:
             asked = torch.tensor(self.signum or 0, device=self.device)
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
@@ -520,11 +447,10 @@ def final_line(summary, args):
 
 
 class Run:
-    """One invocation's bookkeeping on one rank, in the output dir that claim_output_dir locked: its progress
-    (`state`), the metrics log, the checkpoint writer (its last write waited for by `on_exit`), the stop signal and
-    the progress bar. `content()` is the checkpoint's dict, `facts` what every record and summary repeats. Opening
-    it writes the run record; on resume the records after the checkpoint are dropped (they are redone), and a run
-    that --resume auto restarts (no checkpoint) loses all of its."""
+    """One invocation's bookkeeping on one rank, in the output dir claim_output_dir locked: the metrics log, the
+    checkpoint writer, the stop signal and the progress bar, over the training `state`; `content()` is the
+    checkpoint, `facts` what the run record and the summary repeat. A resumed run drops its records after the
+    checkpoint (they are redone); one that --resume auto restarts (no checkpoint), all of them."""
 
     def __init__(self, args, rank0, state, content, facts, on_exit, resumed):
         out = Path(args.output_dir)
@@ -532,7 +458,7 @@ class Run:
         self.log = MetricsLog(out / "metrics.jsonl")
         self.writer = CheckpointWriter(out / "checkpoint.pt", rank0)
         on_exit.callback(self.writer.finish)  # runs before the output dir's lock is released
-        self.stop = on_exit.enter_context(StopSignal(rank0.world_size, rank0.device))
+        self.stop = StopSignal(rank0.world_size, rank0.device, on_exit)
         rank0(self.log.keep_until, state.step if resumed else -1)
         rank0(self.log.write, kind="run", epoch=state.step // facts["steps_per_epoch"], step=state.step, **facts)
         self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=rank0.rank != 0,
@@ -546,21 +472,17 @@ class Run:
         self.progress.update(self.state.step - self.progress.n)
 
     def log_eval(self, epoch, acc, loss):
-        state = self.state
-        if state.best_acc is None or acc > state.best_acc:
-            state.best_acc, state.best_epoch = acc, epoch + 1
-        state.acc = acc
-        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=state.step, acc=acc, loss=loss)
+        self.state.record_eval(acc, epoch + 1)
+        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=self.state.step, acc=acc, loss=loss)
         if self.rank0.rank == 0:
-            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {state.best_acc:.2f}% at epoch "
-                                f"{state.best_epoch})")
+            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
+                                f"{self.state.best_epoch})")
 
     def save(self):
         self.writer.save(self.content)
 
     def explain(self, error):
-        """A failure met while training, as the user should read it: what happened, the last good checkpoint, what
-        to do."""
+        """A failure met while training, as the user reads it: what happened, the last good checkpoint, what to do."""
         last_good = self.writer.last_good()
         if isinstance(error, NonFiniteLoss):
             return NonFiniteLoss(f"{error}: {last_good}")
@@ -580,20 +502,18 @@ class Run:
         """Writes summary.json (rank 0) and says how the run ended; raises the failure that ended it."""
         self.progress.close()
         state, complete = self.state, self.state.step == self.facts["total_steps"]
-        timed = state.timed_seconds or None  # the speed leaves out the first log interval (warm-up)
         summary = {
             "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
             "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
-            "train_seconds": state.train_seconds, "total_seconds": seconds,
-            "img_per_s": timed and state.timed_steps * self.args.batch_size / timed,
-            "ms_per_step": timed and 1000 * timed / state.timed_steps,
+            "train_seconds": state.train_seconds, "total_seconds": seconds, **state.speed(self.args.batch_size),
             "stopped_by_signal": self.stop.signum if self.stop.agreed else None, **self.facts, "steps": state.step,
             "failed": str(failure) if failure else None,
         }
         # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
         if self.rank0.rank == 0:
             try:
-                atomic_write(Path(self.args.output_dir) / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+                text = json.dumps(summary, indent=2) + "\n"
+                atomic_write(Path(self.args.output_dir) / "summary.json", text.encode())
             except DiskFull as e:
                 failure = failure or self.explain(e)
         if failure:

@@ -3,16 +3,18 @@
     python train.py --download --output-dir runs/baseline                  # the paper's baseline, 1 process
     torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
 
-Top to bottom: the flags; building the run (data, model, optimizers, schedule, precision, compilation); a training
-step, an epoch, the evaluation; `main`, the recipe. The run's files, checkpoints and failures live in run.py.
+Top to bottom: flags; building the run; a step, an epoch, evaluation; `main`, the recipe. Its files: run.py.
 """
 import argparse
 import contextlib
+import itertools
+import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import namedtuple
+from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -69,8 +71,7 @@ def get_args_parser():
     parser = Parser(prog="train.py", description="Train a small ViT (PoorViTs). Defaults: the paper's baseline.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument_group("data").add_argument
-    add("--dataset", default="cifar10", choices=data.DATASETS,
-        help="digits: bundled, offline; synthetic: random images in CIFAR-10's shapes, for speed checks")
+    add("--dataset", default="cifar10", choices=data.DATASETS, help="digits: offline; synthetic: for speed checks")
     add("--data-dir", default="data", help="dataset root (CIFAR: its folder's parent; imagefolder: train/, val/)")
     add("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
 
@@ -87,29 +88,25 @@ def get_args_parser():
     add("--label-smoothing", default=0.1, type=FRACTION, help="label smoothing of the cross-entropy")
     add("--ra-reps", default=3, type=POSITIVE_INT, help="repeated augmentation: times each image is seen per epoch")
     add("--ra-mode", default="shuffles", choices=data.RA_MODES,
-        help="shuffles: --ra-reps independent shuffles per epoch (the seed, 1 process); in-batch: an image's copies "
-             "side by side in a batch (the seed under torchrun)")
+        help="shuffles: --ra-reps shuffles an epoch (the seed, 1 process); in-batch: copies side by side (torchrun)")
 
     add = parser.add_argument_group("model (model.ViTConfig)").add_argument
     add("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
     add("--dim", default=192, type=POSITIVE_INT, help="token width")
-    add("--depth", default=9, type=POSITIVE_INT,
-        help="transformer blocks (the seed's code at 8bb105e builds 12: docs/faithfulness.md)")
+    add("--depth", default=9, type=POSITIVE_INT, help="blocks (the seed's code builds 12: docs/faithfulness.md)")
     add("--heads", default=12, type=POSITIVE_INT, help="attention heads (must divide --dim)")
     add("--mlp-ratio", default=2.0, type=POSITIVE, help="MLP hidden width / --dim")
     add("--num-cls", default=1, type=POSITIVE_INT, help="CLS tokens")
     add("--cls-pool", default="concat", choices=CLS_POOLS, help="how the CLS outputs reach the head")
     add("--pos-embed", default="learned", choices=POS_EMBEDS, help="position embedding")
-    add("--patch-init", default="pytorch", choices=PATCH_INITS,
-        help="pytorch: the seed's (Conv2d's default, U(+-1/sqrt(3 p^2))); trunc_normal: std 0.02, as other linears")
+    add("--patch-init", default="pytorch", choices=PATCH_INITS, help="pytorch: the seed's (Conv2d's default init)")
     add("--latent", default="", help="low-rank attention projections, any of q, k, v, o (o: the output; e.g. kv)")
     add("--latent-dim", default=64, type=POSITIVE_INT, help="rank of the low-rank attention projections")
     add("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
     add("--mlp-latent-dim", default=0, type=COUNT, help="rank of both MLP layers (down, no bias -> up); 0: full")
     add("--drop-path", default=0.1, type=FRACTION, help="stochastic depth rate of the last block")
     add("--whiten", action="store_true", help="whitening init of the patch embedding")
-    add("--whiten-images", default=5000, type=POSITIVE_INT,
-        help="--whiten uses the first whole training batches holding at least this many images (as the seed)")
+    add("--whiten-images", default=5000, type=POSITIVE_INT, help="--whiten's images: whole first batches, at least")
     add("--init-from", help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
                             "SVD to the ranks asked for (the same at full rank), the rest copied")
 
@@ -126,40 +123,32 @@ def get_args_parser():
     add("--min-lr", default=1e-6, type=NON_NEGATIVE, help="learning rate at the end of the cosine")
     add("--amp", action="store_true", help="autocast: bf16 where the device has it, else fp16 with a gradient scaler")
     add("--amp-dtype", default="auto", choices=AMP_DTYPES, help="--amp's precision; auto: bf16 where supported")
-    add("--compile", action=argparse.BooleanOptionalAction,
-        help="torch.compile (unset: on CUDA, falling back to eager with a note if it fails; --compile: fail instead)")
-    add("--compile-mode", default="default", choices=COMPILE_MODES,
-        help="reduce-overhead adds CUDA graphs; max-autotune also tunes kernels (minutes of compiling)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (unset: on CUDA, eager if it fails)")
+    add("--compile-mode", default="default", choices=COMPILE_MODES, help="reduce-overhead: CUDA graphs too")
 
     add = parser.add_argument_group("run").add_argument
     add("--eval-every", default=5, type=POSITIVE_INT, help="evaluate every N epochs (and after the last)")
     add("--log-every", default=50, type=POSITIVE_INT, help="log training loss every N steps")
     add("--seed", default=0, type=int, help="base seed; every random draw derives from it")
-    add("--same-seed-on-ranks", action="store_true",
-        help="every rank draws the same batch mixing and stochastic depth (the seed under torchrun)")
+    add("--same-seed-on-ranks", action="store_true", help="the same mixing and drop-path draws on every rank (seed's)")
     add("--tag", help="the table column this run belongs to (report.py groups runs by it)")
     add("--output-dir", help="where metrics, checkpoint and summary go (unset: runs/<dataset>-<time>)")
     add("--resume", help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
     add("--save-every", default=0, type=COUNT, help="also checkpoint every N steps (a kill loses at most N steps)")
     add("--stop-after-epochs", type=POSITIVE_INT, help="end after N epochs, schedule unchanged; then --resume")
-    add("--device", help="cuda, cuda:N or cpu (unset: cuda on a CUDA build of torch, which must then start; else cpu)")
-    add("--dist-timeout", default=30.0, type=POSITIVE,
-        help="minutes a process waits for the others at a collective call (a first compile on many ranks is slow)")
+    add("--device", help="cuda, cuda:N or cpu (unset: cuda on a CUDA build of torch, which must then start)")
+    add("--dist-timeout", default=30.0, type=POSITIVE, help="minutes a rank waits for the others (first compiles)")
     return parser
 
 
 def model_config(args, num_classes) -> ViTConfig:
-    return ViTConfig(
-        img_size=data.IMAGE_SIZE, patch_size=args.patch_size, num_classes=num_classes, dim=args.dim,
-        depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, num_cls=args.num_cls, cls_pool=args.cls_pool,
-        pos_embed=args.pos_embed, patch_init=args.patch_init, latent=args.latent, latent_dim=args.latent_dim,
-        shared_kv_latent=args.shared_kv_latent, mlp_latent_dim=args.mlp_latent_dim, drop_path=args.drop_path,
-    )
+    """The model flags are ViTConfig's fields, named alike."""
+    flags = {f.name for f in fields(ViTConfig)} & vars(args).keys()
+    return ViTConfig(img_size=data.IMAGE_SIZE, num_classes=num_classes, **{f: getattr(args, f) for f in flags})
 
 
 def check_args(args):
-    """What no single flag can check, before any work (one line naming the flags); fills in --output-dir's default.
-    The model's own checks (ViTConfig) speak in its field names."""
+    """What no single flag can check, before any work; fills in --output-dir's default."""
     if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
         raise ValueError(f"--warmup-epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     if args.warmup_epochs != 0 and args.warmup_lr > args.lr:
@@ -178,8 +167,7 @@ def check_args(args):
 
 # ---- building the run
 def compiles(args, device) -> bool:
-    """--compile, unset: on CUDA, where an eager step is mostly kernel launches, not on the CPU, where compiling
-    takes longer than a short run saves."""
+    """Unset --compile: on CUDA, where an eager step is mostly launches; not on a CPU, where compiling costs more."""
     return device.type == "cuda" if args.compile is None else args.compile
 
 
@@ -200,9 +188,8 @@ def setup_distributed(args):
 
 
 def load_data(args, rank0):
-    """--download, then the dataset. Rank 0 goes first, so that an error every rank would meet is said once; with
-    --download the first process of every other node fetches next (on a shared filesystem it finds the files in
-    place and checks their md5), so two processes never fetch into one folder at once."""
+    """--download, then the dataset, rank 0 first: an error every rank would meet is said once. The first process
+    of each other node fetches next (on a shared filesystem it finds the files, md5-checked): one fetch per folder."""
     if args.download:
         rank0(data.download, args.dataset, args.data_dir)
         if rank0.world_size > 1:
@@ -216,8 +203,7 @@ def load_data(args, rank0):
 
 
 def build_loader(args, dataset, device, rank, world_size):
-    """This rank's training batches: the training set on `device` as uint8, augmented there a chunk at a time, per
-    image, as the seed's per-image torchvision pipeline would (`loader.sampler` fixes the epoch's order)."""
+    """This rank's training batches, augmented per image on `device` (`loader.sampler` fixes the epoch's order)."""
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
                                                world_size, args.seed, args.ra_mode)
     augment = BatchAugment(dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment,
@@ -225,25 +211,16 @@ def build_loader(args, dataset, device, rank, world_size):
     return DeviceLoader(dataset.train_images, dataset.train_labels, sampler, augment, device)
 
 
-def whitening_images(args, dataset, device):
-    """What --whiten sees, as the seed did: the first whole batches of epoch 0's training stream holding at least
-    --whiten-images images, exactly as the model gets them (flipped, cropped, AutoAugmented, normalised, erased;
-    mixing comes later). The 1-process stream, so every rank whitens alike."""
-    loader = build_loader(args, dataset, device, rank=0, world_size=1)
-    loader.sampler.set_epoch(0)
-    batches = []
-    for images, _ in loader:
-        batches.append(images)
-        if len(batches) * loader.sampler.batch >= args.whiten_images:
-            break
-    return torch.cat(batches)
-
-
-def build_model(args, num_classes, source, whitening):
-    """The flags' ViT: its patch embedding whitened on `whitening()`'s images, or every weight from `source`."""
-    model = ViT(model_config(args, num_classes))
+def build_model(args, dataset, device, source):
+    """The flags' ViT, with every weight from `source` (--init-from), or with its patch embedding whitened on what
+    the seed whitened: the first whole batches of epoch 0 holding at least --whiten-images images, exactly as the
+    model gets them (flipped, cropped, AutoAugmented, normalised, erased; mixing comes later). The 1-process stream,
+    so every rank whitens alike."""
+    model = ViT(model_config(args, len(dataset.classes)))
     if args.whiten:
-        model.whiten_patch_embedding(whitening())
+        loader = build_loader(args, dataset, device, rank=0, world_size=1)
+        batches = itertools.islice(loader, math.ceil(args.whiten_images / loader.batch))
+        model.whiten_patch_embedding(torch.cat([images for images, _ in batches]))
     if source is not None:
         try:
             transfer_weights(source, model)
@@ -252,20 +229,16 @@ def build_model(args, num_classes, source, whitening):
     return model
 
 
-def muon_matrices(model):
-    """The parameters --opt muon gives to Muon: every 2-D weight matrix inside the transformer blocks."""
-    return [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2]
-
-
 def build_optimizers(args, model, device):
-    """The optimizers of --opt, each stepped every iteration: one, or for Muon [AdamW for the rest, Muon]."""
+    """The optimizers of --opt, each stepped every iteration: one, or [AdamW, Muon]."""
     if args.opt == "lion":
         return [Lion(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)]
     fused = device.type == "cuda"
     if args.opt == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=fused)]
-    matrices = muon_matrices(model)
+    # Muon takes every 2-D weight matrix inside the transformer blocks; AdamW the embeddings, head and vectors.
+    matrices = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2]
     rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
     # The seed's Muon: Nesterov momentum, 6 Newton-Schulz steps, no weight decay; its AdamW part: betas (0.95, 0.95).
     return [torch.optim.AdamW(rest, lr=args.lr, betas=(0.95, 0.95), weight_decay=args.weight_decay, fused=fused),
@@ -287,21 +260,17 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
-@dataclass
-class Precision:
-    """What a step computes in: `name` fp32, bf16 or fp16; fp16 scales the loss so that its gradients stay finite."""
-    name: str
-    autocast: torch.autocast
-    scaler: torch.amp.GradScaler
+# What a step computes in: `name` fp32, bf16 or fp16, the autocast, and its loss scaler (fp16 only).
+Precision = namedtuple("Precision", "name autocast scaler")
 
 
 def build_precision(args, device) -> Precision:
-    """--amp: autocast in bf16 where the device has it (not V100, T4, RTX 20xx), else in fp16 with a gradient
-    scaler; --amp-dtype forces one."""
+    """--amp: bf16 autocast where the device has it (not V100, T4, RTX 20xx), else fp16; --amp-dtype forces one."""
     name = "fp32"
     if args.amp:
         bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
         name = args.amp_dtype if args.amp_dtype != "auto" else "bf16" if bf16 else "fp16"
+        run.note(f"--amp: {name} autocast" + (" with a gradient scaler" if name == "fp16" else ""))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, torch.autocast(device.type, dtype=dtype, enabled=args.amp),
                      torch.amp.GradScaler(device.type, enabled=name == "fp16"))
@@ -337,8 +306,69 @@ def seed_step(seed, rank, step, device) -> random.Random:
     return random.Random(step_seed)
 
 
+NO_BAD_STEP = 2**62  # TrainingState.first_bad_step when every loss of the interval was finite
+
+
+class TrainingState:
+    """The run's progress, which its checkpoint carries: step, accuracies, training time, and the open log
+    interval's losses (so that a resume at any step logs what an uninterrupted run logs)."""
+
+    def __init__(self, device, log_every):
+        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
+        # The interval's losses stay on the device until a log point: a step adds its loss by one copy, no sync.
+        self.losses, self.interval_steps = torch.zeros(log_every, device=device), 0
+        self.interval_start, self.timed = time.perf_counter(), None  # (steps, seconds) after the first interval
+
+    def add(self, loss):
+        self.losses[self.interval_steps] = loss
+        self.step, self.interval_steps = self.step + 1, self.interval_steps + 1
+
+    def first_bad_step(self):
+        """The interval's first step with a NaN or infinite loss (NO_BAD_STEP if none), on the device."""
+        losses = self.losses[: self.interval_steps]
+        steps = torch.arange(self.step - len(losses), self.step, device=losses.device)
+        none = torch.full((1,), NO_BAD_STEP, device=losses.device)
+        return torch.cat([torch.where(losses.isfinite(), NO_BAD_STEP, steps), none]).amin()
+
+    def raise_if_not_finite(self, bad, epoch):
+        if bad != NO_BAD_STEP:
+            raise run.NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
+                                    f"without saving")
+
+    def log_interval(self, lr, batch_size):
+        """Mean loss and speed of the steps since the last log point; starts the next interval. The first interval
+        holds the warm-up: the run's speed leaves it out."""
+        n, seconds = self.interval_steps, time.perf_counter() - self.interval_start
+        self.train_seconds += seconds
+        self.timed = (0, 0.0) if self.timed is None else (self.timed[0] + n, self.timed[1] + seconds)
+        self.interval_steps, self.interval_start = 0, time.perf_counter()
+        return {"lr": lr, "loss": self.losses[:n].sum().item() / n, "img_s": n * batch_size / seconds,
+                "ms_per_step": 1000 * seconds / n}
+
+    def record_eval(self, acc, epoch):
+        self.acc = acc
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+
+    def speed(self, batch_size):
+        steps, seconds = self.timed or (0, 0.0)
+        return {"img_per_s": steps * batch_size / seconds if steps else None,
+                "ms_per_step": 1000 * seconds / steps if steps else None}
+
+    def checkpoint(self):
+        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "train_seconds": self.train_seconds, "interval_losses": self.losses[: self.interval_steps].tolist()}
+
+    def load(self, ckpt):
+        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
+        self.best_epoch, self.train_seconds, saved = ckpt["best_epoch"], ckpt["train_seconds"], ckpt["interval_losses"]
+        # The interval goes on to the next log point, at most --log-every steps on, which may have changed.
+        self.losses = torch.zeros(len(saved) + len(self.losses), device=self.losses.device)
+        self.losses[: len(saved)], self.interval_steps = torch.tensor(saved), len(saved)
+
+
 def train_step(model, optimizers, schedulers, images, targets, precision, label_smoothing):
-    """One forward/backward/update and one scheduler step; returns the loss on the device (no sync)."""
+    """One forward, backward, update and scheduler step; returns the loss on the device (no sync)."""
     with precision.autocast:
         loss = F.cross_entropy(model(images), targets, label_smoothing=label_smoothing)
     for optimizer in optimizers:
@@ -352,8 +382,7 @@ def train_step(model, optimizers, schedulers, images, targets, precision, label_
 
 
 def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision, job):
-    """One epoch (on resume, from its saved step, set on loader.sampler); True if a stop signal ended it early,
-    after saving a checkpoint."""
+    """One epoch, from loader.sampler's start step; True if a stop signal ended it early (after a checkpoint)."""
     args, state = job.args, job.state
     rank = 0 if args.same_seed_on_ranks else job.rank0.rank
     model.train()
@@ -433,9 +462,8 @@ def restore(ckpt, model, optimizers, schedulers, scaler, state):
 
 
 def main(args):
-    """The recipe: flags → processes → output dir → data → model → optimizers → compile → DDP → resume → epochs →
-    summary. Whatever the run holds (its folder's lock, a checkpoint write in flight, the process group) is released
-    however it ends."""
+    """The recipe: processes → output dir → data → model → optimizers → compile → DDP → resume → epochs → summary.
+    What the run holds (its folder's lock, a checkpoint write, the process group) is released however it ends."""
     start = time.perf_counter()
     try:
         check_args(args)
@@ -461,25 +489,18 @@ def main(args):
         # Like the training set, the test set lives on the device as uint8: evaluation copies nothing per chunk.
         test_set = (dataset.test_images.to(device), dataset.test_labels.to(device), dataset.mean, dataset.std)
 
-        model = rank0.first(build_model, args, len(dataset.classes), source, lambda: whitening_images(args, dataset,
-                                                                                                     device))
+        model = rank0.first(build_model, args, dataset, device, source)
         model_without_ddp = model.to(device)
         optimizers = build_optimizers(args, model, device)
         schedulers = [build_scheduler(optimizer, args, loader.sampler.steps_per_epoch) for optimizer in optimizers]
         precision = build_precision(args, device)
-        if args.amp:
-            run.note(f"--amp: {precision.name} autocast" + (" with a gradient scaler" if precision.name == "fp16" else ""))
         model = compile_model(model, args, device, precision, loader.batch)
-        if world_size > 1:
-            # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
         compiled = model is not model_without_ddp
         if world_size > 1:
             # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        state = run.TrainingState(device, args.log_every)
+        state = TrainingState(device, args.log_every)
         ckpt = rank0.shared(run.load_resume, resume_path, args, model_without_ddp.cfg, RESUME_FREE_FLAGS)
         if ckpt is not None:
             restore(ckpt, model_without_ddp, optimizers, schedulers, precision.scaler, state)

@@ -21,11 +21,11 @@ def test_two_steps_match_hand_computation():
     torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor([0.99 * 0.003 - 1e-5, -0.00099 + 0.002, -0.005]))
 
 
-def run_two_groups(foreach, steps=6):
+def run_two_groups(steps=6):
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
     groups = [{"params": [a], "weight_decay": 0.1}, {"params": [b], "lr": 3e-3, "betas": (0.8, 0.95)}]
-    opt = Lion(groups, lr=1e-2, weight_decay=0.5, foreach=foreach)
+    opt = Lion(groups, lr=1e-2, weight_decay=0.5)
     for step in range(steps):
         torch.manual_seed(100 + step)
         a.grad, b.grad = torch.randn(4, 3), torch.randn(5)
@@ -33,14 +33,8 @@ def run_two_groups(foreach, steps=6):
     return a.detach(), b.detach()
 
 
-def test_foreach_equals_single_tensor_with_weight_decay_and_two_groups():
-    for x, y in zip(run_two_groups(foreach=True), run_two_groups(foreach=False)):
-        torch.testing.assert_close(x, y, atol=1e-7, rtol=0)
-    assert not torch.equal(run_two_groups(True, steps=2)[0], run_two_groups(True, steps=3)[0])
-
-
 def test_groups_keep_their_own_hyperparameters():
-    a, b = run_two_groups(foreach=True, steps=1)
+    a, b = run_two_groups(steps=1)
     torch.manual_seed(0)
     a0, b0 = torch.randn(4, 3), torch.randn(5)
     torch.manual_seed(100)
@@ -49,13 +43,12 @@ def test_groups_keep_their_own_hyperparameters():
     torch.testing.assert_close(b, b0 * (1 - 3e-3 * 0.5) - 3e-3 * gb.sign())
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_lion_decreases_loss_of_least_squares(foreach):
+def test_lion_decreases_loss_of_least_squares():
     torch.manual_seed(0)
     x, w_true = torch.randn(64, 8), torch.randn(8, 1)
     y = x @ w_true
     w = torch.nn.Parameter(torch.zeros(8, 1))
-    opt = Lion([w], lr=0.02, foreach=foreach)
+    opt = Lion([w], lr=0.02)
 
     def loss_fn():
         return (x @ w - y).square().mean()

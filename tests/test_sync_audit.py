@@ -11,7 +11,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment
 import data
-import run
 import train
 from model import ViT, ViTConfig
 
@@ -71,7 +70,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
     args = train.get_args_parser().parse_args([])
     optimizers = train.build_optimizers(args, model, META)
     schedulers = [train.build_scheduler(o, args, steps_per_epoch=sampler.steps_per_epoch) for o in optimizers]
-    mix, state = data.BatchMix(10, prob=1.0), run.TrainingState(META, args.log_every)
+    mix, state = data.BatchMix(10, prob=1.0), train.TrainingState(META, args.log_every)
     precision = train.Precision("fp32", torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False))
     batches, chunk_counts, step_counts = iter(loader), [], []
     for step in range(chunks * loader.batches_per_chunk):

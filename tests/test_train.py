@@ -287,6 +287,7 @@ def assert_same_run_on_two_processes(one_dir, two_dir):
     assert all(w.dtype == torch.float64 for w in (*one.values(), *two.values()))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-9
     assert records(two_dir, "run")[-1]["world_size"] == 2 and records(one_dir, "run")[-1]["world_size"] == 1
+    assert records(two_dir, "run")[-1]["compiled"] is False  # DDP wraps the model, which is not compiled on a CPU
     evals_one, evals_two = records(one_dir, "eval"), records(two_dir, "eval")
     assert [r["acc"] for r in evals_one] == [r["acc"] for r in evals_two]  # counts gathered from both ranks
     assert evals_one[-1]["loss"] == pytest.approx(evals_two[-1]["loss"], rel=1e-5)
