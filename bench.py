@@ -4,14 +4,11 @@
     python bench.py --gpu-check                  # every section, time-boxed, for a GPU machine (make gpu-check)
     python bench.py --gpu-check --device cpu --smoke --output-dir /tmp/check   # every section, tiny (the tests)
 
-Sections: host (host time and device ops per step of the loop around the model), step (per variant), precision
-(fp32, bf16, fp16), sdpa (the kernel that runs at head dim 16, and each kernel's step), compile (eager, compiled,
-CUDA graphs, per-rank batches), sync (set_sync_debug_mode("error") on a step and a loader chunk), pipeline (the
-training loop vs the bare step), augment (batched vs torchvision per image), train (a 1-epoch train.py run).
 Timings cover only the timed steps, the device synchronised around them. With --output-dir, bench.md and bench.json
 are rewritten as each section ends; a section that fails is recorded with its error, and the others go on.
 """
 import argparse
+import itertools
 import json
 import shlex
 import shutil
@@ -42,7 +39,7 @@ RECIPE = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0
 BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 training set
 GPU_CHECK = "host,step,precision,sdpa,compile,sync,pipeline,augment,train"
 # --smoke: sizes for a CPU test of every section; aot_eager builds the graphs without Inductor's C++ build.
-SMOKE = dict(batch_size=8, compile_batches="8,4", steps=1, warmup=1, rounds=1, aug_images=64, compile_backend="aot_eager",
+SMOKE = dict(batch_size=8, compile_batches="8,4", steps=1, warmup=1, rounds=1, compile_backend="aot_eager",
              train_args="--dataset digits --dim 32 --depth 2 --heads 4 --patch-size 8 --ra-reps 1 --log-every 50")
 
 
@@ -59,7 +56,6 @@ def get_args_parser():
     add("--steps", type=int, help="timed steps per round (unset: 50 on CUDA, 1 on CPU)")
     add("--warmup", type=int, help="untimed steps first (unset: 20 on CUDA, 2 on CPU)")
     add("--rounds", type=int, help="interleaved rounds; the median counts (unset: 5 on CUDA, 24 on CPU)")
-    add("--aug-images", default=4096, type=int, help="images per augmentation measurement")
     add("--compile-mode", default="default", choices=train.COMPILE_MODES, help="of the train section's run")
     add("--compile-backend", default="inductor", help="aot_eager: graphs without code generation (Dynamo alone)")
     add("--compile-budget", default=200.0, type=float, help="seconds of compiling in the compile section")
@@ -100,14 +96,13 @@ def interleaved(fns, opts, device):
     return seconds
 
 
-def speed_rows(rounds, batch_size, reference=None):
+def speed_rows(rounds, batch_size, reference):
     """img/s and ms/step (medians), and how many times faster than `reference` (the median of per-round ratios)."""
     rows = []
     for name, seconds in rounds.items():
         s = statistics.median(seconds)
-        rows.append({"": name, "img/s": batch_size / s, "ms/step": 1000 * s})
-        if reference in rounds:
-            rows[-1]["vs " + reference] = statistics.median(r / n for r, n in zip(rounds[reference], seconds))
+        ratio = statistics.median(r / n for r, n in zip(rounds[reference], seconds))
+        rows.append({"": name, "img/s": batch_size / s, "ms/step": 1000 * s, f"vs {reference}": ratio})
     return rows
 
 
@@ -135,11 +130,11 @@ def make_step(overrides, device, precision=None, compile_options=None):
 
 
 def time_steps(steps, opts, device, batch_size=None):
-    """The speed of each step function on one fixed batch, in interleaved rounds."""
+    """The speed of each step function on one fixed batch, in interleaved rounds, against the first."""
     batch_size = batch_size or opts.batch_size
     images, targets = random_batch(batch_size, device, normalised=True)
     fns = {name: (lambda step=step: step(images, targets)) for name, step in steps.items()}
-    return speed_rows(interleaved(fns, opts, device), batch_size, next(iter(steps)))
+    return speed_rows(interleaved(fns, opts, device), batch_size, next(iter(steps))) if steps else []
 
 
 def recipe_loader(n, opts, device, chunk_images):
@@ -150,18 +145,17 @@ def recipe_loader(n, opts, device, chunk_images):
 
 
 def loop_step(loader, step, device):
-    """One step of train.py's loop: the loader's next batch (a new epoch when it runs out), seeding, mixing, step."""
-    mix, batches, count = data.BatchMix(10), iter(()), [0]
+    """One step of train.py's loop at a time: the loader's next batch (epoch after epoch), seeding, mixing, step."""
+    def epochs():
+        for epoch in itertools.count():
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+
+    mix, batches = data.BatchMix(10), enumerate(epochs())
 
     def one():
-        nonlocal batches
-        batch = next(batches, None)
-        if batch is None:
-            loader.sampler.set_epoch(loader.sampler.epoch + 1)
-            batches = iter(loader)
-            batch = next(batches)
-        count[0] += 1
-        step(*mix(*batch, train.seed_step(0, 0, count[0], device)))
+        i, batch = next(batches)
+        step(*mix(*batch, train.seed_step(0, 0, i, device)))
     return one
 
 
@@ -189,7 +183,7 @@ def bench_host(opts, device, check):
     mix, state, loss = data.BatchMix(10, prob=1.0), train.TrainingState(meta, 50), torch.empty((), device=meta)
     epoch = loader.sampler.steps_per_epoch
     parts = {f"loader: an epoch of {epoch} steps, augmented 4096 images at a time": (lambda: list(loader), epoch),
-             "seeding and batch mixing (every batch mixed)": (lambda: mix(x, labels, train.seed_step(0, 0, 0, meta)), 1),
+             "seeding and batch mixing (all mixed)": (lambda: mix(x, labels, train.seed_step(0, 0, 0, meta)), 1),
              "loss bookkeeping": (lambda: state.add(loss) or setattr(state, "interval_steps", state.step % 50), 1)}
     rows = []
     for name, (fn, steps) in parts.items():
@@ -231,45 +225,40 @@ def bench_sdpa(opts, device, check):
             steps[backend.name] = under
         except RuntimeError as e:  # "No available kernel": not on this device, dtype or head dim
             unavailable[backend.name] = run.first_line(e)[:200]
-    return {"kernels_that_ran": ran, "head_dim": 16, "rows": time_steps(steps, opts, device), "unavailable": unavailable}
-
-
-def compiled_steps(opts, device, batch, check):
-    """{mode: step} of the baseline, eager then compiled in each mode while the compile budget lasts; the compile
-    seconds (the first step: forward and backward graphs) and the first compile error."""
-    modes = {"eager": None, "compiled": "default"}
-    if device.type == "cuda":
-        modes["reduce-overhead"] = "reduce-overhead"  # CUDA graphs
-    steps, seconds, images, targets = {}, {}, *random_batch(batch, device, normalised=True)
-    for name, mode in modes.items():
-        if mode and check.compile_seconds + max(seconds.values(), default=0) > opts.compile_budget:
-            break
-        start = time.perf_counter()
-        try:
-            _, step = make_step({}, device, compile_options=mode and {"mode": mode, "backend": opts.compile_backend})
-            step(images, targets)
-            synchronize(device)
-        except Exception:  # the eager figures still count; the error is the finding
-            return steps, seconds, f"{name}: {tail(traceback.format_exc())}"
-        steps[name], seconds[name] = step, time.perf_counter() - start
-        check.compile_seconds += seconds[name] if mode else 0
-    return steps, seconds, None
+    rows = time_steps(steps, opts, device)
+    return {"kernels_that_ran": ran, "head_dim": 16, "rows": rows, "unavailable": unavailable}
 
 
 def bench_compile(opts, device, check):
+    """The baseline step at each batch: eager, then compiled in each mode while --compile-budget lasts (a compile's
+    time: its first step, forward and backward graphs). A recompile during the timed steps is an error."""
+    modes = {"eager": None, "compiled": "default"}
+    modes |= {"reduce-overhead": "reduce-overhead"} if device.type == "cuda" else {}  # CUDA graphs
     torch._dynamo.reset()
     counters.clear()
-    rows, errors = [], []
+    rows, errors, budget = [], [], opts.compile_budget
     for batch in map(int, opts.compile_batches.split(",")):
-        steps, seconds, error = compiled_steps(opts, device, batch, check)
+        steps, seconds, images, targets = {}, {}, *random_batch(batch, device, normalised=True)
+        for name, mode in modes.items():
+            if mode and budget < max(seconds.values(), default=0):
+                continue
+            start, options = time.perf_counter(), mode and {"mode": mode, "backend": opts.compile_backend}
+            try:
+                _, step = make_step({}, device, compile_options=options)
+                step(images, targets)
+                synchronize(device)
+            except Exception:  # the other figures still count; the error is the finding
+                errors.append(f"batch {batch}, {name}: {tail(traceback.format_exc())}")
+                continue
+            steps[name], seconds[name] = step, time.perf_counter() - start
+            budget -= seconds[name] if mode else 0
         graphs = counters["stats"]["unique_graphs"]
-        for row in time_steps(steps, opts, device, batch):
-            rows.append({"batch": batch, **row, "compile s": seconds[row[""]] if row[""] != "eager" else None})
+        rows += [{"batch": batch, **row, "compile s": seconds[row[""]] if row[""] != "eager" else None}
+                 for row in time_steps(steps, opts, device, batch)]
         if counters["stats"]["unique_graphs"] > graphs:
-            error = f"batch {batch}: the timed steps added Dynamo graphs (a recompile)"
-        errors += [error] if error else []
+            errors.append(f"batch {batch}: the timed steps added Dynamo graphs (a recompile)")
         if batch == opts.batch_size:  # for the sync and pipeline sections
-            check.baseline = steps.get("compiled") or steps["eager"]
+            check.baseline = steps.get("compiled") or steps.get("eager")
     return {"backend": opts.compile_backend, "rows": rows, "errors": errors,
             "dynamo_graphs": counters["stats"]["unique_graphs"]}
 
@@ -295,13 +284,12 @@ def bench_sync(opts, device, check):
         return {"skipped": "set_sync_debug_mode needs CUDA", "rows": []}
     loader = recipe_loader(4 * opts.batch_size, opts, device, chunk_images=2 * opts.batch_size)
     state, step = train.TrainingState(device, 50), check.baseline or make_step({}, device)[1]
-    checks = {"training step: seeding, mixing, step, loss bookkeeping": loop_step(loader, lambda *b: state.add(step(*b)),
-                                                                                  device),
+    checks = {"training step: seeding, mixing, step, loss bookkeeping":
+              loop_step(loader, lambda *batch: state.add(step(*batch)), device),
               "device loader, one augmentation chunk": lambda: next(iter(loader))}
     rows = []
     for name, fn in checks.items():
-        for _ in range(2):  # warm-up: allocator, cuBLAS handles, compilation
-            fn()
+        timed(fn, 1, device, warmup=2)  # warm-up: allocator, cuBLAS handles, compilation
         rows.append({"": name, "under set_sync_debug_mode('error')": first_sync(fn)})
         synchronize(device)
     return {"rows": rows}
@@ -316,17 +304,17 @@ def bench_pipeline(opts, device, check):
     images, targets = random_batch(opts.batch_size, device, normalised=True)
     per_chunk = loader.batches_per_chunk
     rounds = argparse.Namespace(warmup=per_chunk, steps=per_chunk, rounds=max(2, opts.rounds * opts.steps // per_chunk))
-    seconds = interleaved({"bare step (fixed batch, no mixing)": lambda: step(images, targets),
+    bare = "bare step (fixed batch, no mixing)"
+    seconds = interleaved({bare: lambda: step(images, targets),
                            "training loop (loader, augmentation, mixing, step)": loop_step(loader, step, device)},
                           rounds, device)
-    rows = speed_rows({name: [statistics.mean(s)] for name, s in seconds.items()}, opts.batch_size,
-                      "bare step (fixed batch, no mixing)")
+    rows = speed_rows({name: [statistics.mean(s)] for name, s in seconds.items()}, opts.batch_size, bare)
     return {"rows": rows, "loop_over_bare": rows[1]["img/s"] / rows[0]["img/s"],
             "projected_baseline_s": BASELINE_SAMPLES / rows[1]["img/s"]}
 
 
 def bench_augment(opts, device, check):
-    images, labels = random_batch(opts.aug_images, device)
+    images, labels = random_batch(16 * opts.batch_size, device)
     mix, rng, batch = data.BatchMix(10), train.seed_step(0, 0, 0, device), opts.batch_size
     batch_augment = augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
     transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
@@ -337,7 +325,7 @@ def bench_augment(opts, device, check):
         for x, y in zip(out.split(batch), labels.split(batch)):
             mix(x, y, rng)
 
-    def per_image():  # one thread: a DataLoader worker's
+    def per_image():  # on one thread, as a DataLoader worker
         for start in range(0, len(pil_images), batch):
             mix(torch.stack([transform(image) for image in pil_images[start:start + batch]]),
                 labels[start:start + batch].cpu(), rng)
@@ -363,7 +351,8 @@ def bench_train(opts, device, check):
            *shlex.split(opts.train_args)]
     figures = {"command": shlex.join(cmd), "rows": []}
     try:
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60, check.seconds_left()))
+        timeout = max(60, check.end - time.time())
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         figures["returncode"] = result.returncode
         if result.returncode:
             figures["error"] = tail(result.stderr)
@@ -383,7 +372,7 @@ SECTIONS = {"host": bench_host, "step": bench_step, "precision": bench_precision
             "train": bench_train}
 
 
-# ---- Markdown and the check's files
+# ---- Markdown and the files
 def cell(value):
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
@@ -398,37 +387,6 @@ def markdown(name, result):
         lines += ["| " + " | ".join(cell(row.get(key)) for key in header) + " |" for row in result["rows"]]
     lines += [f"- {key}: {cell(value)}" for key, value in result.items() if key not in ("rows", "seconds", "error")]
     return lines + (["", "**failed**:", "", "```", result["error"], "```"] if result.get("error") else [])
-
-
-class Check:
-    """The options, the device, the results so far and the files they go to."""
-
-    def __init__(self, opts, device):
-        self.opts, self.device, self.start = opts, device, time.monotonic()
-        self.out = Path(opts.output_dir) if opts.output_dir else None
-        self.results = {"machine": {**run.run_info(device), "threads": torch.get_num_threads()}, "options": vars(opts)}
-        self.baseline, self.compile_seconds = None, 0.0  # the compile section's baseline step, for sync and pipeline
-
-    def seconds_left(self):
-        return self.opts.time_limit - (time.monotonic() - self.start)
-
-    def run(self, name):
-        start = time.monotonic()
-        try:
-            self.results[name] = SECTIONS[name](self.opts, self.device, self)
-        except Exception:  # a failing section is a finding: record it and go on
-            self.results[name] = {"error": tail(traceback.format_exc(), 25)}
-        self.results[name]["seconds"] = time.monotonic() - start
-        print("\n".join(markdown(name, self.results[name])), flush=True)
-        if self.out:
-            machine = self.results["machine"]
-            lines = ["# PoorViTs bench", "", f"{machine['device_name']}, torch {machine['torch']}, commit "
-                     f"{machine['git_commit']}, {time.strftime('%Y-%m-%d %H:%M')}"]
-            lines += [line for section in SECTIONS if section in self.results
-                      for line in markdown(section, self.results[section])]
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "bench.md").write_text("\n".join(lines) + "\n")
-            (self.out / "bench.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
 
 
 def main(opts):
@@ -446,12 +404,28 @@ def main(opts):
     gpu = device.type == "cuda"
     opts.steps, opts.rounds = opts.steps or (50 if gpu else 1), opts.rounds or (5 if gpu else 24)
     opts.warmup = (20 if gpu else 2) if opts.warmup is None else opts.warmup
-    check = Check(opts, device)
-    print(f"machine: {check.results['machine']['device_name']}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}", flush=True)
+    # What the sections share: the compile section's baseline step (for sync and pipeline), the output, the clock.
+    out = Path(opts.output_dir) if opts.output_dir else None
+    check = argparse.Namespace(baseline=None, out=out, end=time.time() + opts.time_limit)
+    results = {"machine": {**run.run_info(device), "threads": torch.get_num_threads()}, "options": vars(opts)}
+    print(f"machine: {results['machine']['device_name']}, {torch.get_num_threads()} threads", flush=True)
     for name in opts.sections.split(","):
-        check.run(name)
-    return check.results
+        start = time.time()
+        try:
+            results[name] = SECTIONS[name](opts, device, check)
+        except Exception:  # a failing section is a finding: record it and go on
+            results[name] = {"error": tail(traceback.format_exc(), 25)}
+        results[name]["seconds"] = time.time() - start
+        print("\n".join(markdown(name, results[name])), flush=True)
+        if out:
+            lines = ["# PoorViTs bench", "", f"{results['machine']['device_name']}, torch {torch.__version__}, "
+                     f"commit {results['machine']['git_commit']}, {time.strftime('%Y-%m-%d %H:%M')}"]
+            lines += [line for section in SECTIONS if section in results
+                      for line in markdown(section, results[section])]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.md").write_text("\n".join(lines) + "\n")
+            (out / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_the_gpu_check_at_smoke_size_runs_every_section_on_the_cpu(tmp_path):
 
 def test_the_cpu_sections_print_their_tables():
     result = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--rounds", "1", "--steps", "1",
-                             "--warmup", "0", "--batch-size", "8", "--aug-images", "64"], cwd=ROOT,
+                             "--warmup", "0", "--batch-size", "8"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for row in ("| baseline |", "| mla-qkv |", "| cls-4 |", "| torchvision per-image PIL, 1 process |",
