@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import augment
 import data
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parent
 VARIANTS = {"baseline": {}, "mla-q": {"latent": "q"}, "mla-qkv": {"latent": "qkv"}, "cls-4": {"num_cls": 4}}
 RECIPE = dict(hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25)
 BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 training set
-GPU_CHECK = "host,step,precision,sdpa,compile,sync,pipeline,augment,train"
+GPU_CHECK = "step,precision,sdpa,compile,sync,pipeline,augment,train"
 # --smoke: sizes for a CPU test of every section; aot_eager builds the graphs without Inductor's C++ build.
 SMOKE = dict(batch_size=8, compile_batches="8,4", steps=1, warmup=1, rounds=1, compile_backend="aot_eager",
              train_args="--dataset digits --dim 32 --depth 2 --heads 4 --patch-size 8 --ra-reps 1 --log-every 50")
@@ -160,41 +158,6 @@ def loop_step(loader, step, device):
 
 
 # ---- the sections: each returns its figures, {"rows": [...], ...}
-class DeviceOps(TorchDispatchMode):
-    """Counts the aten ops that produce a tensor on `device`: on a GPU, each is a kernel launch (or a view)."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.device, self.count = device, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.count += any(isinstance(t, torch.Tensor) and t.device == self.device for t in tree_leaves(out))
-        return out
-
-
-def bench_host(opts, device, check):
-    """Host time and device ops per step of the work around the model, on the meta device: every op is dispatched
-    and no data is touched. A meta op costs the host more than a CUDA launch (many meta kernels are Python), so the
-    milliseconds are an upper bound for a GPU; the ops are what a GPU launches."""
-    meta = torch.device("meta")
-    loader = recipe_loader(8192, opts, meta, chunk_images=4096)
-    x, labels = torch.empty(opts.batch_size, 3, 32, 32, device=meta), torch.zeros(opts.batch_size, device=meta).long()
-    mix, state, loss = data.BatchMix(10, prob=1.0), train.TrainingState(meta, 50), torch.empty((), device=meta)
-    epoch = loader.sampler.steps_per_epoch
-    parts = {f"loader: an epoch of {epoch} steps, augmented 4096 images at a time": (lambda: list(loader), epoch),
-             "seeding and batch mixing (all mixed)": (lambda: mix(x, labels, train.seed_step(0, 0, 0, meta)), 1),
-             "loss bookkeeping": (lambda: state.add(loss) or setattr(state, "interval_steps", state.step % 50), 1)}
-    rows = []
-    for name, (fn, steps) in parts.items():
-        seconds = timed(fn, 3 if steps > 1 else 300, meta, warmup=1)
-        with DeviceOps(meta) as ops:
-            fn()
-        rows.append({"": name, "host ms/step": 1000 * seconds / steps, "device ops/step": ops.count / steps})
-    rows.append({"": "total", **{key: sum(row[key] for row in rows) for key in ("host ms/step", "device ops/step")}})
-    return {"batch_size": opts.batch_size, "rows": rows}
-
-
 def bench_step(opts, device, check):
     models = {name: make_step(overrides, device) for name, overrides in VARIANTS.items()}
     rows = time_steps({name: step for name, (_, step) in models.items()}, opts, device)
@@ -297,18 +260,29 @@ def bench_sync(opts, device, check):
 
 def bench_pipeline(opts, device, check):
     """The training loop against the bare step, whole augmentation chunks per round; on a GPU with the compile
-    section's compiled baseline when it ran."""
+    section's compiled baseline when it ran. Host ms/step: the CPU time of this thread per step, which on a GPU is
+    the host's own work (the device runs behind it); on a CPU it is the compute too."""
     step = check.baseline or make_step({}, device)[1]
     chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size  # 4 batches a chunk keeps a CPU run short
     loader = recipe_loader(10_000, opts, device, chunk)
     images, targets = random_batch(opts.batch_size, device, normalised=True)
     per_chunk = loader.batches_per_chunk
     rounds = argparse.Namespace(warmup=per_chunk, steps=per_chunk, rounds=max(2, opts.rounds * opts.steps // per_chunk))
-    bare = "bare step (fixed batch, no mixing)"
-    seconds = interleaved({bare: lambda: step(images, targets),
-                           "training loop (loader, augmentation, mixing, step)": loop_step(loader, step, device)},
-                          rounds, device)
+    bare, loop = "bare step (fixed batch, no mixing)", "training loop (loader, augmentation, mixing, step)"
+    host = {bare: [], loop: []}  # this thread's CPU seconds per step
+
+    def on_host(name, fn):
+        def call():
+            start = time.thread_time()
+            fn()
+            host[name].append(time.thread_time() - start)
+        return call
+
+    seconds = interleaved({bare: on_host(bare, lambda: step(images, targets)),
+                           loop: on_host(loop, loop_step(loader, step, device))}, rounds, device)
     rows = speed_rows({name: [statistics.mean(s)] for name, s in seconds.items()}, opts.batch_size, bare)
+    for row in rows:
+        row["host ms/step"] = 1000 * statistics.mean(host[row[""]][rounds.warmup:])
     return {"rows": rows, "loop_over_bare": rows[1]["img/s"] / rows[0]["img/s"],
             "projected_baseline_s": BASELINE_SAMPLES / rows[1]["img/s"]}
 
@@ -367,7 +341,7 @@ def bench_train(opts, device, check):
     return figures
 
 
-SECTIONS = {"host": bench_host, "step": bench_step, "precision": bench_precision, "sdpa": bench_sdpa,
+SECTIONS = {"step": bench_step, "precision": bench_precision, "sdpa": bench_sdpa,
             "compile": bench_compile, "sync": bench_sync, "pipeline": bench_pipeline, "augment": bench_augment,
             "train": bench_train}
 
