@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import einops
@@ -317,19 +316,6 @@ def claim_output_dir(args, on_exit: contextlib.ExitStack):
                          f"pass --resume {out / 'checkpoint.pt'} to continue it, or choose another --output-dir")
 
 
-def resume_checkpoint(args):
-    """The checkpoint to resume from: --resume PATH, or with --resume auto the output dir's, if it has one."""
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        path = Path(args.output_dir) / "checkpoint.pt"
-        return path if path.is_file() else None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
-    return path
-
-
 def read_checkpoint(path, flag):
     """A train.py checkpoint, loaded running no code from it (weights_only); a damaged or foreign one: ValueError."""
     try:
@@ -357,16 +343,17 @@ def load_model(path, flag):
     return model, ckpt
 
 
-def load_resume(path, args, cfg, free_flags):
-    """The checkpoint of this run to continue from (None: start it), refused if it is for another model or was
-    trained with other flags than those in `free_flags` (where and how it runs, not what it computes)."""
-    if path is None:
+def read_resume(args, free_flags):
+    """The checkpoint this run continues (None: it starts): --resume PATH, or with --resume auto the output dir's if
+    it has one; refused if it was trained with flags other than `free_flags` (where and how a run goes)."""
+    if args.resume is None:
         return None
+    path = Path(args.output_dir) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        if args.resume == "auto":
+            return None
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
     ckpt = read_checkpoint(path, "--resume")
-    if ckpt["config"] != asdict(cfg):
-        differing = sorted(k for k in asdict(cfg) if ckpt["config"].get(k) != asdict(cfg)[k])
-        raise ValueError(f"--resume {path}: checkpoint is for a different model: "
-                         + ", ".join(f"{k} {ckpt['config'].get(k)!r} -> {asdict(cfg)[k]!r}" for k in differing))
     changed = sorted(k for k, v in vars(args).items() if k not in free_flags and ckpt["args"].get(k) != v)
     if changed:
         raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: "

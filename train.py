@@ -475,10 +475,10 @@ def main(args):
         if world_size > 1:
             on_exit.callback(dist.destroy_process_group)
         # Only rank 0 reads the checkpoint and writes the run's files.
-        resume_path = rank0.shared(run.resume_checkpoint, args)
+        ckpt = rank0.shared(run.read_resume, args, RESUME_FREE_FLAGS)
         # A fresh run may start from another run's weights, read before any work; a resumed one has its own.
         source = None
-        if args.init_from and resume_path is None:
+        if args.init_from and ckpt is None:
             source, _ = rank0.first(run.load_model, args.init_from, "--init-from")
         rank0(run.claim_output_dir, args, on_exit)
         torch.manual_seed(data.derive_seed(args.seed, "init"))
@@ -500,9 +500,8 @@ def main(args):
             # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        state = TrainingState(device, args.log_every)
-        ckpt = rank0.shared(run.load_resume, resume_path, args, model_without_ddp.cfg, RESUME_FREE_FLAGS)
-        if ckpt is not None:
+        state, resumed = TrainingState(device, args.log_every), ckpt is not None
+        if resumed:
             restore(ckpt, model_without_ddp, optimizers, schedulers, precision.scaler, state)
         del ckpt  # its tensors now live in the model and the optimizers
         cfg, info, steps_per_epoch = asdict(model_without_ddp.cfg), run.run_info(device), loader.sampler.steps_per_epoch
@@ -516,7 +515,7 @@ def main(args):
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": precision.scaler.state_dict(),
                     **state.checkpoint(), "args": vars(args), "config": cfg, "run": info,
                     "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}}
-        job = run.Run(args, rank0, state, content, facts, on_exit, resumed=resume_path is not None)
+        job = run.Run(args, rank0, state, content, facts, on_exit, resumed=resumed)
         failure = train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, test_set, precision, job)
         return job.finish(failure, time.perf_counter() - start)
 
