@@ -123,24 +123,16 @@ def save(fig, path):
     plt.close(fig)
 
 
-def grid_of_axes(n, per_row, width=3.0, height=2.6):
-    rows = -(-n // per_row)
-    fig, axes = plt.subplots(rows, min(n, per_row), figsize=(width * min(n, per_row), height * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return fig, list(axes.flat[:n])
-
-
 def plot_spectra(spectrum, depth, out: Path):
     """One panel per matrix family, a curve per block."""
-    fig, axes = grid_of_axes(len(MATRICES), per_row=3)
+    fig, axes = plt.subplots(2, 3, figsize=(9, 5.2))
     shades = plt.cm.viridis(torch.linspace(0, 0.9, depth).tolist())
-    for ax, name in zip(axes, MATRICES):
+    for ax, name in zip(axes.flat, MATRICES):
         for i in range(depth):
             s = spectrum[i, name]
             ax.semilogy(range(1, len(s) + 1), s / s[0], color=shades[i], label=f"block {i}")
         ax.set(title=name, xlabel="index", ylabel="σ / σ_max")
-    axes[0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
     save(fig, out / "spectra.png")
 
 
@@ -322,15 +314,15 @@ def write_plots(a, cfg, classes, out: Path):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Spectra, rank truncation and CLS attention of a trained PoorViT.")
+    parser = argparse.ArgumentParser(description="Spectra, rank truncation and CLS attention of a trained PoorViT.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     predict.add_source_arguments(parser)
-    parser.add_argument("--out", default=None, type=str, help="output folder (default: <run folder>/analysis)")
-    parser.add_argument("--images", default=0, type=int,
-                        help="test images for the truncation curves and CLS similarity (0: all)")
-    parser.add_argument("--min-rank", default=4, type=int, help="smallest rank of the truncation curves")
-    parser.add_argument("--rank-steps", default=10, type=int,
-                        help="ranks per truncation curve, --min-rank to full width on a log scale")
-    parser.add_argument("--cls-images", default=4, type=int, help="test images in cls_attention.png")
+    add = parser.add_argument
+    add("--out", help="output folder (unset: <run folder>/analysis)")
+    add("--images", default=0, type=int, help="test images for the truncation curves and CLS similarity (0: all)")
+    add("--min-rank", default=4, type=int, help="smallest rank of the truncation curves")
+    add("--rank-steps", default=10, type=int, help="ranks per truncation curve, --min-rank to full width, log scale")
+    add("--cls-images", default=4, type=int, help="test images in cls_attention.png")
     return parser
 
 

@@ -153,7 +153,7 @@ def loop_step(loader, step, device):
 
     def one():
         i, batch = next(batches)
-        step(*mix(*batch, train.seed_step(0, 0, i, device)))
+        step(*mix(*batch, data.seed_step(0, 0, i, device)))
     return one
 
 
@@ -289,7 +289,7 @@ def bench_pipeline(opts, device, check):
 
 def bench_augment(opts, device, check):
     images, labels = random_batch(16 * opts.batch_size, device)
-    mix, rng, batch = data.BatchMix(10), train.seed_step(0, 0, 0, device), opts.batch_size
+    mix, rng, batch = data.BatchMix(10), data.seed_step(0, 0, 0, device), opts.batch_size
     batch_augment = augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
     transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
     pil_images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images[:1024]]

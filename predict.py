@@ -1,12 +1,12 @@
 """Use a trained PoorViT: evaluate a checkpoint on a dataset's test split, or predict labels for image files.
 
-    python predict.py evaluate runs/demo                           # the run's own dataset: accuracy, loss, per class
+    python predict.py evaluate runs/demo --device cpu              # the run's own dataset: accuracy, loss, per class
     python predict.py evaluate runs/demo/checkpoint.pt --dataset cifar10 --data-dir data
     python predict.py predict runs/demo my_images/ --top-k 3 --out predictions.csv
 
 A run folder stands for its checkpoint.pt. `evaluate` computes what train.py's evaluation computes (same
-normalisation, float32 logits); `predict` reads every image under a folder (any size, resized to 32x32 RGB as
-train.py's imagefolder dataset is) and writes the top-k labels with their probabilities as CSV.
+normalisation, float32 logits); `predict` reads every image under a folder (any size, resized to 32x32 RGB as the
+imagefolder dataset is) and writes the top-k labels with their probabilities as CSV.
 """
 import argparse
 import csv
@@ -66,25 +66,10 @@ def evaluate(model, dataset: data.ImageData, device) -> dict:
     return scores(logits, dataset.test_labels, len(dataset.classes))
 
 
-def read_images(folder):
-    """(paths, uint8 images (N, 3, 32, 32)) of every image file under `folder`, in sorted order."""
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"{folder}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
-    return paths, torch.stack([data.read_image(p) for p in paths])
-
-
-def predict(model, images, stats: dict, device, top_k: int):
-    """(probabilities, class indices), each (N, top_k), best first."""
-    logits = logits_of(model, images, stats["mean"], stats["std"], device)
-    return logits.softmax(1).topk(min(top_k, logits.shape[1]), dim=1)
-
-
 def write_predictions(path, files, classes, probs, indices):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        k = probs.shape[1]
-        writer.writerow(["file"] + [col for i in range(1, k + 1) for col in (f"label_{i}", f"prob_{i}")])
+        writer.writerow(["file"] + [col for i in range(1, probs.shape[1] + 1) for col in (f"label_{i}", f"prob_{i}")])
         for file, row_probs, row_indices in zip(files, probs.tolist(), indices.tolist()):
             writer.writerow([file] + [v for p, c in zip(row_probs, row_indices) for v in (classes[c], f"{p:.6f}")])
 
@@ -129,9 +114,13 @@ def run_predict(args, model, ckpt, device):
     if "data" not in ckpt:
         raise ValueError(f"checkpoint {args.checkpoint}: no class names and normalisation (written before "
                          f"train.py stored them)")
-    files, images = read_images(args.images)
-    probs, indices = predict(model, images, ckpt["data"], device, args.top_k)
-    write_predictions(args.out, files, ckpt["data"]["classes"], probs, indices)
+    files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{args.images}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
+    stats = ckpt["data"]
+    logits = logits_of(model, torch.stack([data.read_image(p) for p in files]), stats["mean"], stats["std"], device)
+    probs, indices = logits.softmax(1).topk(min(args.top_k, logits.shape[1]), dim=1)  # best first
+    write_predictions(args.out, files, stats["classes"], probs, indices)
     print(f"{len(files)} images: top-{probs.shape[1]} labels written to {args.out}")
     return probs, indices
 

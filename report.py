@@ -15,7 +15,8 @@ import math
 import re
 import statistics
 import sys
-from dataclasses import dataclass, field
+from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -39,8 +40,6 @@ PAPER = [
     ("Multi-CLS", "2 CLS tokens", "cls-2", None, None),
     ("Multi-CLS", "4 CLS tokens", "cls-4", None, None),
 ]
-
-
 PAPER_TARGETS = {row[2] for row in PAPER}
 DDP_TARGETS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
 
@@ -57,13 +56,7 @@ def reading(summary: dict, target: str) -> str:
                      for key in defaults if used[key] != defaults[key])
 
 
-@dataclass
-class Run:
-    folder: Path
-    column: str
-    seed: int
-    summary: dict
-    metrics: list = field(default_factory=list)
+Run = namedtuple("Run", "folder column seed summary metrics")
 
 
 @dataclass
@@ -76,9 +69,7 @@ class Column:
 
     def mean_std(self, key):
         values = self.values(key)
-        if not values:
-            return None, None
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+        return (statistics.mean(values) if values else None), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def column_of(folder: Path, summary: dict) -> str:
@@ -87,16 +78,6 @@ def column_of(folder: Path, summary: dict) -> str:
     target = summary.get("args", {}).get("tag") or re.sub(r"-seed\d+$", "", folder.name)
     other = reading(summary, target) if target in PAPER_TARGETS else ""
     return f"{target} [{other}]" if other else target
-
-
-def read_metrics(path: Path, problems: list) -> list:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            problems.append(f"{path}: line {number} is not JSON (skipped)")
-    return records
 
 
 def load_runs(root: Path, with_metrics: bool = False):
@@ -120,8 +101,12 @@ def load_runs(root: Path, with_metrics: bool = False):
             problems.append(f"{folder}: incomplete ({summary.get('epochs_done')} of {summary.get('epochs')} epochs); "
                             f"continue it with --resume {folder / 'checkpoint.pt'}")
             continue
-        metrics_path = folder / "metrics.jsonl"
-        metrics = read_metrics(metrics_path, problems) if with_metrics and metrics_path.exists() else []
+        path, metrics = folder / "metrics.jsonl", []
+        for number, line in enumerate(path.read_text().splitlines() if with_metrics and path.exists() else [], 1):
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                problems.append(f"{path}: line {number} is not JSON (skipped)")
         runs.append(Run(folder, column_of(folder, summary), seed, summary, metrics))
     return runs, problems
 

@@ -3,6 +3,7 @@ in it metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt 
 and summary.json (at every end); preemption signals; failures said once, by rank 0, with an exit code a job
 scheduler can act on. predict.py and analyze.py read checkpoints through here.
 """
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -41,10 +42,6 @@ class OutputDirInUse(RuntimeError):
     pass
 
 
-class OutOfMemory(RuntimeError):
-    pass
-
-
 class FailedOnRank0(Exception):
     """This rank's view of a failure that rank 0 reports: the process ends quietly with the same exit code."""
 
@@ -56,7 +53,8 @@ class FailedOnRank0(Exception):
 # 2 and 3 need a person; after 4-7 the environment is fixed and the run continued with --resume auto. Also 1: an
 # unexpected error (with its traceback), 128 + N: stopped by signal N.
 EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, DiskFull: 5,
-              OutputDirInUse: 6, OutOfMemory: 7}
+              OutputDirInUse: 6, torch.OutOfMemoryError: 7}
+NO_BAD_STEP = 2**62  # a first_bad_step when every loss of the interval was finite
 
 
 def exit_code(error) -> int:
@@ -72,9 +70,16 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag said in one line (like every other error of train.py), once under torchrun."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n" if is_rank0() else None)
+
+
 def note(text):
-    if is_rank0():  # tqdm.write leaves the progress bar whole
-        tqdm.write(f"train.py: note: {text}", file=sys.stderr)
+    if is_rank0():
+        tqdm.write(f"train.py: note: {text}", file=sys.stderr)  # leaves the progress bar whole
 
 
 # ---- the device
@@ -123,19 +128,19 @@ def run_info(device):
 
 
 class Rank0:
-    """Work that rank 0 alone does: claim the output dir, download, read the checkpoint, write the run's files.
-    Under DDP every rank then learns the outcome (one broadcast), so that a failure there stops all ranks at the
-    same point: rank 0 raises the error (and says it), the others a FailedOnRank0 with its exit code."""
+    """Work rank 0 alone does (claim the output dir, download, read the checkpoint, write the run's files), whose
+    outcome every rank then learns (one broadcast): a failure stops all ranks at the same point, rank 0 raising the
+    error (and saying it), the others a FailedOnRank0 with its exit code."""
 
     def __init__(self, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
 
-    def __call__(self, work, *args, **kwargs):
-        """work(*args, **kwargs)'s result on rank 0, None on the others."""
+    def __call__(self, work, *args):
+        """work(*args)'s result on rank 0, None on the others."""
         error = result = None
         if self.rank == 0:
             try:
-                result = work(*args, **kwargs)
+                result = work(*args)
             except Exception as e:
                 error = e
         if self.world_size > 1:
@@ -148,8 +153,7 @@ class Rank0:
         return result
 
     def shared(self, work, *args):
-        """work(*args)'s result on rank 0, sent to every rank: under multi-node torchrun the other nodes need not
-        see rank 0's files."""
+        """work(*args)'s result on rank 0, sent to every rank: other nodes need not see rank 0's files."""
         result = [self(work, *args)]
         if self.world_size > 1:
             dist.broadcast_object_list(result, src=0)
@@ -198,8 +202,8 @@ def atomic_write(path: Path, payload):
 
 
 def append_line(path: Path, line: bytes):
-    """Adds one whole line to a log with one write to an O_APPEND file: a kill leaves the line whole or absent, and
-    the part of it that a nearly full disk took is cut off again."""
+    """Adds a line to a log by one write to an O_APPEND file: a kill leaves it whole or absent, and what of it a
+    nearly full disk took is cut off again."""
     with writing(path, len(line)):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -224,10 +228,9 @@ def copy_to_host(state):
 
 
 class CheckpointWriter:
-    """Writes the checkpoint on a one-worker executor, so that training does not wait for its serialisation and
-    fsync: `save` copies the state to host memory and returns. At most one write is in flight: a save first waits
-    for the previous one. Rank 0 writes; under DDP `save` and `join` are collective calls (through Rank0), so that
-    the error of a write (disk full) stops every rank at the next save or at the join."""
+    """Writes the checkpoint on a one-worker executor: training waits neither for its serialisation nor its fsync,
+    and at most one write is in flight. Rank 0 writes; `save` and `join` are collective calls (through Rank0), so
+    that a write's error (disk full) stops every rank at the next save or at the join."""
 
     def __init__(self, path: Path, rank0: Rank0):
         self.path, self.rank0, self.write = path, rank0, None  # write: the future of the write in flight
@@ -239,8 +242,7 @@ class CheckpointWriter:
         self.rank0(self._start, content)
 
     def join(self):
-        """Waits for the write in flight; raises its error."""
-        self.rank0(self._wait)
+        self.rank0(self._wait)  # raises the error of the write in flight
 
     def finish(self):
         """Waits for the write in flight without a collective call, for a run that ends by another error or exits."""
@@ -282,9 +284,8 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 
 
 def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
-    """An OS-held lock on out/.lock for the life of the run (on_exit closes it): the kernel drops it when the process
-    ends, kill -9 included, so a lock is never left behind. POSIX locks (lockf) rather than flock: a forked child
-    does not inherit them, so none keeps the lock after a kill. The file names the holder."""
+    """An OS-held lock on out/.lock, which names its holder, for the life of the run: the kernel drops it when the
+    process ends, kill -9 included. POSIX locks (lockf), not flock: no forked child inherits one, or keeps it."""
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     on_exit.callback(os.close, fd)
     try:
@@ -320,12 +321,10 @@ def read_checkpoint(path, flag):
     """A train.py checkpoint, loaded running no code from it (weights_only); a damaged or foreign one: ValueError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function it would have to call
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for damaged or foreign files
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # a class or function it would call
             raise ValueError(f"{flag} {path}: refused: it holds objects that would run code when loaded; only "
                              f"tensors and plain values are loaded (weights_only=True)") from None
-        raise ValueError(f"{flag} {path}: not a readable checkpoint (damaged or not a torch file)") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
         raise ValueError(f"{flag} {path}: not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "args", "step"} <= ckpt.keys():
         raise ValueError(f"{flag} {path}: not a checkpoint written by train.py")
@@ -363,104 +362,85 @@ def read_resume(args, free_flags):
 
 
 # ---- the run's records
-class MetricsLog:
-    """metrics.jsonl (rank 0 writes it): one JSON record per line, each added whole by a single write."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def keep_until(self, step):
-        """On resume: drops the records after the checkpoint's `step` (they are redone), and a partial last line (a
-        write cut short), which is said once."""
-        if not self.path.exists():
-            return
-        whole, _, partial = self.path.read_bytes().rpartition(b"\n")
-        if partial:
-            note(f"dropped the partial last line of {self.path} ({len(partial)} bytes, a write cut short): its record "
-                 f"is redone")
-        kept = []
-        for number, line in enumerate(whole.splitlines(), 1):
-            try:
-                record_step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path} line {number} is not a metrics record ({e})") from None
-            if record_step <= step:
-                kept.append(line + b"\n")
-        atomic_write(self.path, b"".join(kept))
-
-    def write(self, **record):
-        append_line(self.path, (json.dumps(record) + "\n").encode())
+def keep_records_until(path: Path, step):
+    """On resume: drops the metrics records after the checkpoint's `step` (they are redone), and a partial last line
+    (a write cut short), which is said once."""
+    if not path.exists():
+        return
+    whole, _, partial = path.read_bytes().rpartition(b"\n")
+    if partial:
+        note(f"dropped the partial last line of {path} ({len(partial)} bytes, a write cut short): its record is redone")
+    kept = []
+    for number, line in enumerate(whole.splitlines(), 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {number} is not a metrics record ({e})") from None
+        if record_step <= step:
+            kept.append(line + b"\n")
+    atomic_write(path, b"".join(kept))
 
 
-class StopSignal:
-    """SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next step boundary, after saving a
-    checkpoint. Under DDP the ranks agree at the next log point or save, so that all stop at the same step.
-    A second signal stops at once, without saving."""
+class Run:
+    """One invocation's bookkeeping on one rank, in the output dir claim_output_dir locked: the metrics log, the
+    checkpoint writer, stop signals and the progress bar, over the training `state`; `content()` is the checkpoint,
+    `facts` what the run record and the summary repeat. Records after the checkpoint are redone.
+    SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next step boundary, after saving a checkpoint
+    (under DDP the ranks agree at the next log point or save, so that all stop at the same step); a second signal
+    stops it at once, without saving."""
 
-    def __init__(self, world_size, device, on_exit: contextlib.ExitStack):
-        self.world_size, self.device, self.signum, self.agreed = world_size, device, None, False
+    def __init__(self, args, rank0, state, content, facts, on_exit, resumed):
+        out = Path(args.output_dir)
+        self.args, self.rank0, self.state, self.content, self.facts = args, rank0, state, content, facts
+        self.metrics = out / "metrics.jsonl"  # a JSON record per line, each added whole by one write (rank 0)
+        self.writer = CheckpointWriter(out / "checkpoint.pt", rank0)
+        on_exit.callback(self.writer.finish)  # runs before the output dir's lock is released
+        self.signum, self.stopped = None, False
         for sig in (signal.SIGTERM, signal.SIGINT):
             on_exit.callback(signal.signal, sig, signal.signal(sig, self._handle))  # the old handler, back at exit
+        rank0(keep_records_until, self.metrics, state.step if resumed else -1)
+        self.record(kind="run", epoch=state.step // facts["steps_per_epoch"], **facts)
+        self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=rank0.rank != 0,
+                             dynamic_ncols=True, desc="train")
+
+    def record(self, **record):
+        self.rank0(append_line, self.metrics, (json.dumps({**record, "step": self.state.step}) + "\n").encode())
+
+    def log_train(self, epoch, lr):
+        metrics = self.state.log_interval(lr, self.args.batch_size)
+        self.record(kind="train", epoch=epoch + 1, **metrics)
+        self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                  img_s=f"{metrics['img_s']:.0f}")
+        self.progress.update(self.state.step - self.progress.n)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def asked_locally(self):
-        return self.world_size == 1 and self.signum is not None
+    def stop_asked(self):
+        return self.rank0.world_size == 1 and self.signum is not None
 
-    def agree(self, first_bad_step):
-        """Sets `agreed` when the run should stop now, and returns `first_bad_step` (a device tensor) as an int;
-        under DDP (collective calls) the ranks agree on both, the earliest step."""
-        if self.world_size > 1:
-            asked = torch.tensor(self.signum or 0, device=self.device)
+    def agree(self, epoch):
+        """At log points, saves and a stop asked for: the ranks agree (collective calls) on a stop and on the first
+        step whose loss was NaN or infinite, which stops the run."""
+        bad = self.state.first_bad_step()
+        if self.rank0.world_size > 1:
+            asked = torch.tensor(self.signum or 0, device=self.rank0.device)
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-            dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
             self.signum = int(asked) or None
-        self.agreed = self.signum is not None
-        return int(first_bad_step)
-
-
-def final_line(summary, args):
-    out = Path(args.output_dir)
-    if summary["complete"]:
-        return (f"test accuracy: final {summary['final_acc']:.2f}% (epoch {args.epochs}), best "
-                f"{summary['best_acc']:.2f}% (epoch {summary['best_epoch']}); {summary['train_seconds']:.0f} s of "
-                f"training; {out}")
-    return (f"stopped at step {summary['steps']} of {summary['total_steps']} (epoch "
-            f"{summary['steps'] / summary['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
-            f"(or --resume auto)")
-
-
-class Run:
-    """One invocation's bookkeeping on one rank, in the output dir claim_output_dir locked: the metrics log, the
-    checkpoint writer, the stop signal and the progress bar, over the training `state`; `content()` is the
-    checkpoint, `facts` what the run record and the summary repeat. A resumed run drops its records after the
-    checkpoint (they are redone); one that --resume auto restarts (no checkpoint), all of them."""
-
-    def __init__(self, args, rank0, state, content, facts, on_exit, resumed):
-        out = Path(args.output_dir)
-        self.args, self.rank0, self.state, self.content, self.facts = args, rank0, state, content, facts
-        self.log = MetricsLog(out / "metrics.jsonl")
-        self.writer = CheckpointWriter(out / "checkpoint.pt", rank0)
-        on_exit.callback(self.writer.finish)  # runs before the output dir's lock is released
-        self.stop = StopSignal(rank0.world_size, rank0.device, on_exit)
-        rank0(self.log.keep_until, state.step if resumed else -1)
-        rank0(self.log.write, kind="run", epoch=state.step // facts["steps_per_epoch"], step=state.step, **facts)
-        self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=rank0.rank != 0,
-                             dynamic_ncols=True, desc="train")
-
-    def log_train(self, epoch, lr):
-        metrics = self.state.log_interval(lr, self.args.batch_size)
-        self.rank0(self.log.write, kind="train", epoch=epoch + 1, step=self.state.step, **metrics)
-        self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                                  img_s=f"{metrics['img_s']:.0f}")
-        self.progress.update(self.state.step - self.progress.n)
+        self.stopped, bad = self.signum is not None, int(bad)
+        if bad != NO_BAD_STEP:
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped without "
+                                f"saving")
 
     def log_eval(self, epoch, acc, loss):
-        self.state.record_eval(acc, epoch + 1)
-        self.rank0(self.log.write, kind="eval", epoch=epoch + 1, step=self.state.step, acc=acc, loss=loss)
+        state = self.state
+        if state.best_acc is None or acc > state.best_acc:
+            state.best_acc, state.best_epoch = acc, epoch + 1
+        state.acc = acc
+        self.record(kind="eval", epoch=epoch + 1, acc=acc, loss=loss)
         if self.rank0.rank == 0:
             self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
                                 f"{self.state.best_epoch})")
@@ -477,7 +457,7 @@ class Run:
             return DiskFull(f"{error}; {last_good}: free space, then --resume auto continues the run")
         if isinstance(error, torch.OutOfMemoryError):
             world_size = self.rank0.world_size
-            return OutOfMemory(
+            return torch.OutOfMemoryError(
                 f"out of memory after {self.state.step} steps, with {self.args.batch_size // world_size} images per "
                 f"process (--batch-size {self.args.batch_size} over {world_size} process"
                 f"{'es' if world_size > 1 else ''}); {last_good}: free the device's memory, then --resume auto "
@@ -489,11 +469,14 @@ class Run:
         """Writes summary.json (rank 0) and says how the run ended; raises the failure that ended it."""
         self.progress.close()
         state, complete = self.state, self.state.step == self.facts["total_steps"]
+        timed_steps, timed_seconds = state.timed or (0, 0.0)  # the speed leaves out the first interval (warm-up)
         summary = {
             "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
             "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
-            "train_seconds": state.train_seconds, "total_seconds": seconds, **state.speed(self.args.batch_size),
-            "stopped_by_signal": self.stop.signum if self.stop.agreed else None, **self.facts, "steps": state.step,
+            "train_seconds": state.train_seconds, "total_seconds": seconds,
+            "img_per_s": timed_steps * self.args.batch_size / timed_seconds if timed_steps else None,
+            "ms_per_step": 1000 * timed_seconds / timed_steps if timed_steps else None,
+            "stopped_by_signal": self.signum if self.stopped else None, **self.facts, "steps": state.step,
             "failed": str(failure) if failure else None,
         }
         # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
@@ -505,6 +488,12 @@ class Run:
                 failure = failure or self.explain(e)
         if failure:
             raise failure
-        if self.rank0.rank == 0:
-            print(final_line(summary, self.args))
+        out = Path(self.args.output_dir)
+        if self.rank0.rank == 0 and complete:
+            print(f"test accuracy: final {state.acc:.2f}% (epoch {self.args.epochs}), best {state.best_acc:.2f}% "
+                  f"(epoch {state.best_epoch}); {state.train_seconds:.0f} s of training; {out}")
+        elif self.rank0.rank == 0:
+            print(f"stopped at step {state.step} of {self.facts['total_steps']} (epoch "
+                  f"{state.step / self.facts['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
+                  f"(or --resume auto)")
         return summary

@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import math
 import os
-import random
 import sys
 import time
 from collections import namedtuple
@@ -39,13 +38,6 @@ RESUME_FREE_FLAGS = {"resume", "output_dir", "data_dir", "download", "device", "
 
 
 # ---- flags
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag said in one line (like every other error of train.py), once under torchrun."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n" if run.is_rank0() else None)
-
-
 def number(kind, interval: str):
     """An argparse type: an int or float inside `interval`, written as in maths: "(0, inf)", "[0, 1)"."""
     low, high = (float(end) for end in interval[1:-1].split(","))
@@ -68,7 +60,7 @@ PROBABILITY, FRACTION = number(float, "[0, 1]"), number(float, "[0, 1)")
 
 
 def get_args_parser():
-    parser = Parser(prog="train.py", description="Train a small ViT (PoorViTs). Defaults: the paper's baseline.",
+    parser = run.Parser(prog="train.py", description="Train a small ViT (PoorViTs). Defaults: the paper's baseline.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=data.DATASETS, help="digits: offline; synthetic: for speed checks")
@@ -79,16 +71,14 @@ def get_args_parser():
     add("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
     add("--crop-padding", default=4, type=COUNT, help="random 32x32 crop after zero padding (pixels)")
     add("--auto-augment", default="cifar10", choices=data.AUTO_AUGMENT_POLICIES, help="AutoAugment policy, per image")
-    add("--aa-fill", default=data.AA_FILL, type=number(int, "[0, 255]"),
-        help="grey level where AutoAugment's translate/shear/rotate uncover the image")
+    add("--aa-fill", default=data.AA_FILL, type=number(int, "[0, 255]"), help="AutoAugment's grey where it shifts")
     add("--random-erase", default=0.25, type=PROBABILITY, help="random erasing probability per image")
     add("--mixup-alpha", default=1.0, type=NON_NEGATIVE, help="Mixup Beta(alpha, alpha); 0: no Mixup")
     add("--cutmix-alpha", default=1.0, type=NON_NEGATIVE, help="CutMix Beta(alpha, alpha); 0: no CutMix")
     add("--mix-prob", default=0.5, type=PROBABILITY, help="probability that a batch is mixed (CutMix or Mixup, 50/50)")
     add("--label-smoothing", default=0.1, type=FRACTION, help="label smoothing of the cross-entropy")
     add("--ra-reps", default=3, type=POSITIVE_INT, help="repeated augmentation: times each image is seen per epoch")
-    add("--ra-mode", default="shuffles", choices=data.RA_MODES,
-        help="shuffles: --ra-reps shuffles an epoch (the seed, 1 process); in-batch: copies side by side (torchrun)")
+    add("--ra-mode", default="shuffles", choices=data.RA_MODES, help="in-batch: copies side by side (seed's torchrun)")
 
     add = parser.add_argument_group("model (model.ViTConfig)").add_argument
     add("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
@@ -107,8 +97,7 @@ def get_args_parser():
     add("--drop-path", default=0.1, type=FRACTION, help="stochastic depth rate of the last block")
     add("--whiten", action="store_true", help="whitening init of the patch embedding")
     add("--whiten-images", default=5000, type=POSITIVE_INT, help="--whiten's images: whole first batches, at least")
-    add("--init-from", help="checkpoint.pt whose weights start this run: each projection factorised by truncated "
-                            "SVD to the ranks asked for (the same at full rank), the rest copied")
+    add("--init-from", help="checkpoint.pt whose weights start this run, by truncated SVD where it is low-rank")
 
     add = parser.add_argument_group("optimisation").add_argument
     add("--opt", default="adamw", choices=OPTIMIZERS, help="muon: Muon for the blocks' matrices, AdamW the rest")
@@ -212,10 +201,9 @@ def build_loader(args, dataset, device, rank, world_size):
 
 
 def build_model(args, dataset, device, source):
-    """The flags' ViT, with every weight from `source` (--init-from), or with its patch embedding whitened on what
-    the seed whitened: the first whole batches of epoch 0 holding at least --whiten-images images, exactly as the
-    model gets them (flipped, cropped, AutoAugmented, normalised, erased; mixing comes later). The 1-process stream,
-    so every rank whitens alike."""
+    """The flags' ViT, with every weight from `source` (--init-from), or its patch embedding whitened on what the
+    seed whitened: epoch 0's first whole batches (of the 1-process stream: every rank alike) holding --whiten-images
+    images, as the model gets them (flipped, cropped, AutoAugmented, normalised, erased; mixing comes later)."""
     model = ViT(model_config(args, len(dataset.classes)))
     if args.whiten:
         loader = build_loader(args, dataset, device, rank=0, world_size=1)
@@ -237,10 +225,10 @@ def build_optimizers(args, model, device):
     if args.opt == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=fused)]
-    # Muon takes every 2-D weight matrix inside the transformer blocks; AdamW the embeddings, head and vectors.
+    # Muon takes the blocks' 2-D weights, as the seed's: Nesterov, 6 Newton-Schulz steps, no weight decay; AdamW
+    # (betas 0.95, 0.95) the embeddings, head and vectors.
     matrices = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2]
     rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
-    # The seed's Muon: Nesterov momentum, 6 Newton-Schulz steps, no weight decay; its AdamW part: betas (0.95, 0.95).
     return [torch.optim.AdamW(rest, lr=args.lr, betas=(0.95, 0.95), weight_decay=args.weight_decay, fused=fused),
             torch.optim.Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, nesterov=True, ns_steps=6,
                              weight_decay=0.0)]
@@ -266,10 +254,9 @@ Precision = namedtuple("Precision", "name autocast scaler")
 
 def build_precision(args, device) -> Precision:
     """--amp: bf16 autocast where the device has it (not V100, T4, RTX 20xx), else fp16; --amp-dtype forces one."""
-    name = "fp32"
+    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    name = (args.amp_dtype if args.amp_dtype != "auto" else "bf16" if bf16 else "fp16") if args.amp else "fp32"
     if args.amp:
-        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-        name = args.amp_dtype if args.amp_dtype != "auto" else "bf16" if bf16 else "fp16"
         run.note(f"--amp: {name} autocast" + (" with a gradient scaler" if name == "fp16" else ""))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, torch.autocast(device.type, dtype=dtype, enabled=args.amp),
@@ -296,19 +283,6 @@ def compile_model(model, args, device, precision, batch):
 
 
 # ---- training
-def seed_step(seed, rank, step, device) -> random.Random:
-    """The step's random draws come from seeds of (seed, rank, step) set before it, so that a resume replays them:
-    stochastic depth from the device's generator (seeded alone: torch.manual_seed also seeds every CUDA device,
-    0.27 ms a step), batch mixing from the returned host generator."""
-    step_seed = data.derive_seed(seed, "step", rank, step)
-    generator = torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
-    generator.manual_seed(step_seed)
-    return random.Random(step_seed)
-
-
-NO_BAD_STEP = 2**62  # TrainingState.first_bad_step when every loss of the interval was finite
-
-
 class TrainingState:
     """The run's progress, which its checkpoint carries: step, accuracies, training time, and the open log
     interval's losses (so that a resume at any step logs what an uninterrupted run logs)."""
@@ -324,16 +298,11 @@ class TrainingState:
         self.step, self.interval_steps = self.step + 1, self.interval_steps + 1
 
     def first_bad_step(self):
-        """The interval's first step with a NaN or infinite loss (NO_BAD_STEP if none), on the device."""
+        """The interval's first step with a NaN or infinite loss (run.NO_BAD_STEP if none), on the device."""
         losses = self.losses[: self.interval_steps]
         steps = torch.arange(self.step - len(losses), self.step, device=losses.device)
-        none = torch.full((1,), NO_BAD_STEP, device=losses.device)
-        return torch.cat([torch.where(losses.isfinite(), NO_BAD_STEP, steps), none]).amin()
-
-    def raise_if_not_finite(self, bad, epoch):
-        if bad != NO_BAD_STEP:
-            raise run.NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped "
-                                    f"without saving")
+        none = torch.full((1,), run.NO_BAD_STEP, device=losses.device)
+        return torch.cat([torch.where(losses.isfinite(), run.NO_BAD_STEP, steps), none]).amin()
 
     def log_interval(self, lr, batch_size):
         """Mean loss and speed of the steps since the last log point; starts the next interval. The first interval
@@ -344,16 +313,6 @@ class TrainingState:
         self.interval_steps, self.interval_start = 0, time.perf_counter()
         return {"lr": lr, "loss": self.losses[:n].sum().item() / n, "img_s": n * batch_size / seconds,
                 "ms_per_step": 1000 * seconds / n}
-
-    def record_eval(self, acc, epoch):
-        self.acc = acc
-        if self.best_acc is None or acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, epoch
-
-    def speed(self, batch_size):
-        steps, seconds = self.timed or (0, 0.0)
-        return {"img_per_s": steps * batch_size / seconds if steps else None,
-                "ms_per_step": 1000 * seconds / steps if steps else None}
 
     def checkpoint(self):
         return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
@@ -388,19 +347,19 @@ def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision
     model.train()
     state.interval_start = time.perf_counter()
     for images, labels in loader:
-        images, targets = mix(images, labels, seed_step(args.seed, rank, state.step, job.rank0.device))
+        images, targets = mix(images, labels, data.seed_step(args.seed, rank, state.step, job.rank0.device))
         state.add(train_step(model, optimizers, schedulers, images, targets, precision, args.label_smoothing))
         end_of_epoch = state.step % loader.sampler.steps_per_epoch == 0
         log_now = end_of_epoch or state.step % args.log_every == 0
         save_now = args.save_every and state.step % args.save_every == 0
         # The only host-device syncs: at log points, at saves, and once a stop is asked for.
-        if log_now or save_now or job.stop.asked_locally():
-            state.raise_if_not_finite(job.stop.agree(state.first_bad_step()), epoch)
+        if log_now or save_now or job.stop_asked():
+            job.agree(epoch)
         if log_now:
             job.log_train(epoch, optimizers[0].param_groups[0]["lr"])
-        if not end_of_epoch and (save_now or job.stop.agreed):  # the epoch's end saves after its evaluation
+        if not end_of_epoch and (save_now or job.stopped):  # the epoch's end saves after its evaluation
             job.save()
-            if job.stop.agreed:
+            if job.stopped:
                 return True
     return False
 
@@ -442,7 +401,7 @@ def train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, 
                 job.log_eval(epoch, *evaluate(model_without_ddp, *test_set, job.rank0.device, job.rank0.rank,
                                               job.rank0.world_size, precision.autocast))
             job.save()
-            if job.stop.agreed:
+            if job.stopped:
                 break
         job.writer.join()
     except (run.NonFiniteLoss, run.DiskFull, torch.OutOfMemoryError, run.FailedOnRank0) as e:

@@ -81,7 +81,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
         else:
             assert not counts, step
         with host_to_device() as counts:
-            images, targets = mix(images, labels, train.seed_step(0, 0, step, META))
+            images, targets = mix(images, labels, data.seed_step(0, 0, step, META))
             state.add(train.train_step(model, optimizers, schedulers, images, targets, precision, 0.1))
         step_counts.append(counts)
     return setup, chunk_counts, step_counts
