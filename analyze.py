@@ -136,18 +136,6 @@ def plot_spectra(spectrum, depth, out: Path):
     save(fig, out / "spectra.png")
 
 
-def plot_effective_rank(ranks, depth, width, out: Path):
-    fig, axes = plt.subplots(1, len(ENERGIES), figsize=(4 * len(ENERGIES), 3.2), sharey=True)
-    for ax, energy in zip(axes, ENERGIES):
-        for name in MATRICES:
-            ax.plot(range(depth), [ranks[i, name][energy] for i in range(depth)], marker="o", label=name)
-        ax.axhline(width, color="grey", linestyle="--", linewidth=0.8)
-        ax.set(title=f"{energy:.0%} of the energy", xlabel="block", ylabel="effective rank")
-        ax.set_xticks(range(depth))
-    axes[0].legend(fontsize=7)
-    save(fig, out / "effective_rank.png")
-
-
 def plot_truncation(curves, ranks, full_acc, chance, out: Path):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for family, accs in curves.items():
@@ -294,13 +282,12 @@ def report(path, cfg, dataset_name, classes, a) -> str:
 
 
 def plot_names(num_cls):
-    names = ["spectra", "effective_rank", "truncation", "cls_attention"]
+    names = ["spectra", "truncation", "cls_attention"]
     return names + (["cls_similarity"] if num_cls > 1 else []) + ["confusion"]
 
 
 def write_plots(a, cfg, classes, out: Path):
     plot_spectra(a["spectrum"], cfg.depth, out)
-    plot_effective_rank(a["effective"], cfg.depth, a["width"], out)
     plot_truncation(a["curves"], a["ranks"], a["subset_acc"], 100 / len(classes), out)
     predicted = a["result"]["predicted"][: len(a["shown"])].tolist()
     captions = [f"label {classes[t]}, predicted {classes[p]}" for t, p in zip(a["shown_labels"].tolist(), predicted)]

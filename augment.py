@@ -186,11 +186,6 @@ class BatchAutoAugment:
                     images[start:stop] = KIND_OPS[kind](images[start:stop], variant[start:stop], tables)
         return images[rows["aa_back"]]
 
-    def __call__(self, images, variants):
-        """images: uint8 (B, C, H, W) on any device; variants: from draw(B)."""
-        rows, ends = self.plan(variants)
-        return self.apply(images, rows_to_device(rows, images.device), ends)
-
 
 def flip_crop(images, flip, top, left, padding):
     """Per image: horizontal flip (where `flip`), then the HxW crop at (top, left) of the zero-padded image. The
@@ -282,9 +277,6 @@ class DeviceLoader:
         self.batch = sampler.batch
         # Chunks count global batches, so that they cut an epoch at the same steps on any number of processes.
         self.batches_per_chunk = max(1, chunk_images // sampler.global_batch)
-
-    def __len__(self):
-        return self.sampler.steps_per_epoch - self.sampler.start_step
 
     def __iter__(self):
         s = self.sampler

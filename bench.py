@@ -69,38 +69,43 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, steps, device, warmup=0):
-    """Seconds per call of fn, over `steps` calls after `warmup` untimed ones."""
+def timed(fn, steps, device, warmup=0, host=None):
+    """Seconds per call of fn, over `steps` calls after `warmup` untimed ones; appends to `host` this thread's CPU
+    seconds per call up to the device's last step: on a GPU, which runs behind the host, the host's own work."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         fn()
+    if host is not None:
+        host.append((time.thread_time() - cpu) / steps)
     synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
 def interleaved(fns, opts, device):
-    """Seconds per call of each fn in each round: all warmed up first, then rounds that time opts.steps calls of each
-    in turn, so that drift in the machine's speed hits every fn alike."""
+    """Seconds per call of each fn in each round, and host seconds (see timed): all warmed up first, then rounds
+    that time opts.steps calls of each in turn, so that drift in the machine's speed hits every fn alike."""
     for fn in fns.values():
         for _ in range(opts.warmup):
             fn()
-    seconds = {name: [] for name in fns}
+    seconds, host = {name: [] for name in fns}, {name: [] for name in fns}
     for _ in range(opts.rounds):
         for name, fn in fns.items():
-            seconds[name].append(timed(fn, opts.steps, device))
-    return seconds
+            seconds[name].append(timed(fn, opts.steps, device, host=host[name]))
+    return seconds, host
 
 
 def speed_rows(rounds, batch_size, reference):
-    """img/s and ms/step (medians), and how many times faster than `reference` (the median of per-round ratios)."""
+    """img/s, ms/step and host ms/step (medians), and how many times faster than `reference` (the median of
+    per-round ratios)."""
+    seconds, host = rounds
     rows = []
-    for name, seconds in rounds.items():
-        s = statistics.median(seconds)
-        ratio = statistics.median(r / n for r, n in zip(rounds[reference], seconds))
-        rows.append({"": name, "img/s": batch_size / s, "ms/step": 1000 * s, f"vs {reference}": ratio})
+    for name, s in seconds.items():
+        ratio = statistics.median(r / n for r, n in zip(seconds[reference], s))
+        rows.append({"": name, "img/s": batch_size / statistics.median(s), "ms/step": 1000 * statistics.median(s),
+                     "host ms/step": 1000 * statistics.median(host[name]), f"vs {reference}": ratio})
     return rows
 
 
@@ -259,9 +264,8 @@ def bench_sync(opts, device, check):
 
 
 def bench_pipeline(opts, device, check):
-    """The training loop against the bare step, whole augmentation chunks per round; on a GPU with the compile
-    section's compiled baseline when it ran. Host ms/step: the CPU time of this thread per step, which on a GPU is
-    the host's own work (the device runs behind it); on a CPU it is the compute too."""
+    """The training loop against the bare step, whole augmentation chunks per round (means); on a GPU with the
+    compile section's compiled baseline when it ran."""
     step = check.baseline or make_step({}, device)[1]
     chunk = 4096 if device.type == "cuda" else 4 * opts.batch_size  # 4 batches a chunk keeps a CPU run short
     loader = recipe_loader(10_000, opts, device, chunk)
@@ -269,20 +273,8 @@ def bench_pipeline(opts, device, check):
     per_chunk = loader.batches_per_chunk
     rounds = argparse.Namespace(warmup=per_chunk, steps=per_chunk, rounds=max(2, opts.rounds * opts.steps // per_chunk))
     bare, loop = "bare step (fixed batch, no mixing)", "training loop (loader, augmentation, mixing, step)"
-    host = {bare: [], loop: []}  # this thread's CPU seconds per step
-
-    def on_host(name, fn):
-        def call():
-            start = time.thread_time()
-            fn()
-            host[name].append(time.thread_time() - start)
-        return call
-
-    seconds = interleaved({bare: on_host(bare, lambda: step(images, targets)),
-                           loop: on_host(loop, loop_step(loader, step, device))}, rounds, device)
-    rows = speed_rows({name: [statistics.mean(s)] for name, s in seconds.items()}, opts.batch_size, bare)
-    for row in rows:
-        row["host ms/step"] = 1000 * statistics.mean(host[row[""]][rounds.warmup:])
+    rounds = interleaved({bare: lambda: step(images, targets), loop: loop_step(loader, step, device)}, rounds, device)
+    rows = speed_rows([{name: [statistics.mean(s)] for name, s in r.items()} for r in rounds], opts.batch_size, bare)
     return {"rows": rows, "loop_over_bare": rows[1]["img/s"] / rows[0]["img/s"],
             "projected_baseline_s": BASELINE_SAMPLES / rows[1]["img/s"]}
 
@@ -348,7 +340,7 @@ SECTIONS = {"step": bench_step, "precision": bench_precision, "sdpa": bench_sdpa
 
 # ---- Markdown and the files
 def cell(value):
-    if isinstance(value, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return "—" if value is None else str(value).replace("|", "\\|")
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.data import Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
@@ -300,13 +299,13 @@ def rank_part(order, steps, world_size, rank):
     return rearrange(parts[..., rank, :], "... s b -> ... (s b)")
 
 
-class RepeatedAugmentationSampler(Sampler):
+class RepeatedAugmentationSampler:
     """Repeated augmentation: epoch e holds `reps` copies of every image, in an order shared by all ranks.
     shuffles: `reps` independent shuffles one after another (the seed's single-process RASampler);
     in-batch: one shuffle with each image repeated `reps` times in a row (the seed under torchrun; "batch
     augmentation", Hoffer et al. 2019), so a batch holds about B/reps images in `reps` augmented copies each.
     The order is cut into global batches (the incomplete last one dropped) and rank r takes the r-th contiguous
-    slice of each: a global batch is the same samples on 1 or N processes. Yields this rank's image indices."""
+    slice of each: a global batch is the same samples on 1 or N processes."""
 
     def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0, mode="shuffles"):
         if reps < 1:
@@ -326,9 +325,6 @@ class RepeatedAugmentationSampler(Sampler):
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch, self.start_step = epoch, start_step
 
-    def __len__(self):
-        return (self.steps_per_epoch - self.start_step) * self.batch
-
     def epoch_order(self) -> torch.Tensor:
         """This rank's image indices for the whole epoch (from step 0), in order."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
@@ -338,9 +334,6 @@ class RepeatedAugmentationSampler(Sampler):
             order = torch.randperm(self.num_images, generator=generator).repeat_interleave(self.reps)
         order = order[: self.steps_per_epoch * self.global_batch]
         return rank_part(order, self.steps_per_epoch, self.world_size, self.rank)
-
-    def __iter__(self):
-        yield from self.epoch_order()[self.start_step * self.batch :].tolist()
 
 
 # ---- batch mixing

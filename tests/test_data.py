@@ -285,8 +285,7 @@ def epoch_slots(num_images, batch, reps, world_size, epoch=0, start_step=0, mode
     for rank in range(world_size):
         sampler = data.RepeatedAugmentationSampler(num_images, batch, reps, rank, world_size, seed=3, mode=mode)
         sampler.set_epoch(epoch, start_step)
-        per_rank.append(list(sampler))
-        assert len(per_rank[-1]) == len(sampler)
+        per_rank.append(sampler.epoch_order()[start_step * sampler.batch:].tolist())
     return per_rank
 
 
