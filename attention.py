@@ -111,12 +111,6 @@ def projection(in_features: int, out_features: int, rank: int = 0):
     return LowRankLinear(in_features, out_features, rank) if rank else FullRankLinear(in_features, out_features)
 
 
-def attention_probs(q, k):
-    """softmax(q k^T / sqrt(head dim)): (..., queries, keys), each row a distribution over the keys."""
-    scale = q.shape[-1] ** -0.5
-    return (torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale).softmax(dim=-1)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention; `latent` names the projections (q, k, v, o) that are low-rank with rank
     `latent_dim`. The softmax runs in F.scaled_dot_product_attention (tests compare it with attention_probs)."""
@@ -140,14 +134,13 @@ class Attention(nn.Module):
         return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), k, v)]
 
     def forward(self, x):
-        # SDPA's default scale is 1/sqrt(head dim), the same as attention_probs'.
-        out = F.scaled_dot_product_attention(*self.heads_qkv(x))
+        out = F.scaled_dot_product_attention(*self.heads_qkv(x))  # scale 1/sqrt(head dim), as attention_probs
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def attention_probs(self, x):
-        """The attention weights of x: (b, heads, n, n), each row a distribution over the n tokens."""
+        """The attention weights of x: (b, heads, n, n), softmax(q k^T / sqrt(head dim)), rows over the n tokens."""
         q, k, _ = self.heads_qkv(x)
-        return attention_probs(q, k)
+        return (torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
     def dense(self) -> dict:
         """{letter: (weight, bias)} of q, k, v, o: the map each applies (a low-rank one as up @ down)."""

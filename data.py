@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS as IMAGE_SUFFIXES
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
@@ -31,7 +32,6 @@ CIFAR10_STATS = CIFAR["cifar10"][1]
 ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # random erasing: area fraction and aspect ratio ranges
 ERASE_ATTEMPTS = 100  # random erasing: tries at a box that fits, as the seed
 AA_FILL = 128  # AutoAugment: the grey that translate, shear and rotate leave where the image was, as the seed
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -154,7 +154,7 @@ def load_digits(test_fraction: float = 0.2) -> ImageData:
 
 
 def load_synthetic(train: int = 50_000, test: int = 10_000) -> ImageData:
-    """Random uint8 images and labels in CIFAR-10's shapes and statistics: speed checks on a machine without the data."""
+    """Random uint8 images and labels in CIFAR-10's shapes and statistics: speed checks without the data."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (train + test, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (train + test,), generator=g)
@@ -174,31 +174,26 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def read_image_folder(folder: Path, classes=None):
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a directory: an image folder holds train/<class>/* and val/<class>/*")
-    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    classes = classes or found
-    if len(classes) < 2:
-        raise ValueError(f"{folder} has {len(classes)} class folder(s): a classifier needs at least 2")
-    if not set(found) <= set(classes):
-        raise ValueError(f"{folder} has classes not in train/: {', '.join(sorted(set(found) - set(classes)))}")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((folder / name).glob("*")) if (folder / name).is_dir() else []:
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(read_image(path))
-                labels.append(label)
-    if not images:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return torch.stack(images), torch.tensor(labels), classes
-
-
 def load_image_folder(root) -> ImageData:
-    """A user's dataset: root/train/<class>/* and root/val/<class>/*, any size, resized to 32x32 RGB."""
-    train_images, train_labels, classes = read_image_folder(Path(root) / "train")
-    test_images, test_labels, _ = read_image_folder(Path(root) / "val", classes)
-    return ImageData(train_images, train_labels, test_images, test_labels, classes, *channel_stats(train_images))
+    """A user's dataset in torchvision's ImageFolder layout, root/train/<class>/* and root/val/<class>/* (val's
+    classes among train's), images of any size resized to 32x32 RGB."""
+    splits = {}
+    for name in ("train", "val"):
+        folder = Path(root) / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder: an image folder holds train/<class>/*, val/<class>/*")
+        splits[name] = split = ImageFolder(folder, allow_empty=True)
+        if len(splits["train"].classes) < 2:
+            raise ValueError(f"{folder} has {len(split.classes)} class folder(s): a classifier needs at least 2")
+        extra = sorted(set(split.classes) - set(splits["train"].classes))
+        if extra:
+            raise ValueError(f"{folder} has classes not in train/: {', '.join(extra)}")
+        if not split.samples:
+            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    train, val = splits.values()
+    images = [torch.stack([read_image(path) for path, _ in split.samples]) for split in (train, val)]
+    labels = [torch.tensor([train.class_to_idx[split.classes[t]] for _, t in split.samples]) for split in (train, val)]
+    return ImageData(images[0], labels[0], images[1], labels[1], train.classes, *channel_stats(images[0]))
 
 
 def load_dataset(name: str, data_dir="data") -> ImageData:
