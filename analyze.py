@@ -192,21 +192,10 @@ def plot_matrix(matrix, labels, title, vmin, vmax, fmt="{:.0f}"):
     return fig, ax
 
 
-def plot_confusion(result, classes, out: Path):
-    fig, ax = plot_matrix(result["confusion"], classes, "confusion matrix (test set)", 0,
-                          max(1, result["confusion"].max().item()))
-    ax.set(xlabel="predicted", ylabel="true")
-    save(fig, out / "confusion.png")
-
-
 def stable_rank(curve, ranks, full_acc, tolerance=1.0):
     """The smallest rank from which on every larger rank keeps accuracy within `tolerance` points of full_acc."""
-    kept = None
-    for rank, acc in reversed(list(zip(ranks, curve))):
-        if acc < full_acc - tolerance:
-            break
-        kept = rank
-    return kept
+    within = [acc >= full_acc - tolerance for acc in curve]
+    return next((rank for i, rank in enumerate(ranks) if all(within[i:])), None)
 
 
 def analyse(model, dataset, device, args) -> dict:
@@ -242,10 +231,6 @@ def markdown_table(header, rows) -> str:
 
 def report(path, cfg, dataset_name, classes, a) -> str:
     depth, result = cfg.depth, a["result"]
-    low_rank_parts = [f"latent {cfg.latent} at rank {cfg.latent_dim}" if cfg.latent else "",
-                      f"MLP at rank {cfg.mlp_latent_dim}" if cfg.mlp_latent_dim else ""]
-    shape = ", ".join(part for part in [f"dim {cfg.dim}, depth {depth}, {cfg.heads} heads, {cfg.num_cls} CLS "
-                                        f"({cfg.cls_pool})", *low_rank_parts] if part)
     effective_rows = [[i] + [" / ".join(str(a["effective"][i, n][e]) for e in ENERGIES) for n in MATRICES]
                       for i in range(depth)]
     effective_rows.append(["mean"] + [" / ".join(f"{sum(a['effective'][i, n][e] for i in range(depth)) / depth:.1f}"
@@ -255,7 +240,7 @@ def report(path, cfg, dataset_name, classes, a) -> str:
     k = cfg.num_cls
     on_patches = a["maps"][:, :, k:].sum(-1).mean(0).tolist()
     sections = [
-        f"# Analysis of {path}\n\nModel: {shape}. Test set: {dataset_name}, {len(result['confusion'].sum(1))} "
+        f"# Analysis of {path}\n\nModel: {cfg}. Test set: {dataset_name}, {len(result['confusion'].sum(1))} "
         f"classes, {result['confusion'].sum().item()} images: accuracy {result['acc']:.2f}%, loss "
         f"{result['loss']:.4f}.",
         f"## Effective rank\n\nThe fewest singular values holding 90 / 95 / 99% of each matrix's squared-singular-"
@@ -297,7 +282,10 @@ def write_plots(a, cfg, classes, out: Path):
         fig, _ = plot_matrix(a["similarity"], labels, "cosine similarity of CLS outputs (test mean)", -1, 1,
                              fmt="{:.2f}")
         save(fig, out / "cls_similarity.png")
-    plot_confusion(a["result"], classes, out)
+    confusion = a["result"]["confusion"]
+    fig, ax = plot_matrix(confusion, classes, "confusion matrix (test set)", 0, max(1, confusion.max().item()))
+    ax.set(xlabel="predicted", ylabel="true")
+    save(fig, out / "confusion.png")
 
 
 def get_args_parser():

@@ -110,7 +110,7 @@ class BatchAutoAugment:
         # The policy table and magnitude bins are torchvision's (private, pinned version).
         self.tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy), fill=fill)
         self.size, self.fill = size, fill
-        self.variants = []  # (op, magnitude) pairs
+        variants = {}  # (op, magnitude) -> its index
         table = []  # [sub-policy][slot] -> (probability, index of the variant if positive, if negative)
         for sub_policy in self.tv._policies:
             slots = []
@@ -119,18 +119,14 @@ class BatchAutoAugment:
                 bins = bins_fn(10, size, size)
                 magnitude = 0.0 if bins is None else float(bins[bin_index])
                 signs = (magnitude, -magnitude if signed else magnitude)
-                slots.append((probability, *(self._variant(op, m) for m in signs)))
+                slots.append((probability, *(variants.setdefault((op, m), len(variants)) for m in signs)))
             table.append(slots)
+        self.variants = list(variants)
         self.probability = torch.tensor([[slot[0] for slot in sub] for sub in table])  # (policies, 2)
         self.variant_of = torch.tensor([[slot[1:] for slot in sub] for sub in table])  # (policies, 2, sign)
         kinds = ["affine" if op in GEOMETRIC_OPS else op for op, _ in self.variants]
         self.kind_of = torch.tensor([list(KIND_OPS).index(kind) for kind in kinds])
         self.on_device = {}
-
-    def _variant(self, op, magnitude):
-        if (op, magnitude) not in self.variants:
-            self.variants.append((op, magnitude))
-        return self.variants.index((op, magnitude))
 
     def draw(self, n: int, generator) -> torch.Tensor:
         """(n, 2) variant index of each image's two ops, -1 where the op is skipped (drawn on the CPU)."""

@@ -44,14 +44,11 @@ class ViTConfig:
     drop_path: float = 0.1
 
     def __post_init__(self):
-        positive = ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads", "num_cls")
-        for name in positive:
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads", "num_cls", "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide img_size={self.img_size}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
         for name, choices in (("cls_pool", CLS_POOLS), ("pos_embed", POS_EMBEDS), ("patch_init", PATCH_INITS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(choices)}")
@@ -99,13 +96,6 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
-    def dense(self) -> dict:
-        return {"fc1": self.fc1.dense(), "fc2": self.fc2.dense()}
-
-    def load_dense(self, dense: dict):
-        self.fc1.load_dense(*dense["fc1"])
-        self.fc2.load_dense(*dense["fc2"])
-
 
 class Block(nn.Module):
     """Pre-norm transformer block; stochastic depth drops each residual branch per sample."""
@@ -124,11 +114,13 @@ class Block(nn.Module):
 
     def dense(self) -> dict:
         """{name: (weight, bias)} of q, k, v, o, fc1, fc2: the map each applies (a low-rank one as up @ down)."""
-        return {**self.attn.dense(), **self.mlp.dense()}
+        return {**self.attn.dense(), "fc1": self.mlp.fc1.dense(), "fc2": self.mlp.fc2.dense()}
 
     def load_dense(self, dense: dict):
+        """Takes the maps of `dense`, each by truncated SVD where it is low-rank."""
         self.attn.load_dense(dense)
-        self.mlp.load_dense(dense)
+        self.mlp.fc1.load_dense(*dense["fc1"])
+        self.mlp.fc2.load_dense(*dense["fc2"])
 
 
 class ViT(nn.Module):

@@ -1,7 +1,7 @@
 """The paper's table regenerated from runs, with training curves and plots (docs/training.md, "Results").
 
     python report.py runs                   # or: make table   -> runs/report/table.md
-    python report.py runs --plots           # or: make plots   -> also curves/<run>.png, accuracy_vs_time.png, ...
+    python report.py runs --plots           # or: make plots   -> also curves/<run>.png, differences.png
 
 Runs (sub-folders with a summary.json) are grouped into columns by their --tag (else the folder name without
 "-seed<N>"): mean and standard deviation over a column's complete runs of the final test accuracy (after the last
@@ -189,18 +189,6 @@ def plot_curves(run, path):
     save(fig, path)
 
 
-def plot_accuracy_vs_time(columns, path):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for target, column in sorted(columns.items()):
-        final, std = column.mean_std("final_acc")
-        seconds, _ = column.mean_std("train_seconds")
-        ax.errorbar(seconds, final, yerr=std or 0, fmt="o", capsize=3)
-        ax.annotate(target, (seconds, final), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="training time per run (s)", ylabel="final test accuracy % (mean ± std over seeds)",
-           title="accuracy vs training time")
-    save(fig, path)
-
-
 def differences(columns, baseline):
     """{target: (mean final − baseline mean final, error)}; the error adds the two standard errors in quadrature."""
     base = columns[baseline]
@@ -259,13 +247,10 @@ def main(args):
         for run in runs:
             if run.metrics:
                 plot_curves(run, out / "curves" / f"{run.folder.name}.png")
-        plot_accuracy_vs_time(columns, out / "accuracy_vs_time.png")
-        if args.baseline not in columns:
-            print(f"no {args.baseline!r} runs: differences.png not written", file=sys.stderr)
-        elif len(columns) == 1:
-            print(f"only {args.baseline!r} was run: differences.png not written", file=sys.stderr)
-        else:
+        if args.baseline in columns and len(columns) > 1:
             plot_differences(columns, args.baseline, out / "differences.png")
+        else:
+            print(f"differences.png not written: it needs runs of {args.baseline!r} and another column", file=sys.stderr)
     print(f"written to {out}", file=sys.stderr)
     return columns, problems
 

@@ -72,6 +72,7 @@ def trained_run(tmp_path_factory):
     flags = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
              "--num-cls", "2", "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--lr", "3e-3",
              "--ra-reps", "2", "--log-every", "10", "--no-hflip", "--auto-augment", "none", "--random-erase", "0",
-             "--mixup-alpha", "0", "--cutmix-alpha", "0", "--drop-path", "0", "--device", "cpu", "--output-dir", str(out)]
+             "--mixup-alpha", "0", "--cutmix-alpha", "0", "--drop-path", "0", "--device", "cpu",
+             "--output-dir", str(out)]
     train.main(train.get_args_parser().parse_args(flags))
     return out

@@ -93,7 +93,7 @@ def test_differences_from_the_baseline_carry_standard_errors(runs):
 def test_plots_are_written_as_png(runs):
     report.main(report.get_args_parser().parse_args([str(runs), "--plots"]))
     out = runs / "report"
-    pngs = [out / "accuracy_vs_time.png", out / "differences.png"] + [
+    pngs = [out / "differences.png"] + [
         out / "curves" / f"{name}-seed{s}.png" for name in ("baseline", "mla-q") for s in range(3)]
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

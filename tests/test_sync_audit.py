@@ -71,7 +71,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
     optimizers = train.build_optimizers(args, model, META)
     schedulers = [train.build_scheduler(o, args, steps_per_epoch=sampler.steps_per_epoch) for o in optimizers]
     mix, state = data.BatchMix(10, prob=1.0), train.TrainingState(META, args.log_every)
-    precision = train.Precision("fp32", torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False))
+    precision = train.build_precision(args, torch.device("cpu"))  # fp32: autocast and loss scaling off
     batches, chunk_counts, step_counts = iter(loader), [], []
     for step in range(chunks * loader.batches_per_chunk):
         with host_to_device() as counts:
