@@ -1,10 +1,8 @@
 """What a trained PoorViT holds (arXiv 2501.06220's "redundancy among ViTs", measured): singular-value spectra and
-effective ranks of every block's q, k, v, o, fc1 and fc2 (a low-rank layer as the product up @ down), test accuracy
-after post-hoc rank truncation of each family, CLS attention and the similarity of several CLS tokens' outputs, and
-the per-class accuracy. report.md and the PNGs are described in docs/analysis.md.
+effective ranks of every block's q, k, v, o, fc1, fc2 (a low-rank layer as up @ down), accuracy after post-hoc rank
+truncation of each family, CLS attention and similarity, per-class accuracy (docs/analysis.md).
 
     python analyze.py runs/demo --device cpu           # -> runs/demo/analysis/report.md and PNGs
-    python analyze.py runs/demo/checkpoint.pt --out docs/analysis --images 2000
 """
 import argparse
 import sys

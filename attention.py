@@ -1,10 +1,7 @@
-"""Multi-head self-attention for PoorViTs: full projections, or low-rank "latent" ones.
-
-Low-rank projections are the paper's Multi-Head Latent Attention (arXiv 2501.06220, Sec. 3): every projection named
-in `latent` (any of q, k, v and the output projection o) becomes down (dim -> r, no bias) then up (r -> dim, with
-bias), each with its own latent. DeepSeek-V2 (arXiv 2405.04434) instead shares one latent between K and V;
-`shared_kv_latent=True` offers that. Every projection is a module with a `forward`; each also gives its matrix
-(`dense`) and takes one (`load_dense`, by truncated SVD where it is low-rank), for compression and analysis.
+"""Multi-head self-attention for PoorViTs: full projections, or low-rank "latent" ones (the paper's Multi-Head Latent
+Attention): each projection named in `latent` (of q, k, v and the output o) is down (dim -> r, no bias) then up
+(r -> dim), each with its own latent, or K and V with one shared latent as DeepSeek-V2's (arXiv 2405.04434). Each
+projection gives its matrix (`dense`) and takes one (`load_dense`, by truncated SVD where it is low-rank).
 """
 import torch
 import torch.nn.functional as F

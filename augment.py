@@ -1,9 +1,7 @@
-"""The training augmentation of PoorViTs on the training device, a chunk of batches at a time (arXiv 2501.06220; the
-seed's per-image recipe): flip, crop, AutoAugment, normalisation and random erasing, every random choice made per
-image, each op bit for bit torchvision's on that image (data.train_transform; tested op by op). The choices are
-drawn on the CPU (the same on any device) and reach the device in one copy with the chunk's image indices; nothing
-is read back. Per AutoAugment op slot one gather sorts the images by op kind, and each kind runs once on its images,
-each with its own magnitude from per-variant tables put on the device once.
+"""The training augmentation of PoorViTs on the training device, a chunk of batches at a time: flip, crop, AutoAugment,
+normalisation and random erasing, each choice per image, each op bit for bit torchvision's (data.train_transform).
+The choices are drawn on the CPU and reach the device in one copy with the chunk's image indices; nothing is read
+back. Per AutoAugment op slot one gather sorts the images by op kind, and each kind runs once on its images.
 """
 import math
 
@@ -137,9 +135,8 @@ class BatchAutoAugment:
         return torch.where(applied, variant, -1)
 
     def plan(self, variants: torch.Tensor):
-        """The host side of __call__: per op slot, the gather that sorts the images by op kind (composed with the
-        previous slot's), their variants in that order and where each kind's run ends (host ints); then the gather
-        back to the images' order. Returns (rows for rows_to_device, ends)."""
+        """The host side: per op slot, the gather sorting the images by op kind (composed with the previous slot's),
+        their variants and where each kind's run ends; then the gather back. Returns (rows, ends)."""
         position = torch.arange(len(variants))  # where each image sits in the current order
         gathers, sorted_variants, ends = [], [], []
         for slot in variants.T:
@@ -153,9 +150,8 @@ class BatchAutoAugment:
         return rows, ends
 
     def tables(self, device):
-        """Each variant's parameters on `device`, made there once: its sampling grid (torchvision's affine grid of
-        torchvision's matrix, made on the device as its affine makes it; identity for non-geometric ops), blend factor
-        1 + m and 1 - factor (brightness, colour, contrast, sharpness), solarize threshold, posterize bit mask."""
+        """Each variant's parameters, made on `device` once: its sampling grid (torchvision's affine grid and matrix;
+        identity if not geometric), blend factor 1 + m and 1 - it, solarize threshold, posterize bit mask."""
         if device not in self.on_device:
             identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
             matrices = [geometry_matrix(op, m, self.size) if op in GEOMETRIC_OPS else identity
@@ -259,11 +255,8 @@ class BatchAugment:
 
 
 class DeviceLoader:
-    """The training set held once on `device` as uint8; every epoch (set on the sampler) the sampler's order for
-    this rank is cut into batches, augmented on the device a chunk of batches at a time. A chunk's random choices
-    are drawn for every rank's images, seeded by (seed, epoch, chunk), and each rank applies its part: a global batch
-    is augmented alike on 1 or N processes. Chunks sit at fixed steps of the epoch, so a resume at any step replays
-    the same batches."""
+    """The training set held on `device` as uint8, batched in the sampler's order and augmented a chunk at a time,
+    its choices drawn for every rank's images from (seed, epoch, chunk): alike on 1 or N processes and on resume."""
 
     def __init__(self, images, labels, sampler: data.RepeatedAugmentationSampler, augment: BatchAugment, device,
                  chunk_images: int = 4096):

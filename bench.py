@@ -4,8 +4,7 @@
     python bench.py --gpu-check                  # every section, time-boxed, for a GPU machine (make gpu-check)
     python bench.py --gpu-check --device cpu --smoke --output-dir /tmp/check   # every section, tiny (the tests)
 
-Timings cover only the timed steps, the device synchronised around them. With --output-dir, bench.md and bench.json
-are rewritten as each section ends; a section that fails is recorded with its error, and the others go on.
+With --output-dir, bench.md and bench.json are rewritten as each section ends; a failing section is recorded.
 """
 import argparse
 import itertools
@@ -70,8 +69,8 @@ def synchronize(device):
 
 
 def timed(fn, steps, device, warmup=0, host=None):
-    """Seconds per call of fn, over `steps` calls after `warmup` untimed ones; appends to `host` this thread's CPU
-    seconds per call up to the device's last step: on a GPU, which runs behind the host, the host's own work."""
+    """Seconds per call of fn over `steps` calls after `warmup`; appends to `host` this thread's CPU seconds per call
+    up to the device's last step (on a GPU, running behind, the host's own work)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -85,8 +84,7 @@ def timed(fn, steps, device, warmup=0, host=None):
 
 
 def interleaved(fns, opts, device):
-    """Seconds per call of each fn in each round, and host seconds (see timed): all warmed up first, then rounds
-    that time opts.steps calls of each in turn, so that drift in the machine's speed hits every fn alike."""
+    """Seconds (and host seconds) per call of each fn per round, the fns timed in turn: drift hits all alike."""
     for fn in fns.values():
         for _ in range(opts.warmup):
             fn()
@@ -98,8 +96,7 @@ def interleaved(fns, opts, device):
 
 
 def speed_rows(rounds, batch_size, reference):
-    """img/s, ms/step and host ms/step (medians), and how many times faster than `reference` (the median of
-    per-round ratios)."""
+    """img/s, ms/step, host ms/step (medians); times faster than `reference` (median of per-round ratios)."""
     seconds, host = rounds
     rows = []
     for name, s in seconds.items():
@@ -120,8 +117,8 @@ def random_batch(n, device, normalised=False):
 
 
 def make_step(overrides, device, precision=None, compile_options=None):
-    """train.py's step of a fresh model (paper config with `overrides`): its AdamW, schedule and precision (fp32,
-    bf16, fp16; unset: bf16 on CUDA, fp32 on CPU), torch.compile'd with `compile_options` (None: eager)."""
+    """train.py's step of a fresh paper model with `overrides`, in `precision` (unset: bf16 on CUDA, else fp32),
+    compiled with `compile_options` (None: eager)."""
     model = ViT(ViTConfig(**overrides)).to(device)
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     args = train.get_args_parser().parse_args([] if precision == "fp32" else ["--amp", "--amp-dtype", precision])

@@ -1,11 +1,7 @@
-"""Datasets, the per-image training augmentation, repeated augmentation and batch mixing of PoorViTs (arXiv 2501.06220;
-the recipe of the seed's finetune.py).
-
-Datasets are held in memory as uint8 images (N, 3, 32, 32) and int64 labels. A training image passes through flip,
-crop with padding, AutoAugment (CIFAR-10 policy), normalisation and random erasing, each choice per image:
-`train_transform` is that pipeline in torchvision's per-image transforms, the specification augment.py's batched
-pipeline is tested against. Batches are then mixed by CutMix or Mixup (BatchMix). All randomness derives from the
-seed and the position in the run: the same batches on any number of processes, and after a resume.
+"""Datasets, the per-image training augmentation, repeated augmentation and batch mixing of PoorViTs: the recipe of
+the seed's finetune.py (arXiv 2501.06220). Datasets are held in memory as uint8 images (N, 3, 32, 32); train_transform
+is the per-image pipeline in torchvision's transforms, the specification augment.py's batched one is tested against.
+All randomness derives from the seed and the position in the run: the same batches on any number of processes.
 """
 import hashlib
 import math
@@ -52,9 +48,8 @@ def derive_seed(*parts) -> int:
 
 
 def seed_step(seed, rank, step, device) -> random.Random:
-    """The random draws of training step `step` on `rank` come from seeds of (seed, rank, step), so that a resume
-    replays them: stochastic depth from the device's generator (seeded alone: torch.manual_seed would also seed every
-    CUDA device, 0.27 ms a step), batch mixing from the returned host generator."""
+    """Step `step`'s draws on `rank`, from (seed, rank, step): stochastic depth from the device's generator (alone:
+    torch.manual_seed seeds every CUDA device, 0.27 ms), batch mixing from the returned host generator."""
     step_seed = derive_seed(seed, "step", rank, step)
     generator = torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
     generator.manual_seed(step_seed)
@@ -206,10 +201,9 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
 
 # ---- the per-image augmentation (torchvision's transforms: the specification of augment.py's batched pipeline)
 def erasing_boxes(n, h, w, p, generator=None, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=ERASE_ATTEMPTS):
-    """The seed's random erasing draw for n images: with probability p, tries of an area uniform in scale * h * w
-    and an aspect ratio uniform on a linear scale in `ratio` until a box with height < h and width < w comes up (at
-    most `attempts`), placed uniformly. A round draws a try for each image still without a box: about one try an
-    image, not `attempts`. (n, 4) int64 top, left, height, width; height 0 where nothing is erased."""
+    """The seed's random erasing for n images: with probability p, tries of area uniform in scale * h * w and aspect
+    uniform in `ratio` until a box fits (at most `attempts`; a round tries each image still without one), placed
+    uniformly. (n, 4) int64 top, left, height, width; height 0 where nothing is erased."""
     erased = (torch.rand(n, generator=generator) < p).nonzero()[:, 0]
     size, waiting = torch.zeros(len(erased), 2, dtype=torch.long), torch.arange(len(erased))
     for _ in range(attempts):
@@ -295,12 +289,9 @@ def rank_part(order, steps, world_size, rank):
 
 
 class RepeatedAugmentationSampler:
-    """Repeated augmentation: epoch e holds `reps` copies of every image, in an order shared by all ranks.
-    shuffles: `reps` independent shuffles one after another (the seed's single-process RASampler);
-    in-batch: one shuffle with each image repeated `reps` times in a row (the seed under torchrun; "batch
-    augmentation", Hoffer et al. 2019), so a batch holds about B/reps images in `reps` augmented copies each.
-    The order is cut into global batches (the incomplete last one dropped) and rank r takes the r-th contiguous
-    slice of each: a global batch is the same samples on 1 or N processes."""
+    """Repeated augmentation: `reps` copies of every image an epoch, as `reps` shuffles in turn (shuffles: the seed's
+    RASampler) or one shuffle with each image `reps` times in a row (in-batch: the seed under torchrun). Cut into
+    global batches (the last incomplete one dropped), rank r taking the r-th slice of each, as on 1 process."""
 
     def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0, mode="shuffles"):
         if reps < 1:
@@ -351,11 +342,9 @@ def cutmix(images, partner, lam, rng):
 
 
 class BatchMix:
-    """With probability `prob` a batch is mixed, by CutMix or Mixup with equal chance, as the seed's finetune.py; an
-    alpha of 0 removes that mixer. Each image's partner comes from a random permutation of the batch, as the seed's:
-    torchvision's MixUp/CutMix pair each image with its neighbour, which under in-batch repeats is mostly its own copy.
-    Targets come back as (B, num_classes) probabilities. The batch's choices are drawn on the host from `rng` (a
-    random.Random), the permutation on the images' device from its default generator: nothing is read back."""
+    """With probability `prob` a batch is mixed by CutMix or Mixup (equal chance; alpha 0 removes one), each image
+    with a partner from a random permutation, as the seed's (torchvision's pairs neighbours: under in-batch repeats,
+    its own copy). Targets: (B, num_classes). Choices from `rng` (random.Random), the permutation on the device."""
 
     def __init__(self, num_classes, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5):
         if mixup_alpha < 0 or cutmix_alpha < 0:

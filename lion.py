@@ -4,8 +4,7 @@
     p      = p - lr * (update + weight_decay * p)
     m      = beta2 * m + (1 - beta2) * g
 
-Every update entry is +-1, so the lr should be 3-10x smaller and the weight decay 3-10x larger than AdamW's. The
-update runs as torch._foreach_* ops over each group's tensors: a few kernels per step, not a few per parameter.
+Every update entry is +-1, so the lr should be 3-10x smaller and the weight decay 3-10x larger than AdamW's.
 """
 import torch
 from torch.optim import Optimizer

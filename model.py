@@ -3,9 +3,7 @@
 Baseline: patch 4 on 32x32 -> 64 tokens, width 192, depth 9, 12 heads, MLP ratio 2, stochastic depth 0 -> 0.1,
 2.70 M parameters. Depth is ambiguous in the seed (docs/faithfulness.md): its build_model.py has depth=9 commented
 out, so its models/vit.py default, 12 (3.59 M), applies; 9 is its parent commit's and its ancestor's, whose 93.58%
-matches the paper's baseline. We default to 9; depth=12 is the other reading. Options: low-rank attention
-(attention.py) and MLP, k CLS tokens pooled by concatenation or mean, the seed's fixed 2-D sin-cos positions,
-whitening init of the patch embedding; `transfer_weights` builds a low-rank model from a trained one (truncated SVD).
+matches the paper's baseline. We default to 9; depth=12 is the other reading.
 """
 from dataclasses import asdict, dataclass
 
@@ -44,7 +42,8 @@ class ViTConfig:
     drop_path: float = 0.1
 
     def __post_init__(self):
-        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads", "num_cls", "mlp_ratio"):
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads", "num_cls",
+                     "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.img_size % self.patch_size:
@@ -189,9 +188,8 @@ class ViT(nn.Module):
     @torch.no_grad()
     def whiten_patch_embedding(self, images, eps: float = 5e-4, chunk: int = 256):
         """Whitening init: the first C*p*p output channels of the patch embedding become the PCA-whitening filters
-        eigvec_i / sqrt(lambda_i + eps) of the uncentred second moment of every stride-1 patch of `images`
-        (normalised, as fed to the model), largest eigenvalue first. The other channels keep their init.
-        Returns the eigenvalues, largest first."""
+        eigvec_i / sqrt(lambda_i + eps) of the uncentred second moment of every stride-1 patch of the (normalised)
+        `images`; the other channels keep their init. Returns the eigenvalues, largest first."""
         p = self.cfg.patch_size
         linear = self.to_patch_embedding[1]
         k = linear.in_features
@@ -220,9 +218,8 @@ TRANSFER_FREE_FIELDS = {"latent", "latent_dim", "shared_kv_latent", "mlp_latent_
 
 @torch.no_grad()
 def transfer_weights(source: ViT, target: ViT):
-    """target takes source's weights: each projection (q, k, v, o, fc1, fc2 of every block) as the best
-    approximation of source's map that target's rank allows (truncated SVD: up = U sqrt(S), down = sqrt(S) V^T, up's
-    bias the map's bias), everything else copied. At full rank target computes what source computes."""
+    """target takes source's weights: each projection as the best approximation target's rank allows (truncated
+    SVD: up = U sqrt(S), down = sqrt(S) V^T), everything else copied. At full rank both compute the same."""
     differing = sorted(f for f in asdict(source.cfg) if f not in TRANSFER_FREE_FIELDS
                        and getattr(source.cfg, f) != getattr(target.cfg, f))
     if differing:

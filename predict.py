@@ -1,12 +1,8 @@
-"""Use a trained PoorViT: evaluate a checkpoint on a dataset's test split, or predict labels for image files.
+"""Use a trained PoorViT: evaluate a checkpoint on a dataset's test split (what train.py's evaluation computes), or
+write the top-k labels of every image file under a folder as CSV. A run folder stands for its checkpoint.pt.
 
     python predict.py evaluate runs/demo --device cpu              # the run's own dataset: accuracy, loss, per class
-    python predict.py evaluate runs/demo/checkpoint.pt --dataset cifar10 --data-dir data
     python predict.py predict runs/demo my_images/ --top-k 3 --out predictions.csv
-
-A run folder stands for its checkpoint.pt. `evaluate` computes what train.py's evaluation computes (same
-normalisation, float32 logits); `predict` reads every image under a folder (any size, resized to 32x32 RGB as the
-imagefolder dataset is) and writes the top-k labels with their probabilities as CSV.
 """
 import argparse
 import csv

@@ -3,11 +3,8 @@
     python report.py runs                   # or: make table   -> runs/report/table.md
     python report.py runs --plots           # or: make plots   -> also curves/<run>.png, differences.png
 
-Runs (sub-folders with a summary.json) are grouped into columns by their --tag (else the folder name without
-"-seed<N>"): mean and standard deviation over a column's complete runs of the final test accuracy (after the last
-epoch) and the best of the periodic evaluations. A run of a paper column that read the seed otherwise than our
-default (depth, repeated-augmentation mode, precision) gets a column of its own, labelled with that reading: runs
-of different readings are never averaged together. Missing, unfinished and unreadable runs are listed, never fatal.
+Runs are grouped into columns by --tag: mean and standard deviation of the final and best test accuracy. A run of
+a paper column that read the seed otherwise than our default (depth, RA mode, precision) gets its own column.
 """
 import argparse
 import json
@@ -250,7 +247,8 @@ def main(args):
         if args.baseline in columns and len(columns) > 1:
             plot_differences(columns, args.baseline, out / "differences.png")
         else:
-            print(f"differences.png not written: it needs runs of {args.baseline!r} and another column", file=sys.stderr)
+            print(f"differences.png not written: it needs runs of {args.baseline!r} and of another column",
+                  file=sys.stderr)
     print(f"written to {out}", file=sys.stderr)
     return columns, problems
 

@@ -1,7 +1,6 @@
-"""The machinery of a PoorViTs training run (train.py is the recipe): its device; its output folder with a lock, and
-in it metrics.jsonl (a JSON record per log point and evaluation), checkpoint.pt (atomic, written in the background)
-and summary.json (at every end); preemption signals; failures said once, by rank 0, with an exit code a job
-scheduler can act on. predict.py and analyze.py read checkpoints through here.
+"""The machinery of a PoorViTs training run (train.py is the recipe): its device; its locked output folder with
+metrics.jsonl, checkpoint.pt (atomic, in the background) and summary.json; preemption signals; failures said once,
+by rank 0, with an exit code a job scheduler can act on. predict.py and analyze.py read checkpoints through here.
 """
 import argparse
 import contextlib
@@ -128,9 +127,8 @@ def run_info(device):
 
 
 class Rank0:
-    """Work rank 0 alone does (claim the output dir, download, read the checkpoint, write the run's files), whose
-    outcome every rank then learns (one broadcast): a failure stops all ranks at the same point, rank 0 raising the
-    error (and saying it), the others a FailedOnRank0 with its exit code."""
+    """Work rank 0 alone does (claim the output dir, download, read the checkpoint, write files), whose outcome every
+    rank learns (one broadcast): a failure stops all ranks, rank 0 raising the error, the others FailedOnRank0."""
 
     def __init__(self, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -228,9 +226,8 @@ def copy_to_host(state):
 
 
 class CheckpointWriter:
-    """Writes the checkpoint on a one-worker executor: training waits neither for its serialisation nor its fsync,
-    and at most one write is in flight. Rank 0 writes; `save` and `join` are collective calls (through Rank0), so
-    that a write's error (disk full) stops every rank at the next save or at the join."""
+    """Writes the checkpoint on a one-worker executor (training waits for neither serialisation nor fsync). Rank 0
+    writes; `save` and `join` are collective (Rank0): a write's error stops every rank at the next save or join."""
 
     def __init__(self, path: Path, rank0: Rank0):
         self.path, self.rank0, self.write = path, rank0, None  # write: the future of the write in flight
@@ -382,12 +379,9 @@ def keep_records_until(path: Path, step):
 
 
 class Run:
-    """One invocation's bookkeeping on one rank, in the output dir claim_output_dir locked: the metrics log, the
-    checkpoint writer, stop signals and the progress bar, over the training `state`; `content()` is the checkpoint,
-    `facts` what the run record and the summary repeat. Records after the checkpoint are redone.
-    SIGTERM or SIGINT (preemption, Ctrl-C) asks the run to stop at the next step boundary, after saving a checkpoint
-    (under DDP the ranks agree at the next log point or save, so that all stop at the same step); a second signal
-    stops it at once, without saving."""
+    """One invocation's bookkeeping on one rank, in the locked output dir: metrics log (records after the checkpoint
+    redone), checkpoint writer, signals, progress bar. SIGTERM or SIGINT stops the run at the next step boundary (under
+    DDP: the next log point or save, where ranks agree) after a checkpoint; a second one at once, without saving."""
 
     def __init__(self, args, rank0, state, content, facts, on_exit, resumed):
         out = Path(args.output_dir)

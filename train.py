@@ -201,9 +201,8 @@ def build_loader(args, dataset, device, rank, world_size):
 
 
 def build_model(args, dataset, device, source):
-    """The flags' ViT, with every weight from `source` (--init-from), or its patch embedding whitened on what the
-    seed whitened: epoch 0's first whole batches (of the 1-process stream: every rank alike) holding --whiten-images
-    images, as the model gets them (flipped, cropped, AutoAugmented, normalised, erased; mixing comes later)."""
+    """The flags' ViT, every weight from `source` (--init-from), or its patch embedding whitened on what the seed's
+    was: the first --whiten-images images of epoch 0 (1-process stream), augmented as trained on, before mixing."""
     model = ViT(model_config(args, len(dataset.classes)))
     if args.whiten:
         loader = build_loader(args, dataset, device, rank=0, world_size=1)
@@ -366,9 +365,8 @@ def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision
 
 @torch.no_grad()
 def evaluate(model, images, labels, mean, std, device, rank, world_size, autocast):
-    """Top-1 accuracy (%) and mean cross-entropy on the test set, held on the device as uint8; each rank takes every
-    world_size-th image. Nothing is copied to the device per chunk, and the counts are read once, at the end.
-    `model` is the uncompiled module: evaluation adds no graph to a compiled training model."""
+    """Top-1 accuracy (%) and mean cross-entropy on the test set (on the device; rank r takes every world_size-th
+    image; counts read once). `model` is the uncompiled module: evaluation adds no graph to a compiled one."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     constants = data.to_device(data.normalization(mean, std), device)

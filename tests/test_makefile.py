@@ -1,5 +1,6 @@
 """The Makefile: one target per column of the paper's table, each reading of the seed one command away, and a PY
 that runs everything in an environment as it is (no venv, no pip)."""
+import os
 import re
 import shlex
 import subprocess
@@ -10,11 +11,14 @@ import pytest
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
+# Under `make test` the parent make's MAKELEVEL/MAKEFLAGS would make ours print "make[1]: Entering directory".
+TOP_LEVEL = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
 
 
 def dry_run(*argv):
     """The commands `make -n` prints, each split into words."""
-    out = subprocess.run(["make", "-n", *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["make", "-n", *argv], cwd=ROOT, env=TOP_LEVEL, capture_output=True, text=True,
+                         check=True).stdout
     return [shlex.split(line) for line in out.splitlines() if line.strip()]
 
 
@@ -54,7 +58,7 @@ def test_each_make_target_changes_only_its_columns_flags(target):
 
 
 def test_makefile_has_a_target_for_every_column():
-    dry = subprocess.run(["make", "-pn"], cwd=ROOT, capture_output=True, text=True).stdout
+    dry = subprocess.run(["make", "-pn"], cwd=ROOT, env=TOP_LEVEL, capture_output=True, text=True).stdout
     (columns,) = [line for line in dry.splitlines() if line.startswith("COLUMNS :=")]
     assert set(columns.split(":=")[1].split()) == set(COLUMNS)
 
