@@ -60,8 +60,9 @@ PROBABILITY, FRACTION = number(float, "[0, 1]"), number(float, "[0, 1)")
 
 
 def get_args_parser():
-    parser = run.Parser(prog="train.py", description="Train a small ViT (PoorViTs). Defaults: the paper's baseline.",
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = run.Parser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Train a small ViT (PoorViTs). Defaults: the paper's baseline. Where the seed's "
+                        "code admits other readings (depth, RA mode, precision, Lion's lr): docs/faithfulness.md.")
     add = parser.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=data.DATASETS, help="digits: offline; synthetic: for speed checks")
     add("--data-dir", default="data", help="dataset root (CIFAR: its folder's parent; imagefolder: train/, val/)")
@@ -78,7 +79,7 @@ def get_args_parser():
     add("--mix-prob", default=0.5, type=PROBABILITY, help="probability that a batch is mixed (CutMix or Mixup, 50/50)")
     add("--label-smoothing", default=0.1, type=FRACTION, help="label smoothing of the cross-entropy")
     add("--ra-reps", default=3, type=POSITIVE_INT, help="repeated augmentation: times each image is seen per epoch")
-    add("--ra-mode", default="shuffles", choices=data.RA_MODES, help="in-batch: copies side by side (seed's torchrun)")
+    add("--ra-mode", default="shuffles", choices=data.RA_MODES, help="in-batch: copies in a row (the seed's torchrun)")
 
     add = parser.add_argument_group("model (model.ViTConfig)").add_argument
     add("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
@@ -101,7 +102,7 @@ def get_args_parser():
 
     add = parser.add_argument_group("optimisation").add_argument
     add("--opt", default="adamw", choices=OPTIMIZERS, help="muon: Muon for the blocks' matrices, AdamW the rest")
-    add("--lr", default=1e-3, type=POSITIVE, help="peak learning rate (Lion: use 3-10x smaller)")
+    add("--lr", default=1e-3, type=POSITIVE, help="peak learning rate (Lion: 3-10x smaller)")
     add("--muon-lr", default=0.02, type=POSITIVE, help="--opt muon: peak learning rate of Muon")
     add("--muon-momentum", default=0.9, type=FRACTION, help="--opt muon: Muon's Nesterov momentum")
     add("--weight-decay", default=0.05, type=NON_NEGATIVE, help="decoupled weight decay (Lion: 3-10x larger)")
@@ -110,13 +111,13 @@ def get_args_parser():
     add("--warmup-epochs", type=NON_NEGATIVE, help="linear warm-up, epochs (unset: a tenth of --epochs)")
     add("--warmup-lr", default=1e-6, type=POSITIVE, help="learning rate at step 0")
     add("--min-lr", default=1e-6, type=NON_NEGATIVE, help="learning rate at the end of the cosine")
-    add("--amp", action="store_true", help="autocast: bf16 where the device has it, else fp16 with a gradient scaler")
+    add("--amp", action="store_true", help="autocast: bf16, else fp16 + scaler (the seed's main branch: fp32)")
     add("--amp-dtype", default="auto", choices=AMP_DTYPES, help="--amp's precision; auto: bf16 where supported")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (unset: on CUDA, eager if it fails)")
     add("--compile-mode", default="default", choices=COMPILE_MODES, help="reduce-overhead: CUDA graphs too")
 
     add = parser.add_argument_group("run").add_argument
-    add("--eval-every", default=5, type=POSITIVE_INT, help="evaluate every N epochs (and after the last)")
+    add("--eval-every", default=5, type=POSITIVE_INT, help="evaluate every N epochs, and after the last")
     add("--log-every", default=50, type=POSITIVE_INT, help="log training loss every N steps")
     add("--seed", default=0, type=int, help="base seed; every random draw derives from it")
     add("--same-seed-on-ranks", action="store_true", help="the same mixing and drop-path draws on every rank (seed's)")
