@@ -22,6 +22,12 @@ def dry_run(*argv):
     return [shlex.split(line) for line in out.splitlines() if line.strip()]
 
 
+def train_command(*argv):
+    """The one train.py command of `make -n` (before it, the venv's set-up where .venv is missing)."""
+    (command,) = [c for c in dry_run(*argv) if "train.py" in c]
+    return command
+
+
 def train_flags(command):
     return vars(train.get_args_parser().parse_args(command[command.index("train.py") + 1:]))
 
@@ -48,7 +54,7 @@ COLUMNS = {
 
 @pytest.mark.parametrize("target", COLUMNS)
 def test_each_make_target_changes_only_its_columns_flags(target):
-    (command,) = [c for c in dry_run(target, "EPOCHS=7", "SEED=3", "NPROC=2", "DATA=/d", "OUT=/o") if "train.py" in c]
+    command = train_command(target, "EPOCHS=7", "SEED=3", "NPROC=2", "DATA=/d", "OUT=/o")
     assert ("--nproc_per_node=2" in command) == target.startswith(("ddp", "lion"))
     args = train_flags(command)
     defaults = vars(train.get_args_parser().parse_args([]))
@@ -79,7 +85,7 @@ def test_no_test_depends_on_a_venv():
 
 
 def test_extra_comes_last_so_it_overrides_any_targets_flag():
-    (command,) = dry_run("lion-bs1024", 'EXTRA=--lr 1e-3 --weight-decay 0.05')
+    command = train_command("lion-bs1024", 'EXTRA=--lr 1e-3 --weight-decay 0.05')
     assert command[-4:] == ["--lr", "1e-3", "--weight-decay", "0.05"]
     assert (train_flags(command)["lr"], train_flags(command)["weight_decay"]) == (1e-3, 0.05)
 
@@ -98,7 +104,7 @@ def test_the_docs_give_a_command_for_each_other_reading_of_the_seed():
 @pytest.mark.parametrize("reading", READINGS)
 def test_each_other_reading_of_the_seed_is_one_command(reading):
     target, assignment = reading.split(" ", 1)
-    (command,) = dry_run(target, assignment.replace('"', ""))
+    command = train_command(target, assignment.replace('"', ""))
     parser = train.get_args_parser()
     if assignment.startswith("EXTRA="):
         extra = assignment.removeprefix("EXTRA=").strip("\"").split()
