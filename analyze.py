@@ -21,6 +21,7 @@ import predict
 import run
 from attention import svd_factors
 from model import ViT, transfer_weights
+from report import save
 
 MATRICES = ("q", "k", "v", "o", "fc1", "fc2")
 FAMILIES = {"q": ("q",), "k": ("k",), "v": ("v",), "qk": ("q", "k"), "kv": ("k", "v"), "qkv": ("q", "k", "v"),
@@ -113,12 +114,6 @@ def cls_similarity(model: ViT, images, stats, device) -> torch.Tensor:
         cls = F.normalize(model.cls_outputs(data.normalize(chunk.to(device), *stats)).float(), dim=-1)
         total += torch.einsum("b i d, b j d -> i j", cls, cls).double().cpu()
     return total / len(images)
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def plot_spectra(spectrum, depth, out: Path):

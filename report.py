@@ -3,8 +3,8 @@
     python report.py runs                   # or: make table   -> runs/report/table.md
     python report.py runs --plots           # or: make plots   -> also curves/<run>.png, differences.png
 
-Runs are grouped into columns by --tag: mean and standard deviation of the final and best test accuracy. A run of
-a paper column that read the seed otherwise than our default (depth, RA mode, precision) gets its own column.
+Runs are grouped into columns by --tag: mean and standard deviation of the final and best test accuracy. A run of a
+paper column read otherwise than our default (depth, RA mode, precision, lr...) gets its own column (`reading`).
 """
 import argparse
 import json
@@ -42,15 +42,17 @@ DDP_TARGETS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
 
 
 def reading(summary: dict, target: str) -> str:
-    """How a run of a paper column read the seed where that differs from our default for the column, e.g.
-    "depth 12, fp32"; "" where it does not."""
-    args = summary.get("args", {})
+    """How a run of a paper column read the seed where that differs from our default for the column (the ambiguities
+    of docs/faithfulness.md; lr and weight decay: any change), e.g. "depth 12, fp32"; "" where it does not."""
+    args, lion = summary.get("args", {}), target == "lion-bs1024"
     # Runs from before --amp-dtype have no "precision": --amp was bf16 then; without "amp" the run says nothing.
     precision = summary.get("precision") or {False: "fp32"}.get(args.get("amp"), "bf16")
-    defaults = {"depth": 9, "RA": "in-batch" if target in DDP_TARGETS else "shuffles", "precision": "bf16"}
-    used = {"depth": args.get("depth", 9), "RA": args.get("ra_mode", defaults["RA"]), "precision": precision}
-    return ", ".join(f"{key} {used[key]}" if key != "precision" else used[key]
-                     for key in defaults if used[key] != defaults[key])
+    ours = {"depth": ("depth", 9), "ra_mode": ("RA", "in-batch" if target in DDP_TARGETS else "shuffles"),
+            "lr": ("lr", 1e-4 if lion else 1e-3), "weight_decay": ("wd", 0.5 if lion else 0.05),
+            "same_seed_on_ranks": ("same seed on ranks", False)}
+    other = [label if default is False else f"{label} {args[key]}" for key, (label, default) in ours.items()
+             if args.get(key, default) != default]
+    return ", ".join(other + [precision] * (precision != "bf16"))
 
 
 Run = namedtuple("Run", "folder column seed summary metrics")

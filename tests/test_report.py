@@ -165,10 +165,19 @@ def test_runs_of_other_readings_of_the_seed_get_columns_of_their_own(tmp_path):
     fp16 = write_run(tmp_path, "baseline-fp16-seed0", "baseline", 0, 99.0, 99.0)
     summary = json.loads((fp16 / "summary.json").read_text())
     (fp16 / "summary.json").write_text(json.dumps({**summary, "precision": "fp16"}))
+    lion = {"ra_mode": "in-batch", "opt": "lion", "depth": 9, "amp": True}
+    ours = {"lr": 1e-4, "weight_decay": 0.5}
+    for name, args in {"lion-bs1024-seed0": ours, "lion-bs1024-adamw-lr-seed0": {"lr": 1e-3, "weight_decay": 0.05},
+                       "lion-bs1024-same-seeds-seed0": {**ours, "same_seed_on_ranks": True}}.items():
+        folder = write_run(tmp_path, name, "lion-bs1024", 0, 92.0, 92.0)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["args"].update({**lion, **args})
+        (folder / "summary.json").write_text(json.dumps(summary))
     columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path)]))
     assert {name: len(column.runs) for name, column in columns.items()} == {
         "baseline": 2, "baseline [depth 12]": 2, "baseline [RA in-batch]": 1, "baseline [fp32]": 1,
-        "baseline [fp16]": 1, "ddp-bs256": 1, "ddp-bs256 [RA shuffles]": 1}
+        "baseline [fp16]": 1, "ddp-bs256": 1, "ddp-bs256 [RA shuffles]": 1, "lion-bs1024": 1,
+        "lion-bs1024 [lr 0.001, wd 0.05]": 1, "lion-bs1024 [same seed on ranks]": 1}
     table = (tmp_path / "report" / "table.md").read_text()
     assert table_row(table, "baseline")[3] == "90.50 ± 0.71"  # seeds 0 and 1 of the default reading only
     row = table_row(table, "baseline [depth 12]")
