@@ -3,8 +3,6 @@
     python bench.py --device cpu                 # step, augment, pipeline: the CPU figures
     python bench.py --gpu-check                  # every section, time-boxed, for a GPU machine (make gpu-check)
     python bench.py --gpu-check --device cpu --smoke --output-dir /tmp/check   # every section, tiny (the tests)
-
-With --output-dir, bench.md and bench.json are rewritten as each section ends; a failing section is recorded.
 """
 import argparse
 import itertools

@@ -121,9 +121,7 @@ def group_columns(runs, problems):
 
 
 def fmt(mean, std, digits=2):
-    if mean is None:
-        return "—"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return "—" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def table_rows(columns, only_run=False):

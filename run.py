@@ -14,6 +14,7 @@ import platform
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -156,6 +157,12 @@ class Rank0:
         if self.world_size > 1:
             dist.broadcast_object_list(result, src=0)
         return result[0]
+
+    def close(self):
+        """destroy_process_group after a pause (GIL released) for gloo's threads to free their last work, which needs
+        the GIL: the thread dropping the group's last reference joins them holding it (a deadlock seen, torch 2.11)."""
+        time.sleep(0.2)
+        dist.destroy_process_group()
 
     def first(self, work, *args):
         """work(*args) on rank 0, then on every other rank: an error all would meet is said once, by rank 0."""

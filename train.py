@@ -431,7 +431,7 @@ def main(args):
     rank0 = run.Rank0(rank, world_size, device)
     with contextlib.ExitStack() as on_exit:
         if world_size > 1:
-            on_exit.callback(dist.destroy_process_group)
+            on_exit.callback(rank0.close)
         # Only rank 0 reads the checkpoint and writes the run's files.
         ckpt = rank0.shared(run.read_resume, args, RESUME_FREE_FLAGS)
         # A fresh run may start from another run's weights, read before any work; a resumed one has its own.
