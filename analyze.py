@@ -7,7 +7,7 @@ truncation of each family, CLS attention and similarity, per-class accuracy (doc
 import argparse
 import sys
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -76,11 +76,12 @@ def truncation_ranks(width: int, steps: int, smallest: int = 4) -> list[int]:
     return sorted({round(smallest * (width / smallest) ** (i / (steps - 1))) for i in range(steps)})
 
 
-def accuracy(model, images, labels, stats, device) -> float:
-    return predict.scores(predict.logits_of(model, images, *stats, device), labels, model.cfg.num_classes)["acc"]
+def accuracy(model, images, labels, normalize, device) -> float:
+    logits = predict.logits_of(model, images, normalize, device)
+    return predict.scores(logits, labels, model.cfg.num_classes)["acc"]
 
 
-def truncation_curves(model, images, labels, stats, device, ranks, full_acc, progress) -> dict:
+def truncation_curves(model, images, labels, normalize, device, ranks, full_acc, progress) -> dict:
     """{family: [test accuracy % at each rank]}; at full width the model is untruncated: `full_acc`."""
     curves = {}
     for family, names in FAMILIES.items():
@@ -90,7 +91,7 @@ def truncation_curves(model, images, labels, stats, device, ranks, full_acc, pro
                 curves[family].append(full_acc)
             else:
                 with truncated(model, names, rank):
-                    curves[family].append(accuracy(model, images, labels, stats, device))
+                    curves[family].append(accuracy(model, images, labels, normalize, device))
             progress.update()
     return curves
 
@@ -107,11 +108,11 @@ def cls_attention(model: ViT, images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cls_similarity(model: ViT, images, stats, device) -> torch.Tensor:
+def cls_similarity(model: ViT, images, normalize, device) -> torch.Tensor:
     """(k, k): the cosine similarity between the final outputs of CLS tokens i and j, averaged over `images`."""
     total = torch.zeros(model.cfg.num_cls, model.cfg.num_cls, dtype=torch.float64)
     for chunk in images.split(512):
-        cls = F.normalize(model.cls_outputs(data.normalize(chunk.to(device), *stats)).float(), dim=-1)
+        cls = F.normalize(model.cls_outputs(normalize(chunk.to(device))).float(), dim=-1)
         total += torch.einsum("b i d, b j d -> i j", cls, cls).double().cpu()
     return total / len(images)
 
@@ -187,17 +188,39 @@ def plot_matrix(matrix, labels, title, vmin, vmax, fmt="{:.0f}"):
 
 def stable_rank(curve, ranks, full_acc, tolerance=1.0):
     """The smallest rank from which on every larger rank keeps accuracy within `tolerance` points of full_acc."""
-    within = [acc >= full_acc - tolerance for acc in curve]
-    return next((rank for i, rank in enumerate(ranks) if all(within[i:])), None)
+    stable = None
+    for rank, acc in zip(reversed(ranks), reversed(curve)):
+        if acc < full_acc - tolerance:
+            break
+        stable = rank
+    return stable
 
 
-def analyse(model, dataset, device, args) -> dict:
+@dataclass
+class Analysis:
+    """Every number that the report and the plots show."""
+
+    result: dict  # predict.evaluate on the whole test set: accuracy, loss, per-class accuracy, confusion matrix
+    spectrum: dict  # {(block, matrix): singular values}
+    effective: dict  # {(block, matrix): {energy: effective rank}}
+    width: int  # the widest projection's side: the truncation curves' full rank
+    ranks: list  # the ranks of the truncation curves
+    curves: dict  # {family: [test accuracy % at each rank]}
+    subset_acc: float  # untruncated accuracy on the images of the curves
+    subset: int  # how many test images the curves and the CLS similarity use
+    maps: torch.Tensor  # CLS attention of the images shown, (images, k, tokens)
+    shown: torch.Tensor  # the images shown with their CLS attention
+    shown_labels: torch.Tensor
+    similarity: torch.Tensor  # (k, k) cosine similarity of the CLS outputs
+
+
+def analyse(model, dataset, device, args) -> Analysis:
     """Every number the report and plots show, with a progress bar."""
     dense = full_rank_copy(model)
-    stats = (dataset.mean, dataset.std)
-    images, labels = dataset.test_images, dataset.test_labels
-    if args.images:
-        images, labels = images[: args.images], labels[: args.images]
+    normalize = data.Normalize(dataset.mean, dataset.std)
+    count = args.images or len(dataset.test_labels)
+    images = dataset.test_images[:count]
+    labels = dataset.test_labels[:count]
     width = dense.cfg.dim  # q's side: no projection is wider
     ranks = truncation_ranks(width, args.rank_steps, args.min_rank)
     with tqdm(total=3 + len(FAMILIES) * len(ranks), desc="analyze", dynamic_ncols=True) as progress:
@@ -207,14 +230,14 @@ def analyse(model, dataset, device, args) -> dict:
         effective = {key: {e: effective_rank(s, e) for e in ENERGIES} for key, s in spectrum.items()}
         progress.update()
         shown = dataset.test_images[: args.cls_images]
-        maps = cls_attention(dense, data.normalize(shown.to(device), *stats)).cpu()
-        similarity = cls_similarity(dense, images, stats, device)
+        maps = cls_attention(dense, normalize(shown.to(device))).cpu()
+        similarity = cls_similarity(dense, images, normalize, device)
         progress.update()
-        subset_acc = accuracy(dense, images, labels, stats, device)
-        curves = truncation_curves(dense, images, labels, stats, device, ranks, subset_acc, progress)
-    return {"result": result, "spectrum": spectrum, "effective": effective, "width": width, "ranks": ranks,
-            "curves": curves, "subset_acc": subset_acc, "subset": len(labels), "maps": maps, "shown": shown,
-            "shown_labels": dataset.test_labels[: args.cls_images], "similarity": similarity}
+        subset_acc = accuracy(dense, images, labels, normalize, device)
+        curves = truncation_curves(dense, images, labels, normalize, device, ranks, subset_acc, progress)
+    return Analysis(result=result, spectrum=spectrum, effective=effective, width=width, ranks=ranks, curves=curves,
+                    subset_acc=subset_acc, subset=len(labels), maps=maps, shown=shown,
+                    shown_labels=dataset.test_labels[: args.cls_images], similarity=similarity)
 
 
 def markdown_table(header, rows) -> str:
@@ -222,38 +245,42 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
-def report(path, cfg, dataset_name, classes, a) -> str:
-    depth, result = cfg.depth, a["result"]
-    effective_rows = [[i] + [" / ".join(str(a["effective"][i, n][e]) for e in ENERGIES) for n in MATRICES]
+def report(path, cfg, dataset_name, classes, analysis: Analysis) -> str:
+    depth = cfg.depth
+    result = analysis.result
+    effective = analysis.effective
+    effective_rows = [[i] + [" / ".join(str(effective[i, n][e]) for e in ENERGIES) for n in MATRICES]
                       for i in range(depth)]
-    effective_rows.append(["mean"] + [" / ".join(f"{sum(a['effective'][i, n][e] for i in range(depth)) / depth:.1f}"
-                                                 for e in ENERGIES) for n in MATRICES])
+    means = [" / ".join(f"{sum(effective[i, n][e] for i in range(depth)) / depth:.1f}" for e in ENERGIES)
+             for n in MATRICES]
+    effective_rows.append(["mean", *means])
     curve_rows = [[family] + [f"{acc:.2f}" for acc in accs]
-                  + [stable_rank(accs, a["ranks"], a["subset_acc"]) or "—"] for family, accs in a["curves"].items()]
+                  + [stable_rank(accs, analysis.ranks, analysis.subset_acc) or "—"]
+                  for family, accs in analysis.curves.items()]
     k = cfg.num_cls
-    on_patches = a["maps"][:, :, k:].sum(-1).mean(0).tolist()
+    on_patches = analysis.maps[:, :, k:].sum(-1).mean(0).tolist()
+    similarity_rows = [[i] + [f"{v:.3f}" for v in row] for i, row in enumerate(analysis.similarity.tolist())]
+    similarity = "One CLS token: no similarity between CLS outputs to show."
+    if k > 1:
+        similarity = markdown_table(["cosine similarity", *map(str, range(k))], similarity_rows)
+    per_class = zip(classes, result["confusion"].sum(1).tolist(), result["per_class"])
     sections = [
         f"# Analysis of {path}\n\nModel: {cfg}. Test set: {dataset_name}, {len(result['confusion'].sum(1))} "
         f"classes, {result['confusion'].sum().item()} images: accuracy {result['acc']:.2f}%, loss "
         f"{result['loss']:.4f}.",
         f"## Effective rank\n\nThe fewest singular values holding 90 / 95 / 99% of each matrix's squared-singular-"
-        f"value energy (full width {a['width']}); a low-rank layer is measured as up @ down.\n\n"
+        f"value energy (full width {analysis.width}); a low-rank layer is measured as up @ down.\n\n"
         + markdown_table(["block", *MATRICES], effective_rows),
-        f"## Post-hoc rank truncation\n\nTest accuracy % on {a['subset']} test images ({a['subset_acc']:.2f}% "
+        f"## Post-hoc rank truncation\n\nTest accuracy % on {analysis.subset} test images ({analysis.subset_acc:.2f}% "
         f"untruncated) when every matrix of the family, in every block, is replaced by its best rank-r approximation "
         f"(truncated SVD, biases kept, no retraining). Last column: the smallest rank from which on accuracy stays "
-        f"within 1 point.\n\n" + markdown_table(["family", *map(str, a["ranks"]), "within 1 point from"],
+        f"within 1 point.\n\n" + markdown_table(["family", *map(str, analysis.ranks), "within 1 point from"],
                                                  curve_rows),
-        f"## CLS tokens\n\nLast block, mean over heads, on the first {len(a['maps'])} test images: the share of "
-        f"each CLS token's attention on the patches (the rest is on the CLS tokens): "
-        + ", ".join(f"CLS {j} {share:.0%}" for j, share in enumerate(on_patches)) + ".\n\n"
-        + (markdown_table(["cosine similarity", *map(str, range(k))],
-                          [[i] + [f"{v:.3f}" for v in row] for i, row in enumerate(a["similarity"].tolist())])
-           if k > 1 else "One CLS token: no similarity between CLS outputs to show."),
-        "## Per-class accuracy\n\n" + markdown_table(
-            ["class", "images", "accuracy %"],
-            [[c, n, f"{acc:.2f}"]
-             for c, n, acc in zip(classes, result["confusion"].sum(1).tolist(), result["per_class"])]),
+        f"## CLS tokens\n\nLast block, mean over heads, on {len(analysis.maps)} test images: the share of each CLS "
+        f"token's attention on the patches (the rest is on the CLS tokens): "
+        + ", ".join(f"CLS {j} {share:.0%}" for j, share in enumerate(on_patches)) + ".\n\n" + similarity,
+        "## Per-class accuracy\n\n" + markdown_table(["class", "images", "accuracy %"],
+                                                     [[c, n, f"{acc:.2f}"] for c, n, acc in per_class]),
         "## Plots\n\n" + "\n".join(f"![{name}]({name}.png)" for name in plot_names(k)),
     ]
     return "\n\n".join(sections) + "\n"
@@ -264,18 +291,19 @@ def plot_names(num_cls):
     return names + (["cls_similarity"] if num_cls > 1 else []) + ["confusion"]
 
 
-def write_plots(a, cfg, classes, out: Path):
-    plot_spectra(a["spectrum"], cfg.depth, out)
-    plot_truncation(a["curves"], a["ranks"], a["subset_acc"], 100 / len(classes), out)
-    predicted = a["result"]["predicted"][: len(a["shown"])].tolist()
-    captions = [f"label {classes[t]}, predicted {classes[p]}" for t, p in zip(a["shown_labels"].tolist(), predicted)]
-    plot_cls_attention(a["maps"], a["shown"], captions, cfg.grid, out)
+def write_plots(analysis: Analysis, cfg, classes, out: Path):
+    plot_spectra(analysis.spectrum, cfg.depth, out)
+    plot_truncation(analysis.curves, analysis.ranks, analysis.subset_acc, 100 / len(classes), out)
+    predicted = analysis.result["predicted"][: len(analysis.shown)].tolist()
+    labels = analysis.shown_labels.tolist()
+    captions = [f"label {classes[t]}, predicted {classes[p]}" for t, p in zip(labels, predicted)]
+    plot_cls_attention(analysis.maps, analysis.shown, captions, cfg.grid, out)
     if cfg.num_cls > 1:
-        labels = [f"CLS {j}" for j in range(cfg.num_cls)]
-        fig, _ = plot_matrix(a["similarity"], labels, "cosine similarity of CLS outputs (test mean)", -1, 1,
+        names = [f"CLS {j}" for j in range(cfg.num_cls)]
+        fig, _ = plot_matrix(analysis.similarity, names, "cosine similarity of CLS outputs (test mean)", -1, 1,
                              fmt="{:.2f}")
         save(fig, out / "cls_similarity.png")
-    confusion = a["result"]["confusion"]
+    confusion = analysis.result["confusion"]
     fig, ax = plot_matrix(confusion, classes, "confusion matrix (test set)", 0, max(1, confusion.max().item()))
     ax.set(xlabel="predicted", ylabel="true")
     save(fig, out / "confusion.png")
@@ -307,12 +335,12 @@ def main(args):
         sys.exit(2)
     out = Path(args.out) if args.out else path.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    a = analyse(model, dataset, device, args)
+    analysis = analyse(model, dataset, device, args)
     dataset_name = args.dataset or ckpt["args"]["dataset"]
-    (out / "report.md").write_text(report(path, model.cfg, dataset_name, dataset.classes, a))
-    write_plots(a, model.cfg, dataset.classes, out)
+    (out / "report.md").write_text(report(path, model.cfg, dataset_name, dataset.classes, analysis))
+    write_plots(analysis, model.cfg, dataset.classes, out)
     print(f"analysis written to {out}", file=sys.stderr)
-    return a
+    return analysis
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
 def rows_to_device(rows: dict, device) -> dict:
-    """Named int64 tensors of one length n, each (n,) or (k, n), moved to `device` in a single copy."""
+    """Named int64 tensors whose first axis runs over the same n images, each (n,) or (n, k), moved to `device` in a
+    single copy."""
     if not rows:
         return {}
-    flat = [rearrange(row, "... n -> (...) n") for row in rows.values()]
-    packed = data.to_device(torch.cat(flat), device).split([len(f) for f in flat])
-    return {name: part.view(row.shape) for (name, row), part in zip(rows.items(), packed)}
+    columns = [rearrange(row, "n ... -> n (...)") for row in rows.values()]
+    packed = data.to_device(torch.cat(columns, dim=1), device)
+    parts = packed.split([len(column.T) for column in columns], dim=1)
+    return {name: part.reshape(row.shape) for (name, row), part in zip(rows.items(), parts)}
 
 
 def geometry_matrix(op, magnitude, size):
@@ -32,8 +34,9 @@ def geometry_matrix(op, magnitude, size):
     if op in ("ShearX", "ShearY"):
         shear = math.degrees(math.atan(magnitude))
         # AutoAugment shears about the top-left corner: center [0, 0], which affine moves to (-w/2, -h/2).
-        return _get_inverse_affine_matrix([-0.5 * size] * 2, 0.0, [0.0, 0.0], 1.0,
-                                          [shear, 0.0] if op == "ShearX" else [0.0, shear])
+        corner = [-0.5 * size, -0.5 * size]
+        shears = [shear, 0.0] if op == "ShearX" else [0.0, shear]
+        return _get_inverse_affine_matrix(corner, 0.0, [0.0, 0.0], 1.0, shears)
     if op in ("TranslateX", "TranslateY"):
         shift = [float(int(magnitude)), 0.0] if op == "TranslateX" else [0.0, float(int(magnitude))]
         return _get_inverse_affine_matrix([0.0, 0.0], 0.0, shift, 1.0, [0.0, 0.0])
@@ -85,20 +88,47 @@ def sharpen(images, variant, tables):
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-# One call per kind of op and slot, whatever the magnitudes: each image's variant (op, magnitude) indexes the tables.
-# Ops without a magnitude are torchvision's own batched functions.
-KIND_OPS = {
-    "affine": lambda x, v, t: sample_nearest(x, t["grid"][v], t["fill"]),  # shear, translate, rotate
-    "Brightness": lambda x, v, t: x.float().mul_(per_image(t["factor"][v])).clamp_(0, 255).to(torch.uint8),
-    "Color": lambda x, v, t: blend(x, grey(x), v, t),
-    "Contrast": lambda x, v, t: blend(x, grey(x).mean((-3, -2, -1), keepdim=True), v, t),
-    "Sharpness": sharpen,
-    "Posterize": lambda x, v, t: x & per_image(t["mask"][v]),
-    "Solarize": lambda x, v, t: torch.where(x >= per_image(t["threshold"][v]), x.bitwise_not(), x),
-    "AutoContrast": lambda x, v, t: TF.autocontrast(x),
-    "Equalize": lambda x, v, t: TF.equalize(x),
-    "Invert": lambda x, v, t: x.bitwise_not(),
-}
+def affine(images, variant, tables):
+    """Shear, translate or rotate: each image sampled along its variant's grid."""
+    return sample_nearest(images, tables["grid"][variant], tables["fill"])
+
+
+def brightness(images, variant, tables):
+    return images.float().mul_(per_image(tables["factor"][variant])).clamp_(0, 255).to(torch.uint8)
+
+
+def color(images, variant, tables):
+    return blend(images, grey(images), variant, tables)
+
+
+def contrast(images, variant, tables):
+    return blend(images, grey(images).mean((-3, -2, -1), keepdim=True), variant, tables)
+
+
+def posterize(images, variant, tables):
+    return images & per_image(tables["mask"][variant])
+
+
+def solarize(images, variant, tables):
+    return torch.where(images >= per_image(tables["threshold"][variant]), images.bitwise_not(), images)
+
+
+# The kinds of op, in the order that sorts an op slot's images (skipped ops come after them all). Each kind runs
+# once per slot on its images, whatever their magnitudes: each image's variant indexes the tables. The ops without
+# a magnitude are torchvision's own batched functions.
+KINDS = (
+    ("affine", affine),
+    ("Brightness", brightness),
+    ("Color", color),
+    ("Contrast", contrast),
+    ("Sharpness", sharpen),
+    ("Posterize", posterize),
+    ("Solarize", solarize),
+    ("AutoContrast", lambda images, variant, tables: TF.autocontrast(images)),
+    ("Equalize", lambda images, variant, tables: TF.equalize(images)),
+    ("Invert", lambda images, variant, tables: images.bitwise_not()),
+)
+KIND_NAMES = [name for name, _ in KINDS]
 
 
 class BatchAutoAugment:
@@ -107,27 +137,32 @@ class BatchAutoAugment:
     def __init__(self, policy: str = "cifar10", size: int = data.IMAGE_SIZE, fill: int = data.AA_FILL):
         # The policy table and magnitude bins are torchvision's (private, pinned version).
         self.tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy), fill=fill)
-        self.size, self.fill = size, fill
-        variants = {}  # (op, magnitude) -> its index
-        table = []  # [sub-policy][slot] -> (probability, index of the variant if positive, if negative)
-        for sub_policy in self.tv._policies:
-            slots = []
-            for op, probability, bin_index in sub_policy:
-                bins_fn, signed = self.tv._AUGMENTATION_SPACE[op]
-                bins = bins_fn(10, size, size)
-                magnitude = 0.0 if bins is None else float(bins[bin_index])
-                signs = (magnitude, -magnitude if signed else magnitude)
-                slots.append((probability, *(variants.setdefault((op, m), len(variants)) for m in signs)))
-            table.append(slots)
-        self.variants = list(variants)
-        self.probability = torch.tensor([[slot[0] for slot in sub] for sub in table])  # (policies, 2)
-        self.variant_of = torch.tensor([[slot[1:] for slot in sub] for sub in table])  # (policies, 2, sign)
+        self.size = size
+        self.fill = fill
+        # Each op slot of each sub-policy: its probability, and the (op, magnitude) it applies with either sign.
+        probability = [[p for _, p, _ in sub_policy] for sub_policy in self.tv._policies]
+        signed = [[self.signed_variants(op, bin_index) for op, _, bin_index in sub_policy]
+                  for sub_policy in self.tv._policies]
+        # The distinct (op, magnitude) variants, in the order first met: the tables hold a row for each.
+        self.variants = list(dict.fromkeys(variant for sub in signed for slot in sub for variant in slot))
+        index = {variant: i for i, variant in enumerate(self.variants)}
+        self.probability = torch.tensor(probability)  # (sub-policies, 2 slots)
+        self.variant_of = torch.tensor([[[index[v] for v in slot] for slot in sub] for sub in signed])  # (.., 2 signs)
         kinds = ["affine" if op in GEOMETRIC_OPS else op for op, _ in self.variants]
-        self.kind_of = torch.tensor([list(KIND_OPS).index(kind) for kind in kinds])
+        self.kind_of = torch.tensor([KIND_NAMES.index(kind) for kind in kinds])
         self.on_device = {}
 
+    def signed_variants(self, op, bin_index):
+        """The (op, magnitude) that an op slot applies with a positive sign and with a negative one (the same where
+        the op has no sign)."""
+        bins_fn, signed = self.tv._AUGMENTATION_SPACE[op]
+        bins = bins_fn(10, self.size, self.size)
+        magnitude = 0.0 if bins is None else float(bins[bin_index])
+        negative = -magnitude if signed else magnitude
+        return (op, magnitude), (op, negative)
+
     def draw(self, n: int, generator) -> torch.Tensor:
-        """(n, 2) variant index of each image's two ops, -1 where the op is skipped (drawn on the CPU)."""
+        """The variant index of each image's two ops, (n, 2), and -1 where an op is skipped; drawn on the CPU."""
         sub_policy = torch.randint(len(self.probability), (n,), generator=generator)
         applied = torch.rand(n, 2, generator=generator) <= self.probability[sub_policy]
         negative = (torch.rand(n, 2, generator=generator) <= 0.5).long()
@@ -135,47 +170,67 @@ class BatchAutoAugment:
         return torch.where(applied, variant, -1)
 
     def plan(self, variants: torch.Tensor):
-        """The host side: per op slot, the gather sorting the images by op kind (composed with the previous slot's),
-        their variants and where each kind's run ends; then the gather back. Returns (rows, ends)."""
+        """The host's part of applying `variants` (n, 2). For each op slot: the gather that sorts the images by kind
+        of op (composed with the previous slot's), their sorted variants, and where each kind's run of images ends;
+        then the gather back to the images' order. Returns (rows, ends): rows (n, ...) for rows_to_device, ends as
+        host ints."""
         position = torch.arange(len(variants))  # where each image sits in the current order
-        gathers, sorted_variants, ends = [], [], []
-        for slot in variants.T:
-            kind = torch.where(slot >= 0, self.kind_of[slot.clamp(min=0)], len(KIND_OPS))  # skipped ops sort last
+        gathers = []
+        sorted_variants = []
+        ends = []
+        for slot in variants.unbind(dim=1):
+            # Skipped ops sort last.
+            kind = torch.where(slot >= 0, self.kind_of[slot.clamp(min=0)], len(KINDS))
             order = torch.argsort(kind, stable=True)
             gathers.append(position[order])
             sorted_variants.append(slot[order].clamp(min=0))
-            ends.append(torch.bincount(kind, minlength=len(KIND_OPS)).cumsum(0)[: len(KIND_OPS)].tolist())
+            ends.append(torch.bincount(kind, minlength=len(KINDS)).cumsum(0)[: len(KINDS)].tolist())
             position = torch.argsort(order)
-        rows = {"aa_gather": torch.stack(gathers), "aa_variant": torch.stack(sorted_variants), "aa_back": position}
+        rows = {"aa_gather": torch.stack(gathers, dim=1), "aa_variant": torch.stack(sorted_variants, dim=1),
+                "aa_back": position}
         return rows, ends
 
     def tables(self, device):
-        """Each variant's parameters, made on `device` once: its sampling grid (torchvision's affine grid and matrix;
-        identity if not geometric), blend factor 1 + m and 1 - it, solarize threshold, posterize bit mask."""
+        """Each variant's parameters on `device`, made there once."""
         if device not in self.on_device:
-            identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-            matrices = [geometry_matrix(op, m, self.size) if op in GEOMETRIC_OPS else identity
-                        for op, m in self.variants]
-            bits = [int(m) if op == "Posterize" else 8 for op, m in self.variants]
-            params = [[1.0 + m, 1.0 - (1.0 + m), 255 * m, ((1 << b) - 1) << (8 - b)]
-                      for (_, m), b in zip(self.variants, bits)]
-            a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's sharpness blur
-            theta, params, blur = (data.to_device(torch.tensor(t, dtype=torch.float32), device)
-                                   for t in (matrices, params, [[a, a, a], [a, b, a], [a, a, a]]))
-            grids = [_affine_grid(t.view(1, 2, 3), self.size, self.size, self.size, self.size) for t in theta]
-            factor, alpha, threshold, mask = params.T
-            self.on_device[device] = {"grid": torch.cat(grids), "factor": factor, "alpha": alpha, "blur": blur,
-                                      "threshold": threshold, "mask": mask.to(torch.uint8), "fill": self.fill}
+            self.on_device[device] = self.make_tables(device)
         return self.on_device[device]
 
+    def make_tables(self, device):
+        def on_device(values, dtype=torch.float32):
+            return data.to_device(torch.tensor(values, dtype=dtype), device)
+
+        identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        matrices = [geometry_matrix(op, m, self.size) if op in GEOMETRIC_OPS else identity for op, m in self.variants]
+        grids = [_affine_grid(theta.view(1, 2, 3), self.size, self.size, self.size, self.size)
+                 for theta in on_device(matrices)]
+        magnitudes = [m for _, m in self.variants]
+        bits = [int(m) if op == "Posterize" else 8 for op, m in self.variants]
+        # torchvision's sharpness blur: 5/13 on the centre pixel, 1/13 on each neighbour.
+        side = 1.0 / 13.0
+        centre = 5.0 / 13.0
+        return {
+            # shear, translate, rotate: torchvision's sampling grid (the identity for the other ops)
+            "grid": torch.cat(grids),
+            # brightness, color, contrast, sharpness: the blend factor 1 + m, and 1 - factor as torchvision adds it
+            "factor": on_device([1.0 + m for m in magnitudes]),
+            "alpha": on_device([1.0 - (1.0 + m) for m in magnitudes]),
+            "threshold": on_device([255 * m for m in magnitudes]),  # solarize
+            "mask": on_device([((1 << b) - 1) << (8 - b) for b in bits], torch.uint8),  # posterize: the bits kept
+            "blur": on_device([[side, side, side], [side, centre, side], [side, side, side]]),
+            "fill": self.fill,
+        }
+
     def apply(self, images, rows, ends):
-        """images: uint8 (n, C, H, W) on the device; rows: plan's rows on that device; ends: plan's host ints."""
+        """Applies the planned ops to uint8 images (n, C, H, W) on the device: `rows` are plan's rows on that
+        device, `ends` its host ints."""
         tables = self.tables(images.device)
-        for gather, variant, slot_ends in zip(rows["aa_gather"], rows["aa_variant"], ends):
-            images = images[gather]
-            for kind, start, stop in zip(KIND_OPS, [0, *slot_ends], slot_ends):
+        for slot, slot_ends in enumerate(ends):
+            images = images[rows["aa_gather"][:, slot]]
+            variant = rows["aa_variant"][:, slot]
+            for (_, op), start, stop in zip(KINDS, [0, *slot_ends], slot_ends):
                 if start < stop:
-                    images[start:stop] = KIND_OPS[kind](images[start:stop], variant[start:stop], tables)
+                    images[start:stop] = op(images[start:stop], variant[start:stop], tables)
         return images[rows["aa_back"]]
 
 
@@ -195,58 +250,65 @@ def flip_crop(images, flip, top, left, padding):
 
 
 class BatchAugment:
-    """data.train_transform for a whole uint8 batch on its device, every random choice per image: flip, crop
-    offsets, AutoAugment sub-policy and signs, erasing box, drawn on the CPU from `generator` (choose)."""
+    """data.train_transform for a whole uint8 batch on its device, every random choice made per image: the flip, the
+    crop's offsets, the AutoAugment sub-policy and signs, the erasing box. `choose` draws them on the CPU, `plan`
+    prepares their use on the host, and `apply` runs them on the device."""
 
     def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25,
                  aa_fill=data.AA_FILL):
         data.check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
-        self.mean, self.std = mean, std
-        self.hflip, self.padding, self.random_erase = hflip, crop_padding, random_erase
-        self.auto_augment = BatchAutoAugment(auto_augment, fill=aa_fill) if auto_augment != "none" else None
-        self.on_device = {}
+        self.mean = mean
+        self.normalize = data.Normalize(mean, std)
+        self.hflip = hflip
+        self.padding = crop_padding
+        self.random_erase = random_erase
+        self.auto_augment = None
+        if auto_augment != "none":
+            self.auto_augment = BatchAutoAugment(auto_augment, fill=aa_fill)
 
     def prepare(self, device):
-        """Puts the constants on `device` once (normalisation, AutoAugment tables): a chunk copies its choices only."""
-        if device not in self.on_device:
-            self.on_device[device] = data.to_device(data.normalization(self.mean, self.std), device)
-            if self.auto_augment is not None:
-                self.auto_augment.tables(device)
-        return self.on_device[device]
+        """Puts the constants on `device` once (normalisation, AutoAugment's tables), so that a chunk copies only its
+        choices."""
+        self.normalize.constants(device)
+        if self.auto_augment is not None:
+            self.auto_augment.tables(device)
 
     def choose(self, n, generator):
-        """Every random choice for n images, drawn on the CPU: {name: (k, n) int64}, a column per image."""
+        """Every random choice for n images, drawn on the CPU: {name: (n, k) int64}, a row per image."""
         choices = {}
         if self.hflip or self.padding:
-            flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-            offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
-            choices["crop"] = torch.cat([rearrange(flip.long(), "n -> 1 n"), offsets])  # flip, top, left
+            flip = torch.zeros(n, dtype=torch.bool)
+            if self.hflip:
+                flip = torch.rand(n, generator=generator) < 0.5
+            top, left = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
+            choices["crop"] = torch.stack([flip.long(), top, left], dim=1)
         if self.auto_augment is not None:
-            choices["aa"] = rearrange(self.auto_augment.draw(n, generator), "n slot -> slot n")
+            choices["aa"] = self.auto_augment.draw(n, generator)
         if self.random_erase:
-            boxes = data.erasing_boxes(n, data.IMAGE_SIZE, data.IMAGE_SIZE, self.random_erase, generator)
-            choices["erase"] = rearrange(boxes, "n box -> box n")
+            choices["erase"] = data.erasing_boxes(n, data.IMAGE_SIZE, data.IMAGE_SIZE, self.random_erase, generator)
         return choices
 
     def plan(self, choices):
-        """choose's choices as (rows for rows_to_device, host ints for apply): AutoAugment's sort is planned here."""
-        rows, ends = {name: c for name, c in choices.items() if name != "aa"}, []
+        """choose's choices made ready for `apply`: (rows for rows_to_device, host ints). AutoAugment's sort by kind
+        of op is planned here."""
+        rows = {name: c for name, c in choices.items() if name != "aa"}
+        ends = []
         if "aa" in choices:
-            aa_rows, ends = self.auto_augment.plan(rearrange(choices["aa"], "slot n -> n slot"))
+            aa_rows, ends = self.auto_augment.plan(choices["aa"])
             rows.update(aa_rows)
         return rows, ends
 
     def apply(self, images, rows, ends):
-        """choose's choices, planned, their rows on the device, applied to uint8 images (n, C, H, W): float out."""
+        """Applies the planned choices, their rows on the device, to uint8 images (n, C, H, W); returns floats."""
         if "crop" in rows:
-            flip, top, left = rows["crop"]
+            flip, top, left = rows["crop"].unbind(dim=1)
             images = flip_crop(images, flip.bool(), top, left, self.padding)
         if self.auto_augment is not None:
             images = self.auto_augment.apply(images, rows, ends)
-        images = data.scale_shift(images, self.prepare(images.device))
+        images = self.normalize(images)
         if self.random_erase:
             # The seed fills the box with the raw channel means, written after normalisation: its quirk, kept.
-            images = data.erase(images, rows["erase"].T, self.mean)
+            images = data.erase(images, rows["erase"], self.mean)
         return images
 
     def __call__(self, images, generator):
@@ -255,31 +317,42 @@ class BatchAugment:
 
 
 class DeviceLoader:
-    """The training set held on `device` as uint8, batched in the sampler's order and augmented a chunk at a time,
-    its choices drawn for every rank's images from (seed, epoch, chunk): alike on 1 or N processes and on resume."""
+    """The training set held on `device` as uint8, batched in the sampler's order and augmented a chunk of batches at
+    a time. A chunk's choices are drawn for every rank's images from (seed, epoch, chunk), so that the batches are
+    the same on 1 or N processes and after a resume."""
 
     def __init__(self, images, labels, sampler: data.RepeatedAugmentationSampler, augment: BatchAugment, device,
                  chunk_images: int = 4096):
-        self.images, self.labels = images.to(device), labels.to(device)
-        self.sampler, self.augment, self.device = sampler, augment, torch.device(device)
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.sampler = sampler
+        self.augment = augment
+        self.device = torch.device(device)
         augment.prepare(self.device)
         self.batch = sampler.batch
         # Chunks count global batches, so that they cut an epoch at the same steps on any number of processes.
         self.batches_per_chunk = max(1, chunk_images // sampler.global_batch)
 
     def __iter__(self):
-        s = self.sampler
-        order = s.epoch_order().view(s.steps_per_epoch, self.batch)
-        for first in range(s.start_step // self.batches_per_chunk * self.batches_per_chunk, s.steps_per_epoch,
-                           self.batches_per_chunk):
-            steps = range(first, min(first + self.batches_per_chunk, s.steps_per_epoch))
-            generator = torch.Generator().manual_seed(data.derive_seed(s.seed, "augment", s.epoch, first))
-            choices = self.augment.choose(len(steps) * s.global_batch, generator)  # in the global order
-            mine = {name: data.rank_part(c, len(steps), s.world_size, s.rank) for name, c in choices.items()}
+        sampler = self.sampler
+        order = sampler.epoch_order().view(sampler.steps_per_epoch, self.batch)
+        # From the chunk that holds the start step: a chunk's draws depend on its first step alone.
+        first_chunk = sampler.start_step // self.batches_per_chunk * self.batches_per_chunk
+        for first in range(first_chunk, sampler.steps_per_epoch, self.batches_per_chunk):
+            steps = range(first, min(first + self.batches_per_chunk, sampler.steps_per_epoch))
+
+            # Every rank draws the choices for the chunk's global batches, in the global order, and keeps its part.
+            generator = torch.Generator().manual_seed(data.derive_seed(sampler.seed, "augment", sampler.epoch, first))
+            choices = self.augment.choose(len(steps) * sampler.global_batch, generator)
+            mine = {name: data.rank_part(choice, len(steps), sampler.world_size, sampler.rank)
+                    for name, choice in choices.items()}
             rows, ends = self.augment.plan(mine)
-            indices = order[steps.start : steps.stop].flatten()
+
             # The chunk's image indices and all its random choices reach the device in one copy.
+            indices = order[steps.start : steps.stop].flatten()
             rows = rows_to_device({"index": indices, **rows}, self.device)
             images = self.augment.apply(self.images[rows["index"]], rows, ends)
-            batches = zip(steps, images.split(self.batch), self.labels[rows["index"]].split(self.batch))
-            yield from ((x, y) for step, x, y in batches if step >= s.start_step)
+            labels = self.labels[rows["index"]]
+            for step, x, y in zip(steps, images.split(self.batch), labels.split(self.batch)):
+                if step >= sampler.start_step:
+                    yield x, y

@@ -110,7 +110,7 @@ def random_batch(n, device, normalised=False):
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
     labels = torch.randint(0, 10, (n,), generator=g).to(device)
     if normalised:
-        return data.normalize(images, *data.CIFAR10_STATS), F.one_hot(labels, 10).float()
+        return data.Normalize(*data.CIFAR10_STATS)(images), F.one_hot(labels, 10).float()
     return images, labels
 
 
@@ -153,7 +153,7 @@ def loop_step(loader, step, device):
 
     def one():
         i, batch = next(batches)
-        step(*mix(*batch, data.seed_step(0, 0, i, device)))
+        step(*mix(*batch, train.seed_step(0, 0, i, device)))
     return one
 
 
@@ -246,7 +246,7 @@ def bench_sync(opts, device, check):
     if device.type != "cuda":
         return {"skipped": "set_sync_debug_mode needs CUDA", "rows": []}
     loader = recipe_loader(4 * opts.batch_size, opts, device, chunk_images=2 * opts.batch_size)
-    state, step = train.TrainingState(device, 50), check.baseline or make_step({}, device)[1]
+    state, step = run.TrainingState(device, 50), check.baseline or make_step({}, device)[1]
     checks = {"training step: seeding, mixing, step, loss bookkeeping":
               loop_step(loader, lambda *batch: state.add(step(*batch)), device),
               "device loader, one augmentation chunk": lambda: next(iter(loader))}
@@ -276,7 +276,7 @@ def bench_pipeline(opts, device, check):
 
 def bench_augment(opts, device, check):
     images, labels = random_batch(16 * opts.batch_size, device)
-    mix, rng, batch = data.BatchMix(10), data.seed_step(0, 0, 0, device), opts.batch_size
+    mix, rng, batch = data.BatchMix(10), train.seed_step(0, 0, 0, device), opts.batch_size
     batch_augment = augment.BatchAugment(*data.CIFAR10_STATS, **RECIPE)
     transform = data.train_transform(*data.CIFAR10_STATS, **RECIPE, pil=True)
     pil_images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images[:1024]]

@@ -5,7 +5,6 @@ All randomness derives from the seed and the position in the run: the same batch
 """
 import hashlib
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,8 @@ EVAL_CHUNK = 1024  # test images per forward pass of an evaluation
 CIFAR = {"cifar10": (CIFAR10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
          "cifar100": (CIFAR100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))}
 CIFAR10_STATS = CIFAR["cifar10"][1]
-ERASE_SCALE, ERASE_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # random erasing: area fraction and aspect ratio ranges
+ERASE_SCALE = (0.02, 0.4)  # random erasing: the range of the box's area, as a fraction of the image's
+ERASE_RATIO = (0.3, 1 / 0.3)  # random erasing: the range of the box's aspect ratio
 ERASE_ATTEMPTS = 100  # random erasing: tries at a box that fits, as the seed
 AA_FILL = 128  # AutoAugment: the grey that translate, shear and rotate leave where the image was, as the seed
 
@@ -47,15 +47,6 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def seed_step(seed, rank, step, device) -> random.Random:
-    """Step `step`'s draws on `rank`, from (seed, rank, step): stochastic depth from the device's generator (alone:
-    torch.manual_seed seeds every CUDA device, 0.27 ms), batch mixing from the returned host generator."""
-    step_seed = derive_seed(seed, "step", rank, step)
-    generator = torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
-    generator.manual_seed(step_seed)
-    return random.Random(step_seed)
-
-
 def channel_stats(images: torch.Tensor):
     pixels = images.double().div(255).transpose(0, 1).flatten(1)
     return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
@@ -70,21 +61,26 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def normalization(mean, std) -> torch.Tensor:
-    """(2, C, 1, 1) float32 on the CPU: the scale 1 / (255 std) and the shift mean / std that `normalize` applies."""
-    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-    return torch.stack([1 / (255 * std), mean / std])
+class Normalize:
+    """Turns uint8 images (B, C, H, W) into floats standardised per channel, (x / 255 - mean) / std, computed as one
+    multiply and one subtract in torch's default dtype. Its two constants are copied to a device once, at the first
+    batch there, so that no later batch copies anything from the host."""
 
+    def __init__(self, mean, std):
+        self.mean = mean
+        self.std = std
+        self.on_device = {}  # device -> (scale, shift), each (C, 1, 1)
 
-def scale_shift(images: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
-    """uint8 -> images * scale - shift in torch's default dtype, `constants` from `normalization` on their device."""
-    scale, shift = constants
-    return images.to(torch.get_default_dtype()).mul_(scale).sub_(shift)
+    def constants(self, device):
+        if device not in self.on_device:
+            mean = torch.tensor(self.mean).view(-1, 1, 1)
+            std = torch.tensor(self.std).view(-1, 1, 1)
+            self.on_device[device] = (to_device(1 / (255 * std), device), to_device(mean / std, device))
+        return self.on_device[device]
 
-
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float, standardised per channel: (x / 255 - mean) / std as one scale and shift."""
-    return scale_shift(images, to_device(normalization(mean, std), images.device))
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.constants(images.device)
+        return images.to(torch.get_default_dtype()).mul_(scale).sub_(shift)
 
 
 class DownloadError(OSError):
@@ -199,11 +195,13 @@ def load_dataset(name: str, data_dir="data") -> ImageData:
 
 # ---- the per-image augmentation (torchvision's transforms: the specification of augment.py's batched pipeline)
 def erasing_boxes(n, h, w, p, generator=None, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts=ERASE_ATTEMPTS):
-    """The seed's random erasing for n images: with probability p, tries of area uniform in scale * h * w and aspect
-    uniform in `ratio` until a box fits (at most `attempts`; a round tries each image still without one), placed
-    uniformly. (n, 4) int64 top, left, height, width; height 0 where nothing is erased."""
+    """The boxes of the seed's random erasing for n images of h x w. Each image is erased with probability p. Its box
+    is tried with an area drawn uniformly from scale * h * w and an aspect ratio drawn uniformly from `ratio`, until
+    one fits (at most `attempts` tries; each round tries every image still without a box), and is placed uniformly.
+    Returns (n, 4) int64: top, left, height, width, with height 0 where nothing is erased."""
     erased = (torch.rand(n, generator=generator) < p).nonzero()[:, 0]
-    size, waiting = torch.zeros(len(erased), 2, dtype=torch.long), torch.arange(len(erased))
+    size = torch.zeros(len(erased), 2, dtype=torch.long)
+    waiting = torch.arange(len(erased))  # the erased images still without a box that fits
     for _ in range(attempts):
         if not len(waiting):
             break
@@ -236,7 +234,8 @@ class RandomErasing:
     """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline."""
 
     def __init__(self, p, value):
-        self.p, self.value = p, value
+        self.p = p
+        self.value = value
 
     def __call__(self, image):
         _, h, w = image.shape
@@ -279,17 +278,19 @@ def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10
 RA_MODES = ("shuffles", "in-batch")
 
 
-def rank_part(order, steps, world_size, rank):
-    """This rank's part of `order` (..., steps * global batch: global batches one after another): the rank-th
-    contiguous slice of every global batch, (..., steps * per-rank batch)."""
-    parts = rearrange(order, "... (s w b) -> ... s w b", s=steps, w=world_size)
-    return rearrange(parts[..., rank, :], "... s b -> ... (s b)")
+def rank_part(rows, steps, world_size, rank):
+    """This rank's part of `rows`, whose first axis runs over `steps` global batches one after another (the epoch's
+    image order, or a choice per image): the rank-th contiguous slice of every global batch."""
+    parts = rearrange(rows, "(s w b) ... -> s w b ...", s=steps, w=world_size)
+    return rearrange(parts[:, rank], "s b ... -> (s b) ...")
 
 
 class RepeatedAugmentationSampler:
-    """Repeated augmentation: `reps` copies of every image an epoch, as `reps` shuffles in turn (shuffles: the seed's
-    RASampler) or one shuffle with each image `reps` times in a row (in-batch: the seed under torchrun). Cut into
-    global batches (the last incomplete one dropped), rank r taking the r-th slice of each, as on 1 process."""
+    """Repeated augmentation: every image is seen `reps` times an epoch. In mode "shuffles" (the seed's RASampler on
+    one process) an epoch is `reps` independent shuffles one after another; in mode "in-batch" (the seed under
+    torchrun) it is one shuffle with each image repeated `reps` times in a row. The epoch is cut into global batches
+    (an incomplete last one is dropped), and rank r takes the r-th slice of each, so that the processes together see
+    what one process would."""
 
     def __init__(self, num_images, global_batch, reps=1, rank=0, world_size=1, seed=0, mode="shuffles"):
         if reps < 1:
@@ -301,13 +302,21 @@ class RepeatedAugmentationSampler:
         self.steps_per_epoch = num_images * reps // global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"global_batch={global_batch} exceeds the {num_images * reps} samples of an epoch")
-        self.num_images, self.global_batch, self.reps, self.mode = num_images, global_batch, reps, mode
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_images = num_images
+        self.global_batch = global_batch
+        self.reps = reps
+        self.mode = mode
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
         self.batch = global_batch // world_size  # per rank
-        self.epoch = self.start_step = 0
+        self.epoch = 0
+        self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0):
-        self.epoch, self.start_step = epoch, start_step
+        """The epoch to yield next, from its step `start_step` (a resumed run's)."""
+        self.epoch = epoch
+        self.start_step = start_step
 
     def epoch_order(self) -> torch.Tensor:
         """This rank's image indices for the whole epoch (from step 0), in order."""
@@ -340,16 +349,18 @@ def cutmix(images, partner, lam, rng):
 
 
 class BatchMix:
-    """With probability `prob` a batch is mixed by CutMix or Mixup (equal chance; alpha 0 removes one), each image
-    with a partner from a random permutation, as the seed's (torchvision's pairs neighbours: under in-batch repeats,
-    its own copy). Targets: (B, num_classes). Choices from `rng` (random.Random), the permutation on the device."""
+    """With probability `prob` a batch is mixed by CutMix or Mixup, with equal chance (an alpha of 0 removes one). Each
+    image gets a partner from a random permutation of the batch, as in the seed (torchvision's mixing pairs
+    neighbours, which under in-batch repeats would be an image's own copy). The targets are (B, num_classes) soft
+    labels. The host draws the choices from `rng` (a random.Random); the permutation is drawn on the device."""
 
     def __init__(self, num_classes, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5):
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
         if not 0 <= prob <= 1:
             raise ValueError(f"prob={prob} must be a probability in [0, 1]")
-        self.num_classes, self.prob = num_classes, prob
+        self.num_classes = num_classes
+        self.prob = prob
         self.mixers = [(mix, alpha) for mix, alpha in ((mixup, mixup_alpha), (cutmix, cutmix_alpha)) if alpha]
 
     def __call__(self, images, labels, rng):

@@ -238,7 +238,9 @@ def count_parameters(model: nn.Module) -> int:
 
 def forward_macs(cfg: ViTConfig) -> int:
     """Multiply-accumulates of one image's forward pass (matmuls only; norms, GELU and softmax are negligible)."""
-    n, d, h, r = cfg.num_cls + cfg.num_patches, cfg.dim, cfg.mlp_dim, cfg.latent_dim
+    n = cfg.num_cls + cfg.num_patches  # tokens
+    d = cfg.dim
+    r = cfg.latent_dim
     letters = parse_latent(cfg.latent)
 
     def linear(in_features, out_features, rank):
@@ -247,7 +249,7 @@ def forward_macs(cfg: ViTConfig) -> int:
     projections = sum(linear(d, d, r if letter in letters else 0) for letter in "qkvo")
     if cfg.shared_kv_latent and {"k", "v"} <= letters:
         projections -= n * d * r  # K and V share one down-projection
-    mlp = linear(d, h, cfg.mlp_latent_dim) + linear(h, d, cfg.mlp_latent_dim)
+    mlp = linear(d, cfg.mlp_dim, cfg.mlp_latent_dim) + linear(cfg.mlp_dim, d, cfg.mlp_latent_dim)
     per_block = projections + 2 * n * n * d + mlp
     head_in = cfg.num_cls * d if cfg.cls_pool == "concat" else d
     return cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * d + cfg.depth * per_block + head_in * cfg.num_classes

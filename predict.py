@@ -29,8 +29,8 @@ def load(path, device):
 
 def test_data(ckpt, dataset=None, data_dir=None) -> data.ImageData:
     """The dataset to evaluate on: by default the one the checkpoint's run trained on."""
-    name, root = dataset or ckpt["args"]["dataset"], data_dir or ckpt["args"]["data_dir"]
-    images = data.load_dataset(name, root)
+    name = dataset or ckpt["args"]["dataset"]
+    images = data.load_dataset(name, data_dir or ckpt["args"]["data_dir"])
     if len(images.classes) != ckpt["config"]["num_classes"]:
         raise ValueError(f"--dataset {name} has {len(images.classes)} classes; the checkpoint's model has "
                          f"{ckpt['config']['num_classes']}")
@@ -38,12 +38,11 @@ def test_data(ckpt, dataset=None, data_dir=None) -> data.ImageData:
 
 
 @torch.no_grad()
-def logits_of(model, images, mean, std, device):
+def logits_of(model, images, normalize: data.Normalize, device):
     """float32 logits of uint8 images, normalised and chunked as train.py's evaluation does."""
     model.eval()
-    constants = data.to_device(data.normalization(mean, std), device)
     chunks = images.split(data.EVAL_CHUNK)
-    return torch.cat([model(data.scale_shift(x.to(device), constants)).float().cpu() for x in chunks])
+    return torch.cat([model(normalize(x.to(device))).float().cpu() for x in chunks])
 
 
 def scores(logits, labels, num_classes) -> dict:
@@ -58,7 +57,7 @@ def scores(logits, labels, num_classes) -> dict:
 
 
 def evaluate(model, dataset: data.ImageData, device) -> dict:
-    logits = logits_of(model, dataset.test_images, dataset.mean, dataset.std, device)
+    logits = logits_of(model, dataset.test_images, data.Normalize(dataset.mean, dataset.std), device)
     return scores(logits, dataset.test_labels, len(dataset.classes))
 
 
@@ -114,7 +113,8 @@ def run_predict(args, model, ckpt, device):
     if not files:
         raise ValueError(f"{args.images}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
     stats = ckpt["data"]
-    logits = logits_of(model, torch.stack([data.read_image(p) for p in files]), stats["mean"], stats["std"], device)
+    images = torch.stack([data.read_image(p) for p in files])
+    logits = logits_of(model, images, data.Normalize(stats["mean"], stats["std"]), device)
     probs, indices = logits.softmax(1).topk(min(args.top_k, logits.shape[1]), dim=1)  # best first
     write_predictions(args.out, files, stats["classes"], probs, indices)
     print(f"{len(files)} images: top-{probs.shape[1]} labels written to {args.out}")

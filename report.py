@@ -41,48 +41,85 @@ PAPER_TARGETS = {row[2] for row in PAPER}
 DDP_TARGETS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
 
 
+def precision_of(summary: dict) -> str:
+    """The precision a run trained in. Runs from before --amp-dtype have no "precision": their --amp was bf16, and
+    a run whose args do not say "amp" is taken to have passed it, as every table target does."""
+    if summary.get("precision"):
+        return summary["precision"]
+    if summary.get("args", {}).get("amp") is False:
+        return "fp32"
+    return "bf16"
+
+
 def reading(summary: dict, target: str) -> str:
     """How a run of a paper column read the seed where that differs from our default for the column (the ambiguities
-    of docs/faithfulness.md; lr and weight decay: any change), e.g. "depth 12, fp32"; "" where it does not."""
-    args, lion = summary.get("args", {}), target == "lion-bs1024"
-    # Runs from before --amp-dtype have no "precision": --amp was bf16 then; without "amp" the run says nothing.
-    precision = summary.get("precision") or {False: "fp32"}.get(args.get("amp"), "bf16")
+    of docs/faithfulness.md; for lr and weight decay, any change), e.g. "depth 12, fp32"; "" where it does not."""
+    args = summary.get("args", {})
+    lion = target == "lion-bs1024"
     ours = {"depth": ("depth", 9), "ra_mode": ("RA", "in-batch" if target in DDP_TARGETS else "shuffles"),
             "lr": ("lr", 1e-4 if lion else 1e-3), "weight_decay": ("wd", 0.5 if lion else 0.05),
             "same_seed_on_ranks": ("same seed on ranks", False)}
-    other = [label if default is False else f"{label} {args[key]}" for key, (label, default) in ours.items()
-             if args.get(key, default) != default]
-    return ", ".join(other + [precision] * (precision != "bf16"))
+    other = []
+    for key, (label, default) in ours.items():
+        value = args.get(key, default)
+        if value != default:
+            other.append(label if default is False else f"{label} {value}")
+    if precision_of(summary) != "bf16":
+        other.append(precision_of(summary))
+    return ", ".join(other)
 
 
-Run = namedtuple("Run", "folder column seed summary metrics")
+# A complete run read from its folder: its column's key (target, reading), its seed, summary.json, metrics records.
+RunResult = namedtuple("RunResult", "folder key seed summary metrics")
 
 
 @dataclass
 class Column:
+    """The runs of one column of the table: one target (a make target or --tag), read one way (reading)."""
+
     target: str
+    reading: str
     runs: list
+
+    @property
+    def label(self) -> str:
+        return f"{self.target} [{self.reading}]" if self.reading else self.target
 
     def values(self, key):
         return [run.summary[key] for run in self.runs if run.summary.get(key) is not None]
 
     def mean_std(self, key):
         values = self.values(key)
-        return (statistics.mean(values) if values else None), (statistics.stdev(values) if len(values) > 1 else None)
+        mean = statistics.mean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return mean, std
 
 
-def column_of(folder: Path, summary: dict) -> str:
-    """The run's column: its --tag (else its folder's name without -seed<N>), and for a paper column read otherwise
-    than our default, that reading in brackets."""
+def column_key(folder: Path, summary: dict):
+    """The run's column as (target, reading): its --tag (else its folder's name without -seed<N>), and for a paper
+    column read otherwise than our default, that reading ("" for ours)."""
     target = summary.get("args", {}).get("tag") or re.sub(r"-seed\d+$", "", folder.name)
-    other = reading(summary, target) if target in PAPER_TARGETS else ""
-    return f"{target} [{other}]" if other else target
+    if target not in PAPER_TARGETS:
+        return target, ""
+    return target, reading(summary, target)
+
+
+def read_metrics(path: Path, problems) -> list:
+    """The records of a metrics.jsonl; a line that is not JSON is skipped and named in `problems`."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            problems.append(f"{path}: line {number} is not JSON (skipped)")
+    return records
 
 
 def load_runs(root: Path, with_metrics: bool = False):
-    """(complete runs, problems): each problem is one line naming the folder or file and what is wrong. Metrics are
-    read only `with_metrics` (for the curves)."""
-    runs, problems = [], []
+    """The complete runs under `root`, and the problems met: each one line naming the folder or file and what is
+    wrong. Metrics are read only `with_metrics` (for the curves)."""
+    runs = []
+    problems = []
     folders = sorted(p.parent for p in root.glob("*/summary.json")) + sorted(
         p.parent for p in root.glob("*/metrics.jsonl") if not (p.parent / "summary.json").exists())
     for folder in folders:
@@ -100,63 +137,64 @@ def load_runs(root: Path, with_metrics: bool = False):
             problems.append(f"{folder}: incomplete ({summary.get('epochs_done')} of {summary.get('epochs')} epochs); "
                             f"continue it with --resume {folder / 'checkpoint.pt'}")
             continue
-        path, metrics = folder / "metrics.jsonl", []
-        for number, line in enumerate(path.read_text().splitlines() if with_metrics and path.exists() else [], 1):
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                problems.append(f"{path}: line {number} is not JSON (skipped)")
-        runs.append(Run(folder, column_of(folder, summary), seed, summary, metrics))
+        metrics = read_metrics(folder / "metrics.jsonl", problems) if with_metrics else []
+        runs.append(RunResult(folder, column_key(folder, summary), seed, summary, metrics))
     return runs, problems
 
 
-def group_columns(runs, problems):
+def group_columns(runs, problems) -> dict:
+    """{(target, reading): Column} of the runs."""
     columns = {}
     for run in runs:
-        column = columns.setdefault(run.column, Column(run.column, []))
+        column = columns.setdefault(run.key, Column(*run.key, runs=[]))
         if any(other.seed == run.seed for other in column.runs):
-            problems.append(f"{run.folder}: a second run of {run.column!r} with seed {run.seed} (both counted)")
+            problems.append(f"{run.folder}: a second run of {column.label!r} with seed {run.seed} (both counted)")
         column.runs.append(run)
     return columns
 
 
 def fmt(mean, std, digits=2):
-    return "—" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    if mean is None:
+        return "—"
+    if std is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table_rows(columns, only_run=False):
-    """(group, name, column, paper time, paper acc) for the paper's columns, each followed by its runs of other
-    readings, then any other column found."""
+    """(group, name, column key, paper time, paper acc) for the paper's columns, each followed by its runs of other
+    readings; then every other column found."""
     rows = []
     for group, name, target, paper_time, paper_acc in PAPER:
-        rows += [(group, name, target, paper_time, paper_acc)] * (target in columns or not only_run)
-        rows += [(group, f"{name} [{column.split(' [', 1)[1]}", column, paper_time, paper_acc)
-                 for column in sorted(columns) if column.startswith(f"{target} [")]
+        if (target, "") in columns or not only_run:
+            rows.append((group, name, (target, ""), paper_time, paper_acc))
+        for key in sorted(key for key in columns if key[0] == target and key[1]):
+            rows.append((group, f"{name} [{key[1]}]", key, paper_time, paper_acc))
     known = {row[2] for row in rows}
-    return rows + [("Other", column, column, None, None) for column in sorted(columns) if column not in known]
+    return rows + [("Other", columns[key].label, key, None, None) for key in sorted(columns) if key not in known]
 
 
 def markdown_table(columns, expected_seeds=None, only_run=False):
     lines = ["| group | column | target | final acc % | best acc % | seeds | train time s | device | paper acc % "
              "| final − paper | paper time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     missing = []
-    for group, name, target, paper_time, paper_acc in table_rows(columns, only_run):
-        column = columns.get(target)
+    for group, name, key, paper_time, paper_acc in table_rows(columns, only_run):
+        column = columns.get(key)
         if column is None:
-            lines.append(f"| {group} | {name} | `{target}` | not run | | 0 | | | {fmt(paper_acc, None)} | "
+            lines.append(f"| {group} | {name} | `{key[0]}` | not run | | 0 | | | {fmt(paper_acc, None)} | "
                          f"| {paper_time or '—'} |")
-            missing.append(target)
+            missing.append(key[0])
             continue
         final, final_std = column.mean_std("final_acc")
         best, best_std = column.mean_std("best_acc")
         seconds, _ = column.mean_std("train_seconds")
         devices = ", ".join(sorted(set(column.values("device_name")))) or "—"
         diff = fmt(final - paper_acc, None) if paper_acc is not None else "—"
-        lines.append(f"| {group} | {name} | `{target}` | {fmt(final, final_std)} | {fmt(best, best_std)} "
+        lines.append(f"| {group} | {name} | `{column.label}` | {fmt(final, final_std)} | {fmt(best, best_std)} "
                      f"| {len(column.runs)} | {fmt(seconds, None, 0)} | {devices} | {fmt(paper_acc, None)} | {diff} "
                      f"| {paper_time or '—'} |")
         if expected_seeds and len(column.runs) < expected_seeds:
-            missing.append(f"{target} ({len(column.runs)} of {expected_seeds} seeds)")
+            missing.append(f"{column.label} ({len(column.runs)} of {expected_seeds} seeds)")
     return "\n".join(lines), missing
 
 
@@ -187,16 +225,17 @@ def plot_curves(run, path):
 
 
 def differences(columns, baseline):
-    """{target: (mean final − baseline mean final, error)}; the error adds the two standard errors in quadrature."""
+    """{label: (mean final − baseline's mean final, error)} for every column but the baseline (a column key); the
+    error adds the two standard errors in quadrature."""
     base = columns[baseline]
     base_mean, base_std = base.mean_std("final_acc")
     result = {}
-    for target, column in sorted(columns.items()):
-        if target == baseline:
+    for key, column in sorted(columns.items()):
+        if key == baseline:
             continue
         mean, std = column.mean_std("final_acc")
         error = math.sqrt((std or 0) ** 2 / len(column.runs) + (base_std or 0) ** 2 / len(base.runs))
-        result[target] = (mean - base_mean, error)
+        result[column.label] = (mean - base_mean, error)
     return result
 
 
@@ -207,7 +246,8 @@ def plot_differences(columns, baseline, path):
     ax.bar(names, [diffs[n][0] for n in names], yerr=[diffs[n][1] for n in names], capsize=4,
            color=["tab:green" if diffs[n][0] >= 0 else "tab:red" for n in names])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(ylabel=f"final acc − {baseline} (points)", title=f"vs {baseline} (± standard error)")
+    label = columns[baseline].label
+    ax.set(ylabel=f"final acc − {label} (points)", title=f"vs {label} (± standard error)")
     ax.tick_params(axis="x", rotation=45)
     save(fig, path)
 
@@ -233,9 +273,12 @@ def main(args):
     runs, problems = load_runs(root, with_metrics=args.plots)
     columns = group_columns(runs, problems)
     table, missing = markdown_table(columns, args.seeds, args.only_run)
-    notes = [f"- not run or short of seeds: {', '.join(missing)}"] if missing else []
-    notes += [f"- {problem}" for problem in problems]
-    text = table + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+    notes = [f"- {problem}" for problem in problems]
+    if missing:
+        notes.insert(0, f"- not run or short of seeds: {', '.join(missing)}")
+    text = table + "\n"
+    if notes:
+        text = table + "\n\n" + "\n".join(notes) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     print(text)
@@ -244,8 +287,9 @@ def main(args):
         for run in runs:
             if run.metrics:
                 plot_curves(run, out / "curves" / f"{run.folder.name}.png")
-        if args.baseline in columns and len(columns) > 1:
-            plot_differences(columns, args.baseline, out / "differences.png")
+        baseline = next((key for key, column in columns.items() if column.label == args.baseline), None)
+        if baseline is not None and len(columns) > 1:
+            plot_differences(columns, baseline, out / "differences.png")
         else:
             print(f"differences.png not written: it needs runs of {args.baseline!r} and of another column",
                   file=sys.stderr)

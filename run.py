@@ -1,12 +1,13 @@
-"""The machinery of a PoorViTs training run (train.py is the recipe): its device; its locked output folder with
-metrics.jsonl, checkpoint.pt (atomic, in the background) and summary.json; preemption signals; failures said once,
-by rank 0, with an exit code a job scheduler can act on. predict.py and analyze.py read checkpoints through here.
+"""The machinery of a PoorViTs training run (train.py is the recipe): the device; the job's processes and the work
+rank 0 does for them; the locked output folder and the checkpoint a run continues; the run's progress; and the
+session that keeps its records (metrics.jsonl, checkpoint.pt, summary.json, written by files.py), answers
+preemption signals and says once, by rank 0, how the run ended, with an exit code a job scheduler can act on.
+predict.py and analyze.py read checkpoints through here.
 """
 import argparse
 import contextlib
 import errno
 import fcntl
-import io
 import json
 import os
 import pickle
@@ -15,27 +16,22 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import einops
 import torch
 import torch.distributed as dist
 import torchvision
-from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 import data
+import files
 from model import ViT, ViTConfig
 
 
 # ---- what can go wrong: each cause a job scheduler can act on has its exit code (docs/reliability.md)
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: training stops without saving, the last good checkpoint stays."""
-
-
-class DiskFull(OSError):
-    pass
+    """The loss became NaN or infinite: training stops without saving, and the last good checkpoint stays."""
 
 
 class OutputDirInUse(RuntimeError):
@@ -52,9 +48,9 @@ class FailedOnRank0(Exception):
 
 # 2 and 3 need a person; after 4-7 the environment is fixed and the run continued with --resume auto. Also 1: an
 # unexpected error (with its traceback), 128 + N: stopped by signal N.
-EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, DiskFull: 5,
+EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, NonFiniteLoss: 3, data.DownloadError: 4, files.DiskFull: 5,
               OutputDirInUse: 6, torch.OutOfMemoryError: 7}
-NO_BAD_STEP = 2**62  # a first_bad_step when every loss of the interval was finite
+NO_BAD_STEP = 2**62  # what TrainingState.first_bad_step gives when every loss of the interval was finite
 
 
 def exit_code(error) -> int:
@@ -62,30 +58,32 @@ def exit_code(error) -> int:
 
 
 def first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}"
 
 
-def is_rank0() -> bool:
-    """Rank 0, or a single process: the one that says what every rank would say."""
+def launched_as_rank0() -> bool:
+    """Whether torchrun started this process as rank 0, or started no processes at all. Before the process group
+    exists, this is the process that says what every process would say."""
     return os.environ.get("RANK", "0") == "0"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag said in one line (like every other error of train.py), once under torchrun."""
+    """argparse, with a bad flag said in one line (like every other error of train.py), and once under torchrun."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n" if is_rank0() else None)
+        self.exit(2, f"{self.prog}: error: {message}\n" if launched_as_rank0() else None)
 
 
 def note(text):
-    if is_rank0():
+    if launched_as_rank0():
         tqdm.write(f"train.py: note: {text}", file=sys.stderr)  # leaves the progress bar whole
 
 
 # ---- the device
 def device_of(name):
-    """--device `name` (cuda, cuda:N, cpu). Unset: cuda on a build of torch with CUDA, which must then start (a GPU
-    run that silently trained on the CPU would report hours of the wrong thing), else cpu."""
+    """The device of `--device name` (cuda, cuda:N, cpu). Unset, it is cuda on a build of torch with CUDA, which must
+    then start: a GPU run that silently trained on the CPU would report hours of the wrong thing. Otherwise cpu."""
     gpu_build = torch.version.cuda or torch.version.hip
     if name is None and not gpu_build:
         return torch.device("cpu")
@@ -114,29 +112,41 @@ def device_name(device):
         return platform.processor() or "cpu"
 
 
-def run_info(device):
+def git_commit():
+    """This code's commit, with -dirty where the working tree has changes; "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parent
     try:
-        root = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-        commit = (commit + ("-dirty" if dirty.strip() else "")) or "unknown"
     except OSError:
-        commit = "unknown"
-    return {"git_commit": commit, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+        return "unknown"
+    if dirty.strip():
+        commit += "-dirty"
+    return commit or "unknown"
+
+
+def run_info(device):
+    return {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": device_name(device), "hostname": platform.node()}
 
 
-class Rank0:
-    """Work rank 0 alone does (claim the output dir, download, read the checkpoint, write files), whose outcome every
-    rank learns (one broadcast): a failure stops all ranks, rank 0 raising the error, the others FailedOnRank0."""
+# ---- the job's processes
+class Ranks:
+    """This process's place in the job (its rank, the world size, its device) and the three ways rank 0 does work
+    for every process. Whatever rank 0 does, every rank learns whether it failed (one broadcast): a failure stops
+    them all, rank 0 raising the error and the others FailedOnRank0, which ends them quietly."""
 
     def __init__(self, rank, world_size, device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
 
-    def __call__(self, work, *args):
-        """work(*args)'s result on rank 0, None on the others."""
-        error = result = None
+    def rank0_only(self, work, *args):
+        """Runs work(*args) on rank 0 alone (claiming the output folder, writing a file). Returns its result on rank
+        0 and None on the others."""
+        error = None
+        result = None
         if self.rank == 0:
             try:
                 result = work(*args)
@@ -151,136 +161,28 @@ class Rank0:
             raise error
         return result
 
-    def shared(self, work, *args):
-        """work(*args)'s result on rank 0, sent to every rank: other nodes need not see rank 0's files."""
-        result = [self(work, *args)]
+    def rank0_result(self, work, *args):
+        """Runs work(*args) on rank 0 alone and sends its result to every rank (reading the checkpoint to continue:
+        the other nodes need not see rank 0's files)."""
+        result = [self.rank0_only(work, *args)]
         if self.world_size > 1:
             dist.broadcast_object_list(result, src=0)
         return result[0]
 
+    def rank0_first(self, work, *args):
+        """Runs work(*args) on rank 0, then on every other rank (loading the dataset): an error that every rank would
+        meet is said once, by rank 0."""
+        result = self.rank0_only(work, *args)
+        if self.rank == 0:
+            return result
+        return work(*args)
+
     def close(self):
-        """destroy_process_group after a pause (GIL released) for gloo's threads to free their last work, which needs
-        the GIL: the thread dropping the group's last reference joins them holding it (a deadlock seen, torch 2.11)."""
+        """Destroys the process group after a pause with the GIL released, for gloo's threads to free their last
+        work, which needs the GIL: the thread that drops the group's last reference joins them while holding it (a
+        deadlock seen under torch 2.11)."""
         time.sleep(0.2)
         dist.destroy_process_group()
-
-    def first(self, work, *args):
-        """work(*args) on rank 0, then on every other rank: an error all would meet is said once, by rank 0."""
-        result = self(work, *args)
-        return result if self.rank == 0 else work(*args)
-
-
-# ---- files: written whole or not at all
-@contextlib.contextmanager
-def writing(path: Path, size: int):
-    """Turns "no space left" while writing `size` bytes to `path` into a DiskFull that says so."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"disk full: writing {path} needs {size:,} bytes free") from None
-        raise
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def atomic_write(path: Path, payload):
-    """Writes `payload` (bytes) to a temporary file, fsyncs it and renames it over `path`: a reader never sees a
-    half-written file. On any failure the temporary file is removed, so that it holds no space."""
-    tmp = temp_path(path)
-    try:
-        with writing(path, len(payload)):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def append_line(path: Path, line: bytes):
-    """Adds a line to a log by one write to an O_APPEND file: a kill leaves it whole or absent, and what of it a
-    nearly full disk took is cut off again."""
-    with writing(path, len(line)):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            end = os.fstat(fd).st_size
-            if os.write(fd, line) < len(line):
-                os.ftruncate(fd, end)
-                raise OSError(errno.ENOSPC, "the disk took only part of the line")
-        finally:
-            os.close(fd)
-
-
-def copy_to_host(state):
-    """`state` with every tensor copied into new CPU memory, which training does not change while it is written. From
-    a GPU into pinned memory without blocking: the copies have landed once an event recorded after them has."""
-    def copy(t):
-        if not isinstance(t, torch.Tensor):
-            return t  # numbers, strings, None: immutable
-        if t.is_cuda:
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach(), non_blocking=True)
-        return t.detach().to("cpu", copy=True)
-    return tree_map(copy, state)
-
-
-class CheckpointWriter:
-    """Writes the checkpoint on a one-worker executor (training waits for neither serialisation nor fsync). Rank 0
-    writes; `save` and `join` are collective (Rank0): a write's error stops every rank at the next save or join."""
-
-    def __init__(self, path: Path, rank0: Rank0):
-        self.path, self.rank0, self.write = path, rank0, None  # write: the future of the write in flight
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-
-    def save(self, content):
-        """Waits for the write in flight, then starts writing `content()` (called on rank 0)."""
-        self.join()
-        self.rank0(self._start, content)
-
-    def join(self):
-        self.rank0(self._wait)  # raises the error of the write in flight
-
-    def finish(self):
-        """Waits for the write in flight without a collective call, for a run that ends by another error or exits."""
-        with contextlib.suppress(Exception):
-            self._wait()
-        self.executor.shutdown()
-
-    def last_good(self) -> str:
-        """The checkpoint on disk, once the write in flight has ended: written atomically, it is the last whole one."""
-        self.finish()
-        if not self.path.is_file():
-            return "no checkpoint was saved yet"
-        step = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)["step"]
-        return f"the last good checkpoint is {self.path} (step {step})"
-
-    def _start(self, content):
-        snapshot, copied = copy_to_host(content()), None
-        if self.rank0.device.type == "cuda":
-            # A blocking-sync event: the writer sleeps on it instead of spinning a core.
-            copied = torch.cuda.Event(blocking=True)
-            copied.record(torch.cuda.current_stream(self.rank0.device))
-        self.write = self.executor.submit(self._write, snapshot, copied)
-
-    def _wait(self):
-        write, self.write = self.write, None
-        if write is not None:
-            write.result()
-
-    def _write(self, snapshot, copied):
-        if copied is not None:
-            copied.synchronize()
-        buffer = io.BytesIO()  # in memory first: atomic_write then knows the size to report if the disk is full
-        torch.save(snapshot, buffer)
-        atomic_write(self.path, buffer.getbuffer())
 
 
 # ---- the output folder and the checkpoint to continue
@@ -288,8 +190,8 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
 
 
 def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
-    """An OS-held lock on out/.lock, which names its holder, for the life of the run: the kernel drops it when the
-    process ends, kill -9 included. POSIX locks (lockf), not flock: no forked child inherits one, or keeps it."""
+    """Takes an OS-held lock on out/.lock, which names its holder, for the life of the run: the kernel drops it when
+    the process ends, kill -9 included. POSIX locks (lockf), not flock: no forked child inherits one, or keeps it."""
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     on_exit.callback(os.close, fd)
     try:
@@ -305,8 +207,8 @@ def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
 
 
 def claim_output_dir(args, on_exit: contextlib.ExitStack):
-    """Creates --output-dir and locks it for this run; removes the temporary files of a run killed while writing
-    (they may hold the space it needs); refuses a folder holding another run unless resuming it."""
+    """Creates --output-dir and locks it for this run. Removes the temporary files of a run killed while writing
+    (they may hold the space it needs), and refuses a folder that holds another run unless this run resumes it."""
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +216,7 @@ def claim_output_dir(args, on_exit: contextlib.ExitStack):
     except OSError as e:
         raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
     for name in RUN_FILES:
-        temp_path(out / name).unlink(missing_ok=True)
+        files.temp_path(out / name).unlink(missing_ok=True)
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not args.resume:
         raise ValueError(f"--output-dir {out} already holds a run ({', '.join(existing)}): "
@@ -322,7 +224,8 @@ def claim_output_dir(args, on_exit: contextlib.ExitStack):
 
 
 def read_checkpoint(path, flag):
-    """A train.py checkpoint, loaded running no code from it (weights_only); a damaged or foreign one: ValueError."""
+    """Loads a train.py checkpoint without running any code from it (weights_only). A damaged or foreign file is a
+    ValueError naming `flag`."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for damaged or foreign files
@@ -336,7 +239,7 @@ def read_checkpoint(path, flag):
 
 
 def load_model(path, flag):
-    """(the trained ViT of a checkpoint, on the CPU; the checkpoint), or a one-line ValueError naming `flag`."""
+    """The trained ViT of a checkpoint, on the CPU, and the checkpoint; or a one-line ValueError naming `flag`."""
     ckpt = read_checkpoint(path, flag)
     try:
         model = ViT(ViTConfig(**ckpt["config"]))
@@ -347,8 +250,9 @@ def load_model(path, flag):
 
 
 def read_resume(args, free_flags):
-    """The checkpoint this run continues (None: it starts): --resume PATH, or with --resume auto the output dir's if
-    it has one; refused if it was trained with flags other than `free_flags` (where and how a run goes)."""
+    """The checkpoint this run continues, or None where it starts: --resume PATH, or with --resume auto the output
+    folder's checkpoint if it has one. Refused if it was trained with flags other than `free_flags` (those say
+    where and how a run goes, not what it computes)."""
     if args.resume is None:
         return None
     path = Path(args.output_dir) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
@@ -359,15 +263,96 @@ def read_resume(args, free_flags):
     ckpt = read_checkpoint(path, "--resume")
     changed = sorted(k for k, v in vars(args).items() if k not in free_flags and ckpt["args"].get(k) != v)
     if changed:
-        raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: "
-                         + ", ".join(f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {vars(args)[k]!r}"
-                                     for k in changed))
+        differences = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {vars(args)[k]!r}" for k in changed]
+        raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: " + ", ".join(differences))
     return ckpt
 
 
-# ---- the run's records
+# ---- the run's progress
+class TrainingState:
+    """The run's progress, which its checkpoint carries: the step, the test accuracies, the training time, and the
+    losses of the open log interval (so that a run resumed at any step logs what an uninterrupted run logs). Its
+    speed leaves out this invocation's first log interval, which holds the warm-up (compilation, caches)."""
+
+    def __init__(self, device, log_every):
+        self.step = 0
+        self.acc = None  # the last evaluation's test accuracy, %
+        self.best_acc = None
+        self.best_epoch = None
+        self.train_seconds = 0.0
+        # The interval's losses stay on the device until a log point: a step adds its loss by one copy, no sync.
+        self.losses = torch.zeros(log_every, device=device)
+        self.interval_steps = 0
+        self.interval_start = time.perf_counter()
+        self.intervals_logged = 0
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
+
+    def start_interval(self):
+        """Restarts the interval's clock: what happened since (an evaluation, a save) is not training time."""
+        self.interval_start = time.perf_counter()
+
+    def add(self, loss):
+        self.losses[self.interval_steps] = loss
+        self.interval_steps += 1
+        self.step += 1
+
+    def first_bad_step(self):
+        """The interval's first step whose loss was NaN or infinite (NO_BAD_STEP if none), as a tensor on the
+        device: reading it is the sync."""
+        losses = self.losses[: self.interval_steps]
+        steps = torch.arange(self.step - len(losses), self.step, device=losses.device)
+        none = torch.full((1,), NO_BAD_STEP, device=losses.device)
+        return torch.cat([torch.where(losses.isfinite(), NO_BAD_STEP, steps), none]).amin()
+
+    def end_interval(self, lr, batch_size) -> dict:
+        """The mean loss and speed of the steps since the last log point; starts the next interval."""
+        steps = self.interval_steps
+        seconds = time.perf_counter() - self.interval_start
+        self.train_seconds += seconds
+        if self.intervals_logged > 0:
+            self.timed_steps += steps
+            self.timed_seconds += seconds
+        self.intervals_logged += 1
+        loss = self.losses[:steps].sum().item() / steps
+        self.interval_steps = 0
+        self.start_interval()
+        return {"lr": lr, "loss": loss, "img_s": steps * batch_size / seconds, "ms_per_step": 1000 * seconds / steps}
+
+    def add_eval(self, epoch, acc):
+        """Takes a test accuracy (%) measured after `epoch` (counted from 1)."""
+        self.acc = acc
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc = acc
+            self.best_epoch = epoch
+
+    def speed(self, batch_size) -> dict:
+        """Images per second and ms per step over the timed intervals (None where there were none)."""
+        if not self.timed_steps:
+            return {"img_per_s": None, "ms_per_step": None}
+        return {"img_per_s": self.timed_steps * batch_size / self.timed_seconds,
+                "ms_per_step": 1000 * self.timed_seconds / self.timed_steps}
+
+    def checkpoint(self):
+        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "train_seconds": self.train_seconds, "interval_losses": self.losses[: self.interval_steps].tolist()}
+
+    def load(self, ckpt):
+        self.step = ckpt["step"]
+        self.acc = ckpt["last_acc"]
+        self.best_acc = ckpt["best_acc"]
+        self.best_epoch = ckpt["best_epoch"]
+        self.train_seconds = ckpt["train_seconds"]
+        # The interval goes on to the next log point, at most --log-every steps on, which may have changed.
+        saved = ckpt["interval_losses"]
+        self.losses = torch.zeros(len(saved) + len(self.losses), device=self.losses.device)
+        self.losses[: len(saved)] = torch.tensor(saved)
+        self.interval_steps = len(saved)
+
+
+# ---- the session: this invocation's records, signals and ending
 def keep_records_until(path: Path, step):
-    """On resume: drops the metrics records after the checkpoint's `step` (they are redone), and a partial last line
+    """On resume, drops the metrics records after the checkpoint's `step` (they are redone), and a partial last line
     (a write cut short), which is said once."""
     if not path.exists():
         return
@@ -382,37 +367,51 @@ def keep_records_until(path: Path, step):
             raise ValueError(f"{path} line {number} is not a metrics record ({e})") from None
         if record_step <= step:
             kept.append(line + b"\n")
-    atomic_write(path, b"".join(kept))
+    files.atomic_write(path, b"".join(kept))
 
 
-class Run:
-    """One invocation's bookkeeping on one rank, in the locked output dir: metrics log (records after the checkpoint
-    redone), checkpoint writer, signals, progress bar. SIGTERM or SIGINT stops the run at the next step boundary (under
-    DDP: the next log point or save, where ranks agree) after a checkpoint; a second one at once, without saving."""
+class Session:
+    """One invocation of a run on one rank, in its locked output folder: the metrics log (records after the checkpoint
+    are redone), the checkpoint writer, the signals and the progress bar. SIGTERM or SIGINT stops the run at the next
+    step boundary (under DDP: the next log point or save, where the ranks agree) after a checkpoint; a second one at
+    once, without saving."""
 
-    def __init__(self, args, rank0, state, content, facts, on_exit, resumed):
+    def __init__(self, args, ranks, state, content, facts, on_exit, resumed):
         out = Path(args.output_dir)
-        self.args, self.rank0, self.state, self.content, self.facts = args, rank0, state, content, facts
+        self.args = args
+        self.ranks = ranks
+        self.state = state
+        self.content = content  # a function that returns what the checkpoint holds
+        self.facts = facts  # what the run is: its size, flags and machine, for its first record and its summary
         self.metrics = out / "metrics.jsonl"  # a JSON record per line, each added whole by one write (rank 0)
-        self.writer = CheckpointWriter(out / "checkpoint.pt", rank0)
-        on_exit.callback(self.writer.finish)  # runs before the output dir's lock is released
-        self.signum, self.stopped = None, False
+        self.writer = files.CheckpointWriter(out / "checkpoint.pt", ranks)
+        on_exit.callback(self.writer.finish)  # runs before the output folder's lock is released
+        self.signum = None
+        self.stopped = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             on_exit.callback(signal.signal, sig, signal.signal(sig, self._handle))  # the old handler, back at exit
-        rank0(keep_records_until, self.metrics, state.step if resumed else -1)
+        ranks.rank0_only(keep_records_until, self.metrics, state.step if resumed else -1)
         self.record(kind="run", epoch=state.step // facts["steps_per_epoch"], **facts)
-        self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=rank0.rank != 0,
+        self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=ranks.rank != 0,
                              dynamic_ncols=True, desc="train")
 
     def record(self, **record):
-        self.rank0(append_line, self.metrics, (json.dumps({**record, "step": self.state.step}) + "\n").encode())
+        line = json.dumps({**record, "step": self.state.step}) + "\n"
+        self.ranks.rank0_only(files.append_line, self.metrics, line.encode())
 
     def log_train(self, epoch, lr):
-        metrics = self.state.log_interval(lr, self.args.batch_size)
+        metrics = self.state.end_interval(lr, self.args.batch_size)
         self.record(kind="train", epoch=epoch + 1, **metrics)
         self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                   img_s=f"{metrics['img_s']:.0f}")
         self.progress.update(self.state.step - self.progress.n)
+
+    def log_eval(self, epoch, acc, loss):
+        self.state.add_eval(epoch + 1, acc)
+        self.record(kind="eval", epoch=epoch + 1, acc=acc, loss=loss)
+        if self.ranks.rank == 0:
+            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
+                                f"{self.state.best_epoch})")
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -420,31 +419,23 @@ class Run:
         self.signum = signum
 
     def stop_asked(self):
-        return self.rank0.world_size == 1 and self.signum is not None
+        """A signal came, on a single process (under DDP the ranks learn of it at the next agreement)."""
+        return self.ranks.world_size == 1 and self.signum is not None
 
-    def agree(self, epoch):
-        """At log points, saves and a stop asked for: the ranks agree (collective calls) on a stop and on the first
-        step whose loss was NaN or infinite, which stops the run."""
+    def agree_on_stop_and_losses(self, epoch):
+        """At log points, saves and a stop asked for: the ranks agree (collective calls) on whether to stop and on
+        the first step whose loss was NaN or infinite, which ends the run."""
         bad = self.state.first_bad_step()
-        if self.rank0.world_size > 1:
-            asked = torch.tensor(self.signum or 0, device=self.rank0.device)
+        if self.ranks.world_size > 1:
+            asked = torch.tensor(self.signum or 0, device=self.ranks.device)
             dist.all_reduce(asked, op=dist.ReduceOp.MAX)
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
             self.signum = int(asked) or None
-        self.stopped, bad = self.signum is not None, int(bad)
-        if bad != NO_BAD_STEP:
-            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (epoch {epoch + 1}); stopped without "
-                                f"saving")
-
-    def log_eval(self, epoch, acc, loss):
-        state = self.state
-        if state.best_acc is None or acc > state.best_acc:
-            state.best_acc, state.best_epoch = acc, epoch + 1
-        state.acc = acc
-        self.record(kind="eval", epoch=epoch + 1, acc=acc, loss=loss)
-        if self.rank0.rank == 0:
-            self.progress.write(f"epoch {epoch + 1}: test acc {acc:.2f}% (best {self.state.best_acc:.2f}% at epoch "
-                                f"{self.state.best_epoch})")
+        self.stopped = self.signum is not None
+        bad_step = int(bad)
+        if bad_step != NO_BAD_STEP:
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}); stopped "
+                                f"without saving")
 
     def save(self):
         self.writer.save(self.content)
@@ -454,46 +445,47 @@ class Run:
         last_good = self.writer.last_good()
         if isinstance(error, NonFiniteLoss):
             return NonFiniteLoss(f"{error}: {last_good}")
-        if isinstance(error, DiskFull):
-            return DiskFull(f"{error}; {last_good}: free space, then --resume auto continues the run")
+        if isinstance(error, files.DiskFull):
+            return files.DiskFull(f"{error}; {last_good}: free space, then --resume auto continues the run")
         if isinstance(error, torch.OutOfMemoryError):
-            world_size = self.rank0.world_size
+            world_size = self.ranks.world_size
+            processes = f"{world_size} processes" if world_size > 1 else "1 process"
             return torch.OutOfMemoryError(
                 f"out of memory after {self.state.step} steps, with {self.args.batch_size // world_size} images per "
-                f"process (--batch-size {self.args.batch_size} over {world_size} process"
-                f"{'es' if world_size > 1 else ''}); {last_good}: free the device's memory, then --resume auto "
-                f"continues the run; or start a new run that needs less: a smaller --batch-size, more processes "
-                f"(torchrun --nproc_per_node), --amp")
+                f"process (--batch-size {self.args.batch_size} over {processes}); {last_good}: free the device's "
+                f"memory, then --resume auto continues the run; or start a new run that needs less: a smaller "
+                f"--batch-size, more processes (torchrun --nproc_per_node), --amp")
         return error
+
+    def summary(self, failure, seconds) -> dict:
+        state = self.state
+        complete = state.step == self.facts["total_steps"]
+        return {
+            "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
+            "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
+            "train_seconds": state.train_seconds, "total_seconds": seconds, **state.speed(self.args.batch_size),
+            "stopped_by_signal": self.signum if self.stopped else None, **self.facts, "steps": state.step,
+            "failed": str(failure) if failure else None,
+        }
 
     def finish(self, failure, seconds):
         """Writes summary.json (rank 0) and says how the run ended; raises the failure that ended it."""
         self.progress.close()
-        state, complete = self.state, self.state.step == self.facts["total_steps"]
-        timed_steps, timed_seconds = state.timed or (0, 0.0)  # the speed leaves out the first interval (warm-up)
-        summary = {
-            "complete": complete, "final_acc": state.acc if complete else None, "best_acc": state.best_acc,
-            "best_epoch": state.best_epoch, "epochs_done": state.step // self.facts["steps_per_epoch"],
-            "train_seconds": state.train_seconds, "total_seconds": seconds,
-            "img_per_s": timed_steps * self.args.batch_size / timed_seconds if timed_steps else None,
-            "ms_per_step": 1000 * timed_seconds / timed_steps if timed_steps else None,
-            "stopped_by_signal": self.signum if self.stopped else None, **self.facts, "steps": state.step,
-            "failed": str(failure) if failure else None,
-        }
+        summary = self.summary(failure, seconds)
+        out = Path(self.args.output_dir)
         # Not a collective call: a rank that failed alone (out of memory) must not wait here for the others.
-        if self.rank0.rank == 0:
+        if self.ranks.rank == 0:
             try:
-                text = json.dumps(summary, indent=2) + "\n"
-                atomic_write(Path(self.args.output_dir) / "summary.json", text.encode())
-            except DiskFull as e:
+                files.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+            except files.DiskFull as e:
                 failure = failure or self.explain(e)
         if failure:
             raise failure
-        out = Path(self.args.output_dir)
-        if self.rank0.rank == 0 and complete:
+        state = self.state
+        if self.ranks.rank == 0 and summary["complete"]:
             print(f"test accuracy: final {state.acc:.2f}% (epoch {self.args.epochs}), best {state.best_acc:.2f}% "
                   f"(epoch {state.best_epoch}); {state.train_seconds:.0f} s of training; {out}")
-        elif self.rank0.rank == 0:
+        elif self.ranks.rank == 0:
             print(f"stopped at step {state.step} of {self.facts['total_steps']} (epoch "
                   f"{state.step / self.facts['steps_per_epoch']:.2f}); continue with --resume {out / 'checkpoint.pt'} "
                   f"(or --resume auto)")

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import math
 import os
+import random
 import sys
 import time
 from collections import namedtuple
@@ -24,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import data
+import files
 import run
 from augment import BatchAugment, DeviceLoader
 from lion import Lion
@@ -54,9 +56,12 @@ def number(kind, interval: str):
     return parse
 
 
-POSITIVE_INT, COUNT = number(int, "(0, inf)"), number(int, "[0, inf)")
-POSITIVE, NON_NEGATIVE = number(float, "(0, inf)"), number(float, "[0, inf)")
-PROBABILITY, FRACTION = number(float, "[0, 1]"), number(float, "[0, 1)")
+POSITIVE_INT = number(int, "(0, inf)")
+COUNT = number(int, "[0, inf)")
+POSITIVE = number(float, "(0, inf)")
+NON_NEGATIVE = number(float, "[0, inf)")
+PROBABILITY = number(float, "[0, 1]")
+FRACTION = number(float, "[0, 1)")
 
 
 def get_args_parser():
@@ -161,52 +166,57 @@ def compiles(args, device) -> bool:
     return device.type == "cuda" if args.compile is None else args.compile
 
 
-def setup_distributed(args):
-    """(rank, world_size, device); a no-op without torchrun. NCCL on CUDA, gloo on CPU."""
+def setup_distributed(args) -> run.Ranks:
+    """This process's rank, the world size and the device; a single process without torchrun. NCCL connects the
+    processes on CUDA, gloo on the CPU."""
     device = run.device_of(args.device)
     if not compiles(args, device) and args.compile_mode != "default":
         raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (unset: on CUDA only)")
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        return run.Ranks(0, 1, device)
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=args.dist_timeout),
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=args.dist_timeout),
                             device_id=device if device.type == "cuda" else None)
-    return rank, world_size, device
+    return run.Ranks(rank, world_size, device)
 
 
-def load_data(args, rank0):
-    """--download, then the dataset, rank 0 first: an error every rank would meet is said once. The first process
-    of each other node fetches next (on a shared filesystem it finds the files, md5-checked): one fetch per folder."""
+def load_data(args, ranks):
+    """Fetches the dataset where --download asks for it, then loads it, rank 0 first: an error that every rank would
+    meet is said once. The first process of each other node fetches next (on a shared filesystem it finds the files,
+    md5-checked), so that each folder is fetched once."""
     if args.download:
-        rank0(data.download, args.dataset, args.data_dir)
-        if rank0.world_size > 1:
-            if rank0.rank != 0 and int(os.environ["LOCAL_RANK"]) == 0:
+        ranks.rank0_only(data.download, args.dataset, args.data_dir)
+        if ranks.world_size > 1:
+            if ranks.rank != 0 and int(os.environ["LOCAL_RANK"]) == 0:
                 data.download(args.dataset, args.data_dir)
             dist.barrier()
     try:
-        return rank0.first(data.load_dataset, args.dataset, args.data_dir)
+        return ranks.rank0_first(data.load_dataset, args.dataset, args.data_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}: pass --download to fetch it, or --data-dir the folder that holds it") from None
 
 
-def build_loader(args, dataset, device, rank, world_size):
-    """This rank's training batches, augmented per image on `device` (`loader.sampler` fixes the epoch's order)."""
-    sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, rank,
-                                               world_size, args.seed, args.ra_mode)
+def build_loader(args, dataset, ranks):
+    """This rank's training batches, augmented per image on its device (`loader.sampler` fixes the epoch's order)."""
+    sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, ranks.rank,
+                                               ranks.world_size, args.seed, args.ra_mode)
     augment = BatchAugment(dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment,
                            args.random_erase, args.aa_fill)
-    return DeviceLoader(dataset.train_images, dataset.train_labels, sampler, augment, device)
+    return DeviceLoader(dataset.train_images, dataset.train_labels, sampler, augment, ranks.device)
 
 
 def build_model(args, dataset, device, source):
-    """The flags' ViT, every weight from `source` (--init-from), or its patch embedding whitened on what the seed's
-    was: the first --whiten-images images of epoch 0 (1-process stream), augmented as trained on, before mixing."""
+    """The flags' ViT. It takes every weight from `source` (--init-from), or has its patch embedding whitened on
+    what the seed's was whitened on: the first --whiten-images images of epoch 0 of a single process's stream,
+    augmented as they are trained on, before batch mixing."""
     model = ViT(model_config(args, len(dataset.classes)))
     if args.whiten:
-        loader = build_loader(args, dataset, device, rank=0, world_size=1)
+        loader = build_loader(args, dataset, run.Ranks(0, 1, device))
         batches = itertools.islice(loader, math.ceil(args.whiten_images / loader.batch))
         model.whiten_patch_embedding(torch.cat([images for images, _ in batches]))
     if source is not None:
@@ -253,11 +263,17 @@ Precision = namedtuple("Precision", "name autocast scaler")
 
 
 def build_precision(args, device) -> Precision:
-    """--amp: bf16 autocast where the device has it (not V100, T4, RTX 20xx), else fp16; --amp-dtype forces one."""
-    bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-    name = (args.amp_dtype if args.amp_dtype != "auto" else "bf16" if bf16 else "fp16") if args.amp else "fp32"
+    """fp32 without --amp. With it, bf16 autocast where the device has bf16 natively (not a V100, T4 or RTX 20xx),
+    else fp16 autocast with a gradient scaler; --amp-dtype forces one of them."""
+    name = "fp32"
+    if args.amp and args.amp_dtype != "auto":
+        name = args.amp_dtype
+    elif args.amp:
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+        name = "bf16" if bf16 else "fp16"
     if args.amp:
-        run.note(f"--amp: {name} autocast" + (" with a gradient scaler" if name == "fp16" else ""))
+        scaler = " with a gradient scaler" if name == "fp16" else ""
+        run.note(f"--amp: {name} autocast{scaler}")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, torch.autocast(device.type, dtype=dtype, enabled=args.amp),
                      torch.amp.GradScaler(device.type, enabled=name == "fp16"))
@@ -283,47 +299,15 @@ def compile_model(model, args, device, precision, batch):
 
 
 # ---- training
-class TrainingState:
-    """The run's progress, which its checkpoint carries: step, accuracies, training time, and the open log
-    interval's losses (so that a resume at any step logs what an uninterrupted run logs)."""
-
-    def __init__(self, device, log_every):
-        self.step, self.acc, self.best_acc, self.best_epoch, self.train_seconds = 0, None, None, None, 0.0
-        # The interval's losses stay on the device until a log point: a step adds its loss by one copy, no sync.
-        self.losses, self.interval_steps = torch.zeros(log_every, device=device), 0
-        self.interval_start, self.timed = time.perf_counter(), None  # (steps, seconds) after the first interval
-
-    def add(self, loss):
-        self.losses[self.interval_steps] = loss
-        self.step, self.interval_steps = self.step + 1, self.interval_steps + 1
-
-    def first_bad_step(self):
-        """The interval's first step with a NaN or infinite loss (run.NO_BAD_STEP if none), on the device."""
-        losses = self.losses[: self.interval_steps]
-        steps = torch.arange(self.step - len(losses), self.step, device=losses.device)
-        none = torch.full((1,), run.NO_BAD_STEP, device=losses.device)
-        return torch.cat([torch.where(losses.isfinite(), run.NO_BAD_STEP, steps), none]).amin()
-
-    def log_interval(self, lr, batch_size):
-        """Mean loss and speed of the steps since the last log point; starts the next interval. The first interval
-        holds the warm-up: the run's speed leaves it out."""
-        n, seconds = self.interval_steps, time.perf_counter() - self.interval_start
-        self.train_seconds += seconds
-        self.timed = (0, 0.0) if self.timed is None else (self.timed[0] + n, self.timed[1] + seconds)
-        self.interval_steps, self.interval_start = 0, time.perf_counter()
-        return {"lr": lr, "loss": self.losses[:n].sum().item() / n, "img_s": n * batch_size / seconds,
-                "ms_per_step": 1000 * seconds / n}
-
-    def checkpoint(self):
-        return {"step": self.step, "last_acc": self.acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                "train_seconds": self.train_seconds, "interval_losses": self.losses[: self.interval_steps].tolist()}
-
-    def load(self, ckpt):
-        self.step, self.acc, self.best_acc = ckpt["step"], ckpt["last_acc"], ckpt["best_acc"]
-        self.best_epoch, self.train_seconds, saved = ckpt["best_epoch"], ckpt["train_seconds"], ckpt["interval_losses"]
-        # The interval goes on to the next log point, at most --log-every steps on, which may have changed.
-        self.losses = torch.zeros(len(saved) + len(self.losses), device=self.losses.device)
-        self.losses[: len(saved)], self.interval_steps = torch.tensor(saved), len(saved)
+def seed_step(seed, rank, step, device) -> random.Random:
+    """Seeds the random draws of step `step` on `rank` from (seed, rank, step), so that a resumed run draws what an
+    uninterrupted one does. Stochastic depth draws from the device's generator, which is seeded here alone
+    (torch.manual_seed would seed every CUDA device, 0.27 ms a step); batch mixing draws from the returned host
+    generator."""
+    step_seed = data.derive_seed(seed, "step", rank, step)
+    generator = torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
+    generator.manual_seed(step_seed)
+    return random.Random(step_seed)
 
 
 def train_step(model, optimizers, schedulers, images, targets, precision, label_smoothing):
@@ -340,71 +324,83 @@ def train_step(model, optimizers, schedulers, images, targets, precision, label_
     return loss.detach()
 
 
-def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision, job):
-    """One epoch, from loader.sampler's start step; True if a stop signal ended it early (after a checkpoint)."""
-    args, state = job.args, job.state
-    rank = 0 if args.same_seed_on_ranks else job.rank0.rank
+def train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision, session):
+    """One epoch, from loader.sampler's start step. Returns True if a stop signal ended it early (after a
+    checkpoint)."""
+    args = session.args
+    state = session.state
+    # The seed's code drew the same mixing and drop-path decisions on every rank (--same-seed-on-ranks).
+    rank = 0 if args.same_seed_on_ranks else session.ranks.rank
     model.train()
-    state.interval_start = time.perf_counter()
+    state.start_interval()
     for images, labels in loader:
-        images, targets = mix(images, labels, data.seed_step(args.seed, rank, state.step, job.rank0.device))
+        rng = seed_step(args.seed, rank, state.step, session.ranks.device)
+        images, targets = mix(images, labels, rng)
         state.add(train_step(model, optimizers, schedulers, images, targets, precision, args.label_smoothing))
+
         end_of_epoch = state.step % loader.sampler.steps_per_epoch == 0
         log_now = end_of_epoch or state.step % args.log_every == 0
         save_now = args.save_every and state.step % args.save_every == 0
         # The only host-device syncs: at log points, at saves, and once a stop is asked for.
-        if log_now or save_now or job.stop_asked():
-            job.agree(epoch)
+        if log_now or save_now or session.stop_asked():
+            session.agree_on_stop_and_losses(epoch)
         if log_now:
-            job.log_train(epoch, optimizers[0].param_groups[0]["lr"])
-        if not end_of_epoch and (save_now or job.stopped):  # the epoch's end saves after its evaluation
-            job.save()
-            if job.stopped:
+            session.log_train(epoch, optimizers[0].param_groups[0]["lr"])
+        # The end of an epoch saves after its evaluation (train_epochs).
+        if not end_of_epoch and (save_now or session.stopped):
+            session.save()
+            if session.stopped:
                 return True
     return False
 
 
+# The test set on the training device as uint8 (evaluation copies nothing per chunk), and its normalisation.
+TestSet = namedtuple("TestSet", "images labels normalize")
+
+
 @torch.no_grad()
-def evaluate(model, images, labels, mean, std, device, rank, world_size, autocast):
-    """Top-1 accuracy (%) and mean cross-entropy on the test set (on the device; rank r takes every world_size-th
-    image; counts read once). `model` is the uncompiled module: evaluation adds no graph to a compiled one."""
+def evaluate(model, test_set: TestSet, ranks: run.Ranks, autocast):
+    """Top-1 accuracy (%) and mean cross-entropy on the test set, computed on the device, where rank r takes every
+    world_size-th image; the counts are read once. `model` is the uncompiled module, so that evaluation adds no graph
+    to a compiled one."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    constants = data.to_device(data.normalization(mean, std), device)
-    shard = slice(rank, None, world_size)
-    for x, y in zip(images[shard].split(data.EVAL_CHUNK), labels[shard].split(data.EVAL_CHUNK)):
-        x = data.scale_shift(x, constants)
+    totals = torch.zeros(3, dtype=torch.float64, device=ranks.device)  # correct, loss sum, count
+    shard = slice(ranks.rank, None, ranks.world_size)
+    images = test_set.images[shard].split(data.EVAL_CHUNK)
+    labels = test_set.labels[shard].split(data.EVAL_CHUNK)
+    for x, y in zip(images, labels):
         with autocast:
-            logits = model(x)
+            logits = model(test_set.normalize(x))
         totals[0] += (logits.argmax(1) == y).sum()
         totals[1] += F.cross_entropy(logits.float(), y, reduction="sum")
         totals[2] += len(y)
-    if world_size > 1:
+    if ranks.world_size > 1:
         dist.all_reduce(totals)
     correct, loss_sum, count = totals.tolist()
     return 100 * correct / count, loss_sum / count
 
 
-def train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, test_set, precision, job):
-    """The epochs from the run's step to --epochs (or --stop-after-epochs more), each evaluated every --eval-every
-    epochs and after the last, then saved. Returns the failure that ended them early, as the user should read it."""
-    args, state = job.args, job.state
-    start_epoch, start_step = divmod(state.step, loader.sampler.steps_per_epoch)
+def train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, test_set, precision, session):
+    """Trains from the run's step to --epochs (or --stop-after-epochs more), evaluating every --eval-every epochs and
+    after the last, and saving after each epoch. Returns the failure that ended it early, as the user should read
+    it, or None."""
+    args = session.args
+    start_epoch, start_step = divmod(session.state.step, loader.sampler.steps_per_epoch)
     end_epoch = min(args.epochs, start_epoch + (args.stop_after_epochs or args.epochs))
     try:
         for epoch in range(start_epoch, end_epoch):
             loader.sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
-            if train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision, job):
+            if train_one_epoch(model, optimizers, schedulers, loader, mix, epoch, precision, session):
                 break
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                job.log_eval(epoch, *evaluate(model_without_ddp, *test_set, job.rank0.device, job.rank0.rank,
-                                              job.rank0.world_size, precision.autocast))
-            job.save()
-            if job.stopped:
+                acc, loss = evaluate(model_without_ddp, test_set, session.ranks, precision.autocast)
+                session.log_eval(epoch, acc, loss)
+            session.save()
+            if session.stopped:
                 break
-        job.writer.join()
-    except (run.NonFiniteLoss, run.DiskFull, torch.OutOfMemoryError, run.FailedOnRank0) as e:
-        return job.explain(e)
+        session.writer.join()
+    except (run.NonFiniteLoss, files.DiskFull, torch.OutOfMemoryError, run.FailedOnRank0) as e:
+        return session.explain(e)
     return None
 
 
@@ -420,62 +416,74 @@ def restore(ckpt, model, optimizers, schedulers, scaler, state):
 
 
 def main(args):
-    """The recipe: processes → output dir → data → model → optimizers → compile → DDP → resume → epochs → summary.
-    What the run holds (its folder's lock, a checkpoint write, the process group) is released however it ends."""
+    """The recipe: processes -> output folder -> data -> model -> optimizers -> compile -> DDP -> resume -> epochs ->
+    summary. What the run holds (its folder's lock, a checkpoint write, the process group) is released however it
+    ends."""
     start = time.perf_counter()
     try:
         check_args(args)
-        rank, world_size, device = setup_distributed(args)
+        ranks = setup_distributed(args)
     except ValueError as e:  # every rank meets these alike: rank 0 says them
-        raise e if run.is_rank0() else run.FailedOnRank0(run.exit_code(e)) from None
-    rank0 = run.Rank0(rank, world_size, device)
+        raise e if run.launched_as_rank0() else run.FailedOnRank0(run.exit_code(e)) from None
+    device = ranks.device
     with contextlib.ExitStack() as on_exit:
-        if world_size > 1:
-            on_exit.callback(rank0.close)
-        # Only rank 0 reads the checkpoint and writes the run's files.
-        ckpt = rank0.shared(run.read_resume, args, RESUME_FREE_FLAGS)
+        if ranks.world_size > 1:
+            on_exit.callback(ranks.close)
+
+        # Only rank 0 reads the checkpoint to continue (every rank gets it) and writes the run's files.
+        ckpt = ranks.rank0_result(run.read_resume, args, RESUME_FREE_FLAGS)
         # A fresh run may start from another run's weights, read before any work; a resumed one has its own.
         source = None
         if args.init_from and ckpt is None:
-            source, _ = rank0.first(run.load_model, args.init_from, "--init-from")
-        rank0(run.claim_output_dir, args, on_exit)
+            source, _ = ranks.rank0_first(run.load_model, args.init_from, "--init-from")
+        ranks.rank0_only(run.claim_output_dir, args, on_exit)
         torch.manual_seed(data.derive_seed(args.seed, "init"))
 
-        dataset = load_data(args, rank0)
-        loader = rank0.first(build_loader, args, dataset, device, rank, world_size)
+        # The data: like the training set, the test set lives on the device as uint8.
+        dataset = load_data(args, ranks)
+        loader = ranks.rank0_first(build_loader, args, dataset, ranks)
         mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
-        # Like the training set, the test set lives on the device as uint8: evaluation copies nothing per chunk.
-        test_set = (dataset.test_images.to(device), dataset.test_labels.to(device), dataset.mean, dataset.std)
+        test_set = TestSet(dataset.test_images.to(device), dataset.test_labels.to(device),
+                           data.Normalize(dataset.mean, dataset.std))
 
-        model = rank0.first(build_model, args, dataset, device, source)
+        # The model and how it trains.
+        model = ranks.rank0_first(build_model, args, dataset, device, source)
         model_without_ddp = model.to(device)
         optimizers = build_optimizers(args, model, device)
-        schedulers = [build_scheduler(optimizer, args, loader.sampler.steps_per_epoch) for optimizer in optimizers]
+        steps_per_epoch = loader.sampler.steps_per_epoch
+        schedulers = [build_scheduler(optimizer, args, steps_per_epoch) for optimizer in optimizers]
         precision = build_precision(args, device)
         model = compile_model(model, args, device, precision, loader.batch)
         compiled = model is not model_without_ddp
-        if world_size > 1:
+        if ranks.world_size > 1:
             # DDP also broadcasts rank 0's initial weights, so every rank starts (and whitens) identically.
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        state, resumed = TrainingState(device, args.log_every), ckpt is not None
+        # Where a checkpoint is continued, everything it holds.
+        state = run.TrainingState(device, args.log_every)
+        resumed = ckpt is not None
         if resumed:
             restore(ckpt, model_without_ddp, optimizers, schedulers, precision.scaler, state)
         del ckpt  # its tensors now live in the model and the optimizers
-        cfg, info, steps_per_epoch = asdict(model_without_ddp.cfg), run.run_info(device), loader.sampler.steps_per_epoch
-        facts = dict(params=count_parameters(model_without_ddp), forward_macs=forward_macs(model_without_ddp.cfg),
-                     world_size=world_size, dataset=args.dataset, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-                     total_steps=args.epochs * steps_per_epoch, precision=precision.name, compiled=compiled,
-                     config=cfg, args=vars(args), **info)
 
-        def content():  # the checkpoint: all a resume needs, and what predict.py needs to use the model
+        # What the run is (its first record and its summary), and what its checkpoint holds.
+        cfg = asdict(model_without_ddp.cfg)
+        info = run.run_info(device)
+        facts = dict(params=count_parameters(model_without_ddp), forward_macs=forward_macs(model_without_ddp.cfg),
+                     world_size=ranks.world_size, dataset=args.dataset, epochs=args.epochs,
+                     steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
+                     precision=precision.name, compiled=compiled, config=cfg, args=vars(args), **info)
+
+        def content():  # all a resume needs, and what predict.py needs to use the model
             return {"model": model_without_ddp.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": precision.scaler.state_dict(),
                     **state.checkpoint(), "args": vars(args), "config": cfg, "run": info,
                     "data": {"classes": dataset.classes, "mean": dataset.mean, "std": dataset.std}}
-        job = run.Run(args, rank0, state, content, facts, on_exit, resumed=resumed)
-        failure = train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, test_set, precision, job)
-        return job.finish(failure, time.perf_counter() - start)
+
+        session = run.Session(args, ranks, state, content, facts, on_exit, resumed)
+        failure = train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, test_set, precision,
+                               session)
+        return session.finish(failure, time.perf_counter() - start)
 
 
 def cli(argv=None):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import analyze
+import data
 from model import ViT, ViTConfig
 
 TINY = dict(dim=32, depth=2, heads=4, patch_size=8)
@@ -97,7 +98,7 @@ def test_cls_attention_maps_are_distributions_over_the_tokens():
 def test_cls_similarity_is_the_mean_cosine_between_cls_outputs():
     model, x = tiny(num_cls=3), torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    similarity = analyze.cls_similarity(model, x, stats, "cpu")
+    similarity = analyze.cls_similarity(model, x, data.Normalize(*stats), "cpu")
     cls = model.cls_outputs((x.float() / 255 - 0.5) / 0.25).detach()
     for i in range(3):
         for j in range(3):
@@ -110,13 +111,13 @@ def test_analyze_writes_the_report_and_every_plot(trained_run, tmp_path):
     args = analyze.get_args_parser().parse_args([str(trained_run), "--out", str(tmp_path), "--device", "cpu",
                                                  "--images", "120", "--rank-steps", "3", "--cls-images", "2"])
     result = analyze.main(args)
-    assert result["ranks"] == [4, 11, 32]
-    for family, accs in result["curves"].items():
-        assert accs[-1] == result["subset_acc"], family  # full width: no truncation
+    assert result.ranks == [4, 11, 32]
+    for family, accs in result.curves.items():
+        assert accs[-1] == result.subset_acc, family  # full width: no truncation
     text = (tmp_path / "report.md").read_text()
     for heading in ("## Effective rank", "## Post-hoc rank truncation", "## CLS tokens", "## Per-class accuracy"):
         assert heading in text
-    assert f"accuracy {result['result']['acc']:.2f}%" in text
+    assert f"accuracy {result.result['acc']:.2f}%" in text
     for name in analyze.plot_names(2):
         assert f"({name}.png)" in text
         with Image.open(tmp_path / f"{name}.png") as png:

@@ -187,7 +187,7 @@ def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
 def test_erased_boxes_hold_the_raw_channel_means():
     batch = images(64)
     out = augment.BatchAugment(MEAN, STD, **{**OFF, "random_erase": 1.0})(batch, torch.Generator().manual_seed(0))
-    changed = out != data.normalize(batch, MEAN, STD)
+    changed = out != data.Normalize(MEAN, STD)(batch)
     assert changed.any((1, 2, 3)).all()  # p = 1: every image has a box
     for c, mean in enumerate(MEAN):
         assert (out[:, c][changed[:, c]] == torch.tensor(mean)).all()
@@ -224,7 +224,7 @@ def test_sub_policy_and_ops_are_drawn_per_image(slot):
 def test_without_augmentation_the_batch_is_only_normalised():
     batch = images()
     aug = augment.BatchAugment(MEAN, STD, hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
-    torch.testing.assert_close(aug(batch, torch.Generator()), data.normalize(batch, MEAN, STD))
+    torch.testing.assert_close(aug(batch, torch.Generator()), data.Normalize(MEAN, STD)(batch))
 
 
 @pytest.mark.parametrize("flag, on", [("hflip", True), ("crop_padding", 4), ("auto_augment", "cifar10"),
@@ -268,7 +268,7 @@ def test_device_loader_yields_the_samplers_order_in_batches():
     assert len(batches) == 200 // 8
     labels = torch.cat([y for _, y in batches])
     assert torch.equal(labels, dl.sampler.epoch_order())
-    assert torch.equal(torch.cat([x for x, _ in batches]), data.normalize(imgs[labels], MEAN, STD))
+    assert torch.equal(torch.cat([x for x, _ in batches]), data.Normalize(MEAN, STD)(imgs[labels]))
 
 
 def test_device_loader_resumes_mid_chunk_with_the_same_batches():

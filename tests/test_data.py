@@ -139,7 +139,7 @@ OFF = dict(hflip=False, crop_padding=0, auto_augment="none", random_erase=0.0)
 def test_without_augmentation_only_normalises():
     batch = images()
     out = augment(data.train_transform(MEAN, STD, **OFF), batch)
-    torch.testing.assert_close(out, data.normalize(batch, MEAN, STD))
+    torch.testing.assert_close(out, data.Normalize(MEAN, STD)(batch))
 
 
 @pytest.mark.parametrize("flag, on", [("hflip", True), ("crop_padding", 4), ("auto_augment", "cifar10"),
@@ -157,7 +157,7 @@ def test_each_augmentation_flag_changes_the_output(flag, on):
 def test_hflip_outputs_are_the_image_or_its_mirror():
     batch = images(32)
     out = augment(data.train_transform(MEAN, STD, **{**OFF, "hflip": True}), batch)
-    plain = data.normalize(batch, MEAN, STD)
+    plain = data.Normalize(MEAN, STD)(batch)
     flipped = [torch.allclose(o, p.flip(-1), atol=1e-5) for o, p in zip(out, plain)]
     assert all(f or torch.allclose(o, p, atol=1e-5) for f, o, p in zip(flipped, out, plain))
     assert 4 <= sum(flipped) <= 28
@@ -185,7 +185,7 @@ def test_default_pipeline_is_the_seeds_recipe():
 def test_erasing_draws_its_box_from_the_samples_seed_and_fills_the_raw_means():
     batch = images(8)
     out = augment(data.train_transform(MEAN, STD, **{**OFF, "random_erase": 1.0}), batch, seed=3)
-    plain = data.normalize(batch, MEAN, STD)
+    plain = data.Normalize(MEAN, STD)(batch)
     for i in range(len(batch)):
         # The box comes from the same draw as the device pipeline's, from torch's default generator.
         top, left, h, w = data.erasing_boxes(1, 32, 32, 1.0, torch.Generator().manual_seed(3000 + i))[0].tolist()
@@ -366,4 +366,4 @@ def test_derive_seed_is_a_pure_function_of_its_parts():
 def test_normalize_matches_torchvision():
     batch = images(4)
     expected = TF.normalize(batch.float() / 255, MEAN, STD)
-    torch.testing.assert_close(data.normalize(batch, MEAN, STD), expected)
+    torch.testing.assert_close(data.Normalize(MEAN, STD)(batch), expected)

@@ -31,7 +31,7 @@ def test_evaluate_agrees_with_train_py_evaluation(trained_run):
     assert torch.equal(confusion.sum(1), torch.bincount(dataset.test_labels, minlength=10))
     assert 100 * confusion.diag().sum().item() / confusion.sum().item() == pytest.approx(result["acc"])
     model, _ = predict.load(trained_run, "cpu")
-    predicted = predict.logits_of(model, dataset.test_images, dataset.mean, dataset.std, "cpu").argmax(1)
+    predicted = predict.logits_of(model, dataset.test_images, data.Normalize(dataset.mean, dataset.std), "cpu").argmax(1)
     for c in range(10):
         mine = dataset.test_labels == c
         assert result["per_class"][c] == pytest.approx(100 * (predicted[mine] == c).float().mean().item())
@@ -56,7 +56,7 @@ def test_predict_writes_top_k_csv_that_agrees_with_evaluation(trained_run, tmp_p
     rows = list(csv.DictReader(out.open()))
     assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["0.png", "1.png", "2.png", "3.png", "4.png", "wide.jpg"]
     model, _ = predict.load(trained_run, "cpu")
-    expected = predict.logits_of(model, dataset.test_images[:5], dataset.mean, dataset.std, "cpu").softmax(1)
+    expected = predict.logits_of(model, dataset.test_images[:5], data.Normalize(dataset.mean, dataset.std), "cpu").softmax(1)
     for row, p in zip(rows, expected):
         top = p.topk(3)
         assert [row[f"label_{i}"] for i in (1, 2, 3)] == [str(c) for c in top.indices.tolist()]

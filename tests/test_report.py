@@ -63,7 +63,7 @@ def test_table_has_mean_and_std_over_seeds_next_to_the_paper(runs):
 
 def test_missing_corrupt_and_unfinished_runs_are_reported_not_fatal(runs):
     columns, problems = report.main(report.get_args_parser().parse_args([str(runs)]))
-    assert set(columns) == {"baseline", "mla-q", "sin"}
+    assert {column.label for column in columns.values()} == {"baseline", "mla-q", "sin"}
     text = "\n".join(problems)
     assert "no-aa-seed0/summary.json: unreadable" in text
     assert "whiten-seed0: incomplete (2 of 4 epochs)" in text and "--resume" in text
@@ -83,7 +83,7 @@ def test_unknown_columns_get_their_own_rows(tmp_path):
 
 def test_differences_from_the_baseline_carry_standard_errors(runs):
     columns, _ = report.main(report.get_args_parser().parse_args([str(runs)]))
-    diffs = report.differences(columns, "baseline")
+    diffs = report.differences(columns, ("baseline", ""))
     mean, error = diffs["mla-q"]
     assert mean == pytest.approx(92.6667 - 94.0, abs=1e-3)
     mla_std = report.statistics.stdev([92.0, 92.5, 93.5])
@@ -174,7 +174,7 @@ def test_runs_of_other_readings_of_the_seed_get_columns_of_their_own(tmp_path):
         summary["args"].update({**lion, **args})
         (folder / "summary.json").write_text(json.dumps(summary))
     columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path)]))
-    assert {name: len(column.runs) for name, column in columns.items()} == {
+    assert {column.label: len(column.runs) for column in columns.values()} == {
         "baseline": 2, "baseline [depth 12]": 2, "baseline [RA in-batch]": 1, "baseline [fp32]": 1,
         "baseline [fp16]": 1, "ddp-bs256": 1, "ddp-bs256 [RA shuffles]": 1, "lion-bs1024": 1,
         "lion-bs1024 [lr 0.001, wd 0.05]": 1, "lion-bs1024 [same seed on ranks]": 1}

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment
 import data
+import run
 import train
 from model import ViT, ViTConfig
 
@@ -70,7 +71,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
     args = train.get_args_parser().parse_args([])
     optimizers = train.build_optimizers(args, model, META)
     schedulers = [train.build_scheduler(o, args, steps_per_epoch=sampler.steps_per_epoch) for o in optimizers]
-    mix, state = data.BatchMix(10, prob=1.0), train.TrainingState(META, args.log_every)
+    mix, state = data.BatchMix(10, prob=1.0), run.TrainingState(META, args.log_every)
     precision = train.build_precision(args, torch.device("cpu"))  # fp32: autocast and loss scaling off
     batches, chunk_counts, step_counts = iter(loader), [], []
     for step in range(chunks * loader.batches_per_chunk):
@@ -81,7 +82,7 @@ def loop_counts(chunk_images, batch=32, chunks=2):
         else:
             assert not counts, step
         with host_to_device() as counts:
-            images, targets = mix(images, labels, data.seed_step(0, 0, step, META))
+            images, targets = mix(images, labels, train.seed_step(0, 0, step, META))
             state.add(train.train_step(model, optimizers, schedulers, images, targets, precision, 0.1))
         step_counts.append(counts)
     return setup, chunk_counts, step_counts

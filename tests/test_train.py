@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.datasets import CIFAR10
 
 import data
+import files
 import run as machinery
 import train
 from conftest import RunsCode, accept_cifar, md5, write_cifar
@@ -222,7 +223,8 @@ def test_evaluation_in_chunks_copies_nothing_per_chunk_and_reads_its_counts_once
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     monkeypatch.setattr(data, "EVAL_CHUNK", 128)  # 3 chunks
     with HostTraffic() as traffic:
-        acc, loss = train.evaluate(model, images, labels, mean, std, torch.device("cpu"), 0, 1, nullcontext())
+        test_set = train.TestSet(images, labels, data.Normalize(mean, std))
+        acc, loss = train.evaluate(model, test_set, machinery.Ranks(0, 1, torch.device("cpu")), nullcontext())
     assert traffic.built == 2 and traffic.reads == 1  # mean and std once, not per chunk; the counts once
     # The independent computation: one forward over the whole set, normalised the textbook way.
     x = (images / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -792,14 +794,14 @@ def test_a_stale_temp_checkpoint_of_a_killed_run_is_removed_at_the_next_start(ha
     # A kill during a save leaves its temp file; on a full disk it holds the space the resumed run needs.
     stale = half_run / ".checkpoint.pt.tmp"
     stale.write_bytes(b"\0" * 2**20)
-    real_atomic_write = machinery.atomic_write
+    real_atomic_write = files.atomic_write
 
     def write_on_a_disk_full_while_stale_exists(path, *args):
         if stale.exists():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_atomic_write(path, *args)
 
-    monkeypatch.setattr(machinery, "atomic_write", write_on_a_disk_full_while_stale_exists)
+    monkeypatch.setattr(files, "atomic_write", write_on_a_disk_full_while_stale_exists)
     run(half_run, *FAULT_RUN, "--resume", "auto")
     assert not stale.exists()
     assert_same_run(uninterrupted, half_run)
@@ -916,7 +918,7 @@ def test_a_failure_on_rank_0_stops_every_ddp_rank_and_is_said_once(tmp_path, fau
 
 # ---- checkpoints written in the background
 def test_training_goes_on_while_a_checkpoint_is_written_and_the_file_holds_the_saved_step(tmp_path, monkeypatch):
-    real_write, real_step = machinery.atomic_write, train.train_step
+    real_write, real_step = files.atomic_write, train.train_step
     weights = {}  # the model's, after each step
     first_write_held, step_taken = threading.Event(), threading.Event()
     held, first_payload, active, peak = [], [], [0], [0]
@@ -942,7 +944,7 @@ def test_training_goes_on_while_a_checkpoint_is_written_and_the_file_holds_the_s
         active[0] -= 1
 
     monkeypatch.setattr(train, "train_step", train_step)
-    monkeypatch.setattr(machinery, "atomic_write", slow_write)
+    monkeypatch.setattr(files, "atomic_write", slow_write)
     run(tmp_path, "--epochs", "1", "--ra-reps", "1", "--save-every", "2")
     assert held == [True]  # step 3 ran while step 2's checkpoint was being written
     assert peak[0] == 1  # at most one write in flight
@@ -958,13 +960,13 @@ def test_training_goes_on_while_a_checkpoint_is_written_and_the_file_holds_the_s
 @pytest.mark.parametrize("at, steps, last_good", [(2, 40, 24), (4, 44, 40)], ids=["next-save", "end-of-run"])
 def test_disk_full_in_the_background_write_stops_the_run_at_the_next_save_or_at_its_end(half_run, monkeypatch, capsys,
                                                                                       at, steps, last_good):
-    real_write, writers = machinery.atomic_write, []
+    real_write, writers = files.atomic_write, []
 
     def atomic_write(path, payload):
         writers.append((path.name, threading.current_thread()))
         real_write(path, payload)
 
-    monkeypatch.setattr(machinery, "atomic_write", atomic_write)
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
     writes = fill_disk_at(monkeypatch, ".checkpoint.pt.tmp", at=at)
     # Resumed at step 22, saving every 8 steps: 24, 32, 40 and 44 (the end); the failed write is said at the next
     # save, or at the end of the run.
@@ -978,7 +980,7 @@ def test_disk_full_in_the_background_write_stops_the_run_at_the_next_save_or_at_
 
 
 def test_a_run_ending_by_an_error_finishes_the_write_in_flight_before_it_releases_its_folder(tmp_path, monkeypatch):
-    real_write, real_close, real_forward = machinery.atomic_write, os.close, train.ViT.forward
+    real_write, real_close, real_forward = files.atomic_write, os.close, train.ViT.forward
     calls, checkpoint_at_unlock = [], []
 
     def slow_write(path, payload):
@@ -996,7 +998,7 @@ def test_a_run_ending_by_an_error_finishes_the_write_in_flight_before_it_release
             checkpoint_at_unlock.append((tmp_path / "checkpoint.pt").exists())
         real_close(fd)
 
-    monkeypatch.setattr(machinery, "atomic_write", slow_write)
+    monkeypatch.setattr(files, "atomic_write", slow_write)
     monkeypatch.setattr(train.ViT, "forward", forward)
     monkeypatch.setattr(os, "close", close)
     with pytest.raises(RuntimeError, match="an unexpected error"):
