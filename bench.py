@@ -356,12 +356,13 @@ def main(opts):
     for key, value in (SMOKE if opts.smoke else {}).items():
         setattr(opts, key, value)
     unknown = [s for s in opts.sections.split(",") if s not in SECTIONS]
-    if unknown:
-        raise SystemExit(f"bench.py: error: --sections {','.join(unknown)}: choose from {', '.join(SECTIONS)}")
     try:
+        if unknown:
+            raise ValueError(f"--sections {','.join(unknown)}: choose from {', '.join(SECTIONS)}")
         device = run.device_of(opts.device)
-    except ValueError as e:
-        raise SystemExit(f"bench.py: error: {e}") from None
+    except ValueError as e:  # one line, exit 2, as every script's bad input
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     gpu = device.type == "cuda"
     opts.steps, opts.rounds = opts.steps or (50 if gpu else 1), opts.rounds or (5 if gpu else 24)
     opts.warmup = (20 if gpu else 2) if opts.warmup is None else opts.warmup

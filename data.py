@@ -18,6 +18,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic")
+FROM_FOLDER = ("cifar10", "cifar100", "imagefolder")  # read from data_dir; the others are built in
 AUTO_AUGMENT_POLICIES = ("cifar10", "imagenet", "svhn", "none")
 IMAGE_SIZE = 32
 EVAL_CHUNK = 1024  # test images per forward pass of an evaluation
@@ -39,6 +40,7 @@ class ImageData:
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    test_split: str = "test"  # what the held-out images are called: an image folder's are its val/ images
 
 
 def derive_seed(*parts) -> int:
@@ -165,24 +167,28 @@ def read_image(path: Path) -> torch.Tensor:
 
 def load_image_folder(root) -> ImageData:
     """A user's dataset in torchvision's ImageFolder layout, root/train/<class>/* and root/val/<class>/* (val's
-    classes among train's), images of any size resized to 32x32 RGB."""
+    classes among train's, none of them empty), images of any size resized to 32x32 RGB. Every error names the
+    layout: there is nothing to download."""
     splits = {}
+    layout = f"an image folder DIR holds DIR/train/<class>/*, DIR/val/<class>/* (here DIR is {root})"
     for name in ("train", "val"):
         folder = Path(root) / name
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder: an image folder holds train/<class>/*, val/<class>/*")
+            raise ValueError(f"{folder} is not a folder: {layout}")
         splits[name] = split = ImageFolder(folder, allow_empty=True)
         if len(splits["train"].classes) < 2:
-            raise ValueError(f"{folder} has {len(split.classes)} class folder(s): a classifier needs at least 2")
+            raise ValueError(f"{folder} has {len(split.classes)} class folder(s), a classifier needs 2: {layout}")
         extra = sorted(set(split.classes) - set(splits["train"].classes))
         if extra:
             raise ValueError(f"{folder} has classes not in train/: {', '.join(extra)}")
-        if not split.samples:
-            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        empty = sorted(set(split.classes) - {split.classes[t] for t in split.targets})
+        if empty or not split.samples:
+            where = folder / empty[0] if empty else folder
+            raise ValueError(f"{where} holds no images ({', '.join(IMAGE_SUFFIXES)}): {layout}")
     train, val = splits.values()
     images = [torch.stack([read_image(path) for path, _ in split.samples]) for split in (train, val)]
     labels = [torch.tensor([train.class_to_idx[split.classes[t]] for _, t in split.samples]) for split in (train, val)]
-    return ImageData(images[0], labels[0], images[1], labels[1], train.classes, *channel_stats(images[0]))
+    return ImageData(images[0], labels[0], images[1], labels[1], train.classes, *channel_stats(images[0]), "val")
 
 
 def load_dataset(name: str, data_dir="data") -> ImageData:

@@ -12,9 +12,11 @@ import json
 import os
 import pickle
 import platform
+import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -75,9 +77,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n" if launched_as_rank0() else None)
 
 
-def note(text):
+def note(text, kind="note"):
     if launched_as_rank0():
-        tqdm.write(f"train.py: note: {text}", file=sys.stderr)  # leaves the progress bar whole
+        tqdm.write(f"train.py: {kind}: {text}", file=sys.stderr)  # leaves the progress bar whole
 
 
 # ---- the device
@@ -87,6 +89,8 @@ def device_of(name):
     gpu_build = torch.version.cuda or torch.version.hip
     if name is None and not gpu_build:
         return torch.device("cpu")
+    if name is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name}: choose cpu, cuda or cuda:N")
     device = torch.device(name or "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         try:
@@ -206,10 +210,25 @@ def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
     os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
 
 
+def remove_if_unused(out: Path, created: Path):
+    """Removes the folders a run created (`created` and those below it, down to `out`) where it left nothing in `out`
+    but its lock: a run that failed before it started leaves nothing behind."""
+    if [path.name for path in out.iterdir()] != [".lock"]:
+        return
+    (out / ".lock").unlink()
+    with contextlib.suppress(OSError):  # a folder that something else has written into since stays
+        for folder in (out, *out.parents)[: len(out.relative_to(created).parts) + 1]:
+            folder.rmdir()
+
+
 def claim_output_dir(args, on_exit: contextlib.ExitStack):
     """Creates --output-dir and locks it for this run. Removes the temporary files of a run killed while writing
-    (they may hold the space it needs), and refuses a folder that holds another run unless this run resumes it."""
+    (they may hold the space it needs), and refuses a folder that holds another run unless this run resumes it. At
+    exit, what it created is removed again if the run wrote nothing there (it failed before it started)."""
     out = Path(args.output_dir)
+    created = next((folder for folder in reversed((out, *out.parents)) if not folder.exists()), None)
+    if created is not None:
+        on_exit.callback(remove_if_unused, out, created)  # after the lock's release (callbacks run last first)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_output_dir(out, on_exit)
@@ -264,7 +283,10 @@ def read_resume(args, free_flags):
     changed = sorted(k for k, v in vars(args).items() if k not in free_flags and ckpt["args"].get(k) != v)
     if changed:
         differences = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {vars(args)[k]!r}" for k in changed]
-        raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: " + ", ".join(differences))
+        # A run's schedule ends at its --epochs: training on is a new run from its weights.
+        hint = (f"; to train it longer, start a new run from its weights with the new --epochs: --init-from {path} "
+                f"--output-dir NEW_DIR") if "epochs" in changed else ""
+        raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: {', '.join(differences)}{hint}")
     return ckpt
 
 
@@ -392,8 +414,25 @@ class Session:
             on_exit.callback(signal.signal, sig, signal.signal(sig, self._handle))  # the old handler, back at exit
         ranks.rank0_only(keep_records_until, self.metrics, state.step if resumed else -1)
         self.record(kind="run", epoch=state.step // facts["steps_per_epoch"], **facts)
+        self.announce()
         self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=ranks.rank != 0,
                              dynamic_ncols=True, desc="train")
+
+    def announce(self):
+        """Says once (rank 0), before the first step, what the run is about to do; warns where the global batch
+        exceeds the training set, so that an epoch is a step or two."""
+        facts = self.facts
+        args = self.args
+        where = f" in {args.data_dir}" if facts["dataset"] in data.FROM_FOLDER else ""
+        classes = textwrap.shorten(", ".join(facts["classes"]), 80, placeholder=" ...")
+        images = " / ".join(f"{count:,} {split}" for split, count in facts["images"].items())
+        note(f"{facts['dataset']}{where}: {len(facts['classes'])} classes ({classes}), {images} images; "
+             f"{facts['params']:,} parameters; global batch {args.batch_size} on {facts['world_size']} process(es), "
+             f"{facts['steps_per_epoch']} steps per epoch x {args.epochs} epochs from step {self.state.step}; "
+             f"{facts['device']} ({facts['device_name']}), {facts['precision']}; into {args.output_dir}", kind="start")
+        if args.batch_size > facts["images"]["train"]:
+            note(f"--batch-size {args.batch_size} exceeds the {facts['images']['train']} training images: an epoch is "
+                 f"{facts['steps_per_epoch']} step(s); a smaller --batch-size takes more steps", kind="warning")
 
     def record(self, **record):
         line = json.dumps({**record, "step": self.state.step}) + "\n"

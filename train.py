@@ -470,7 +470,8 @@ def main(args):
         cfg = asdict(model_without_ddp.cfg)
         info = run.run_info(device)
         facts = dict(params=count_parameters(model_without_ddp), forward_macs=forward_macs(model_without_ddp.cfg),
-                     world_size=ranks.world_size, dataset=args.dataset, epochs=args.epochs,
+                     world_size=ranks.world_size, dataset=args.dataset, epochs=args.epochs, classes=dataset.classes,
+                     images={"train": len(dataset.train_labels), dataset.test_split: len(dataset.test_labels)},
                      steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
                      precision=precision.name, compiled=compiled, config=cfg, args=vars(args), **info)
 
