@@ -209,7 +209,8 @@ class Analysis:
     subset_acc: float  # untruncated accuracy on the images of the curves
     subset: int  # how many test images the curves and the CLS similarity use
     maps: torch.Tensor  # CLS attention of the images shown, (images, k, tokens)
-    shown: torch.Tensor  # the images shown with their CLS attention
+    shown: torch.Tensor  # the images shown with their CLS attention: the first test image of each class
+    shown_index: torch.Tensor  # their places in the test set
     shown_labels: torch.Tensor
     similarity: torch.Tensor  # (k, k) cosine similarity of the CLS outputs
 
@@ -229,15 +230,17 @@ def analyse(model, dataset, device, args) -> Analysis:
         spectrum = spectra(dense)
         effective = {key: {e: effective_rank(s, e) for e in ENERGIES} for key, s in spectrum.items()}
         progress.update()
-        shown = dataset.test_images[: args.cls_images]
+        labels_in_order = dataset.test_labels.tolist()
+        shown_index = torch.tensor([labels_in_order.index(c) for c in sorted(set(labels_in_order))][: args.cls_images])
+        shown = dataset.test_images[shown_index]
         maps = cls_attention(dense, normalize(shown.to(device))).cpu()
         similarity = cls_similarity(dense, images, normalize, device)
         progress.update()
         subset_acc = accuracy(dense, images, labels, normalize, device)
         curves = truncation_curves(dense, images, labels, normalize, device, ranks, subset_acc, progress)
     return Analysis(result=result, spectrum=spectrum, effective=effective, width=width, ranks=ranks, curves=curves,
-                    subset_acc=subset_acc, subset=len(labels), maps=maps, shown=shown,
-                    shown_labels=dataset.test_labels[: args.cls_images], similarity=similarity)
+                    subset_acc=subset_acc, subset=len(labels), maps=maps, shown=shown, shown_index=shown_index,
+                    shown_labels=dataset.test_labels[shown_index], similarity=similarity)
 
 
 def markdown_table(header, rows) -> str:
@@ -276,8 +279,8 @@ def report(path, cfg, dataset_name, classes, analysis: Analysis) -> str:
         f"(truncated SVD, biases kept, no retraining). Last column: the smallest rank from which on accuracy stays "
         f"within 1 point.\n\n" + markdown_table(["family", *map(str, analysis.ranks), "within 1 point from"],
                                                  curve_rows),
-        f"## CLS tokens\n\nLast block, mean over heads, on {len(analysis.maps)} test images: the share of each CLS "
-        f"token's attention on the patches (the rest is on the CLS tokens): "
+        f"## CLS tokens\n\nLast block, mean over heads, on {len(analysis.maps)} test images (one per class): the "
+        f"share of each CLS token's attention on the patches (the rest is on the CLS tokens): "
         + ", ".join(f"CLS {j} {share:.0%}" for j, share in enumerate(on_patches)) + ".\n\n" + similarity,
         "## Per-class accuracy\n\n" + markdown_table(["class", "images", "accuracy %"],
                                                      [[c, n, f"{acc:.2f}"] for c, n, acc in per_class]),
@@ -294,7 +297,7 @@ def plot_names(num_cls):
 def write_plots(analysis: Analysis, cfg, classes, out: Path):
     plot_spectra(analysis.spectrum, cfg.depth, out)
     plot_truncation(analysis.curves, analysis.ranks, analysis.subset_acc, 100 / len(classes), out)
-    predicted = analysis.result["predicted"][: len(analysis.shown)].tolist()
+    predicted = analysis.result["predicted"][analysis.shown_index].tolist()
     labels = analysis.shown_labels.tolist()
     captions = [f"label {classes[t]}, predicted {classes[p]}" for t, p in zip(labels, predicted)]
     plot_cls_attention(analysis.maps, analysis.shown, captions, cfg.grid, out)
@@ -318,7 +321,7 @@ def get_args_parser():
     add("--images", default=0, type=int, help="test images for the truncation curves and CLS similarity (0: all)")
     add("--min-rank", default=4, type=int, help="smallest rank of the truncation curves")
     add("--rank-steps", default=10, type=int, help="ranks per truncation curve, --min-rank to full width, log scale")
-    add("--cls-images", default=4, type=int, help="test images in cls_attention.png")
+    add("--cls-images", default=4, type=int, help="test images in cls_attention.png, each of another class")
     return parser
 
 

@@ -1,8 +1,9 @@
 """Use a trained PoorViT: evaluate a checkpoint on a dataset's test split (what train.py's evaluation computes), or
-write the top-k labels of every image file under a folder as CSV. A run folder stands for its checkpoint.pt.
+write the top-k labels of an image file, or of every image file under a folder, as CSV. A run folder stands for its
+checkpoint.pt.
 
     python predict.py evaluate runs/demo --device cpu              # the run's own dataset: accuracy, loss, per class
-    python predict.py predict runs/demo my_images/ --top-k 3 --out predictions.csv
+    python predict.py predict runs/demo my_images/ --top-k 3 --out predictions.csv   # or one image file
 """
 import argparse
 import csv
@@ -18,7 +19,10 @@ import run
 
 def checkpoint_path(path) -> Path:
     path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint}: not found (give a run folder or its checkpoint.pt)")
+    return checkpoint
 
 
 def load(path, device):
@@ -84,10 +88,11 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Evaluate a trained PoorViT, or predict labels for images.")
     commands = parser.add_subparsers(dest="command", required=True)
     evaluate_parser = commands.add_parser("evaluate", help="accuracy, loss and per-class accuracy on a test split")
-    predict_parser = commands.add_parser("predict", help="top-k labels of every image under a folder, as CSV")
+    predict_parser = commands.add_parser("predict", help="top-k labels of an image, or of every image under a folder")
     add_source_arguments(evaluate_parser)
     add_source_arguments(predict_parser, dataset=False)
-    predict_parser.add_argument("images", type=str, help="folder of image files (any size; searched recursively)")
+    predict_parser.add_argument("images", type=str, help="an image file, or a folder of them (searched recursively); "
+                                "any size")
     predict_parser.add_argument("--top-k", default=5, type=int, help="labels per image, most probable first")
     predict_parser.add_argument("--out", default="predictions.csv", type=str, help="the CSV file to write")
     return parser
@@ -96,7 +101,8 @@ def get_args_parser():
 def run_evaluate(args, model, ckpt, device):
     dataset = test_data(ckpt, args.dataset, args.data_dir)
     result = evaluate(model, dataset, device)
-    print(f"{len(dataset.test_labels)} test images: accuracy {result['acc']:.2f}%, loss {result['loss']:.4f}")
+    print(f"{len(dataset.test_labels)} {dataset.test_split} images: accuracy {result['acc']:.2f}%, loss "
+          f"{result['loss']:.4f}")
     print("| class | images | accuracy % |\n|---|---|---|")
     for name, count, acc in zip(dataset.classes, result["confusion"].sum(1).tolist(), result["per_class"]):
         print(f"| {name} | {count} | {acc:.2f} |")
@@ -109,7 +115,10 @@ def run_predict(args, model, ckpt, device):
     if "data" not in ckpt:
         raise ValueError(f"checkpoint {args.checkpoint}: no class names and normalisation (written before "
                          f"train.py stored them)")
-    files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    path = Path(args.images)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (an image file or a folder of them)")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{args.images}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
     stats = ckpt["data"]

@@ -210,30 +210,29 @@ def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
     os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
 
 
-def remove_if_unused(out: Path, created: Path):
-    """Removes the folders a run created (`created` and those below it, down to `out`) where it left nothing in `out`
-    but its lock: a run that failed before it started leaves nothing behind."""
+def remove_if_unused(out: Path, created: list):
+    """Where a run left nothing in `out` but its lock (it failed before it started), removes the lock and the folders
+    it created (`out` first, then its parents): a failed start leaves nothing behind."""
     if [path.name for path in out.iterdir()] != [".lock"]:
         return
     (out / ".lock").unlink()
     with contextlib.suppress(OSError):  # a folder that something else has written into since stays
-        for folder in (out, *out.parents)[: len(out.relative_to(created).parts) + 1]:
+        for folder in created:
             folder.rmdir()
 
 
 def claim_output_dir(args, on_exit: contextlib.ExitStack):
     """Creates --output-dir and locks it for this run. Removes the temporary files of a run killed while writing
     (they may hold the space it needs), and refuses a folder that holds another run unless this run resumes it. At
-    exit, what it created is removed again if the run wrote nothing there (it failed before it started)."""
+    exit (still holding the lock), a folder where the run wrote nothing is left as it was found."""
     out = Path(args.output_dir)
-    created = next((folder for folder in reversed((out, *out.parents)) if not folder.exists()), None)
-    if created is not None:
-        on_exit.callback(remove_if_unused, out, created)  # after the lock's release (callbacks run last first)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_output_dir(out, on_exit)
     except OSError as e:
         raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
+    on_exit.callback(remove_if_unused, out, created)  # before the lock's release: callbacks run last first
     for name in RUN_FILES:
         files.temp_path(out / name).unlink(missing_ok=True)
     existing = [name for name in RUN_FILES if (out / name).exists()]

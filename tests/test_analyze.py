@@ -109,9 +109,14 @@ def test_cls_similarity_is_the_mean_cosine_between_cls_outputs():
 
 def test_analyze_writes_the_report_and_every_plot(trained_run, tmp_path):
     args = analyze.get_args_parser().parse_args([str(trained_run), "--out", str(tmp_path), "--device", "cpu",
-                                                 "--images", "120", "--rank-steps", "3", "--cls-images", "2"])
+                                                 "--images", "120", "--rank-steps", "3", "--cls-images", "3"])
     result = analyze.main(args)
     assert result.ranks == [4, 11, 32]
+    # The CLS attention figure shows the first test image of classes 0, 1, 2 (the first three are 6, 5, 5).
+    labels = data.load_digits().test_labels
+    first = [int((labels == c).nonzero()[0]) for c in range(3)]
+    assert result.shown_labels.tolist() == [0, 1, 2]
+    assert torch.equal(result.shown, data.load_digits().test_images[first])
     for family, accs in result.curves.items():
         assert accs[-1] == result.subset_acc, family  # full width: no truncation
     text = (tmp_path / "report.md").read_text()

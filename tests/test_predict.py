@@ -84,3 +84,32 @@ def test_predict_refuses_a_folder_without_images(trained_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict.main(parse("predict", trained_run, tmp_path, "--device", "cpu"))
     assert "no image files" in capsys.readouterr().err
+
+
+def test_predict_takes_a_single_image_file_and_says_not_found_for_a_missing_path(trained_run, tmp_path, capsys):
+    dataset = data.load_digits()
+    for i in range(3):
+        write_png(tmp_path / f"{i}.png", dataset.test_images[i])
+    predict.main(parse("predict", trained_run, tmp_path, "--out", tmp_path / "all.csv", "--device", "cpu"))
+    predict.main(parse("predict", trained_run, tmp_path / "1.png", "--out", tmp_path / "one.csv", "--device", "cpu"))
+    (one,) = list(csv.DictReader((tmp_path / "one.csv").open()))
+    assert one == list(csv.DictReader((tmp_path / "all.csv").open()))[1]  # the folder's row of the same file
+    missing_run = f"predict.py: error: checkpoint {tmp_path / 'norun'}: not found"
+    for argv, message in ((["predict", trained_run, tmp_path / "nowhere"], f"{tmp_path / 'nowhere'}: not found"),
+                          (["predict", tmp_path / "norun", tmp_path], missing_run),
+                          (["evaluate", tmp_path / "norun"], missing_run),
+                          (["evaluate", tmp_path], f"checkpoint {tmp_path / 'checkpoint.pt'}: not found")):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(parse(*argv, "--device", "cpu"))
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_evaluate_calls_an_image_folders_held_out_images_val(trained_run, tmp_path, capsys):
+    dataset = data.load_digits()
+    for split in ("train", "val"):
+        for c in range(10):  # the checkpoint's model has 10 classes
+            (tmp_path / split / str(c)).mkdir(parents=True)
+            write_png(tmp_path / split / str(c) / "0.png", dataset.test_images[c])
+    predict.main(parse("evaluate", trained_run, "--dataset", "imagefolder", "--data-dir", tmp_path, "--device", "cpu"))
+    assert capsys.readouterr().out.startswith("10 val images: accuracy")

@@ -238,8 +238,13 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     run(tmp_path, "--epochs", "1")
     with pytest.raises(ValueError, match="depth"):
         run(tmp_path, "--epochs", "1", "--depth", "3", "--resume", str(tmp_path / "checkpoint.pt"))
-    with pytest.raises(ValueError, match="--lr"):
+    with pytest.raises(ValueError, match="--lr") as refused:
         run(tmp_path, "--epochs", "1", "--lr", "0.01", "--resume", str(tmp_path / "checkpoint.pt"))
+    assert "--init-from" not in str(refused.value)
+    # A finished run trained longer: the refusal names the way on, a new run from its weights.
+    with pytest.raises(ValueError, match="--epochs 1 -> 3") as refused:
+        run(tmp_path, "--epochs", "3", "--resume", "auto")
+    assert str(refused.value).endswith(f"--init-from {tmp_path / 'checkpoint.pt'} --output-dir NEW_DIR")
 
 
 @contextlib.contextmanager
@@ -365,9 +370,8 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, flags, message, capsys):
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
-    if "global_batch" not in message and "whitening" not in message:  # these need the dataset
-        assert not (tmp_path / "out").exists()  # refused before any work
+    # Refused before any work, or (global_batch, whitening: they need the dataset) leaving no folder behind.
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
@@ -546,10 +550,15 @@ def test_bad_dataset_files_give_one_line_errors(tmp_path, capsys):
         accept_cifar(patch, folder)
         (folder / "data_batch_2").write_bytes(b"broken")
         assert "data_batch_2 is damaged" in error_of("--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"))
+    # An image folder's errors name its layout, and never --download: there is nothing to download.
+    layout = "DIR/train/<class>/*, DIR/val/<class>/*"
     (tmp_path / "one" / "train" / "cat").mkdir(parents=True)
-    assert "class" in error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / "one"), "--epochs", "1")
+    for folder, expected in (("my_dta", "my_dta/train is not a folder"), ("one", "1 class folder(s)")):
+        line = error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / folder), "--epochs", "1")
+        assert expected in line and layout in line and "--download" not in line, line
     (tmp_path / "one" / "train" / "dog").mkdir()
     assert "no images" in error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / "one"))
+    assert not list(tmp_path.glob("out*"))  # no output folder left behind by a failed start
 
 
 def test_an_output_dir_that_cannot_be_written_is_an_error(tmp_path, capsys):
@@ -593,6 +602,63 @@ def test_resume_auto_needs_an_output_dir(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.cli([*TINY, "--epochs", "1", "--resume", "auto"])
     assert exit_info.value.code == 2 and "--resume auto needs --output-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta"])
+def test_an_unknown_device_is_one_line_and_exit_2_in_every_script(tmp_path, capsys, device):
+    import analyze
+    import bench
+    import predict
+
+    def parsed(module, *argv):
+        return module.get_args_parser().parse_args(argv)
+
+    calls = {"train.py": lambda: train.cli([*TINY[:-2], "--device", device, "--output-dir", str(tmp_path / "out")]),
+             "predict.py": lambda: predict.main(parsed(predict, "evaluate", str(tmp_path), "--device", device)),
+             "analyze.py": lambda: analyze.main(parsed(analyze, str(tmp_path), "--device", device)),
+             "bench.py": lambda: bench.main(parsed(bench, "--device", device))}
+    for script, call in calls.items():
+        with pytest.raises(SystemExit) as exit_info:
+            call()
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2, script
+        assert lines == [f"{script}: error: --device {device}: choose cpu, cuda or cuda:N"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_start_removes_the_folders_it_created_and_only_those(tmp_path, capsys):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for out in (tmp_path / "new" / "deeper" / "run", kept, kept / "run"):
+        code, line = error_line(capsys, out, "--epochs", "1", "--batch-size", "5000")
+        assert code == 2 and "global_batch=5000" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]  # new/ and kept/run/ removed; kept/ stays
+
+
+def test_every_run_says_once_before_its_first_step_what_it_does(tmp_path, monkeypatch, capsys):
+    events = []
+    monkeypatch.setattr(machinery, "note", lambda text, kind="note": events.append((kind, text)))
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a: events.append(("step", "")) or step(*a))
+    summary = run(tmp_path / "a", "--epochs", "1", *NO_AUGMENT, "--batch-size", "100")
+    assert [kind for kind, _ in events[:2]] == ["start", "step"] and [k for k, _ in events].count("start") == 1
+    dataset = data.load_digits()
+    params = sum(p.numel() for p in ViT(train.model_config(train.get_args_parser().parse_args(TINY), 10)).parameters())
+    steps = len(dataset.train_labels) // 100
+    assert events[0][1] == (
+        f"digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), {len(dataset.train_labels):,} train / "
+        f"{len(dataset.test_labels)} test images; {params:,} parameters; global batch 100 on 1 process(es), "
+        f"{steps} steps per epoch x 1 epochs from step 0; cpu ({machinery.device_name(torch.device('cpu'))}), fp32; "
+        f"into {tmp_path / 'a'}")
+    assert summary["images"] == {"train": 1438, "test": 359} and summary["classes"] == [str(c) for c in range(10)]
+    assert "warning" not in [kind for kind, _ in events]
+
+    # A global batch larger than the training set: one warning (an epoch of a step or two).
+    events.clear()
+    run(tmp_path / "b", "--epochs", "1", *NO_AUGMENT, "--ra-reps", "2", "--batch-size", "2000")
+    warnings = [text for kind, text in events if kind == "warning"]
+    assert warnings == ["--batch-size 2000 exceeds the 1438 training images: an epoch is 1 step(s); a smaller "
+                        "--batch-size takes more steps"]
 
 
 # ---- faithful to the seed: whitening input, in-batch repeats, Muon
