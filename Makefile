@@ -30,7 +30,7 @@ COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk ml
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
 # The demo model on digits, and two ablations of it: the example table and plots of the README.
 DEMO_COLUMNS := demo-base demo-mla-qkv demo-cls-4
-.PHONY: test demo bench gpu-check table plots table-runs demo-table analyze-demo $(COLUMNS) $(DEMO_COLUMNS)
+.PHONY: test demo own-images bench gpu-check table plots table-runs demo-table analyze-demo $(COLUMNS) $(DEMO_COLUMNS)
 
 test: $(SETUP)
 	$(PY) -m pytest -q
@@ -39,8 +39,28 @@ test: $(SETUP)
 DEMO_FLAGS = --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 --lr 2e-3 --epochs 60 \
 	--warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 \
 	--eval-every 10 --device cpu
+demo: RUN := $(OUT)/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(SETUP)
-	$(PY) train.py $(DEMO_FLAGS) --seed $(SEED) --output-dir $(OUT)/demo-$$(date +%Y%m%d-%H%M%S) $(EXTRA)
+	$(PY) train.py $(DEMO_FLAGS) --seed $(SEED) --output-dir $(RUN) $(EXTRA)
+	@$(call next-steps,$(RUN),docs/example/digits)
+
+# Your own images on the CPU: DATA/train/<class>/*, DATA/val/<class>/* (any size, resized to 32x32), a small ViT
+# sized for a few hundred to a few thousand images. make own-images DATA=my_data [EPOCHS=50] [EXTRA="..."]
+OWN_FLAGS = --dataset imagefolder --data-dir $(DATA) --patch-size 4 --dim 96 --depth 4 --heads 4 --batch-size 32 \
+	--lr 2e-3 --warmup-epochs 3 --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 \
+	--eval-every 10 --device cpu
+own-images: EPOCHS = 50
+own-images: RUN := $(OUT)/$(notdir $(abspath $(DATA)))-$(shell date +%Y%m%d-%H%M%S)
+own-images: $(SETUP)
+	$(PY) train.py $(OWN_FLAGS) --epochs $(EPOCHS) --seed $(SEED) --output-dir $(RUN) $(EXTRA)
+	@$(call next-steps,$(RUN),$(patsubst %/,%,$(DATA))/val)
+
+# What to do with the run just trained, $(1): evaluate it, predict the images $(2) with it, analyze it.
+define next-steps
+	echo "next: $(PY) predict.py evaluate $(1) --device cpu"; \
+	echo "      $(PY) predict.py predict $(1) $(2) --top-k 3 --out $(1)/predictions.csv --device cpu"; \
+	echo "      $(PY) analyze.py $(1) --device cpu"
+endef
 
 # The table of every run under OUT (mean ± std over seeds, next to the paper), and its plots: OUT/report.
 table: $(SETUP)

@@ -85,6 +85,11 @@ class Column:
     def label(self) -> str:
         return f"{self.target} [{self.reading}]" if self.reading else self.target
 
+    @property
+    def tagged(self) -> bool:
+        """Whether its runs name their column (--tag, as every make target sets); else they are runs of a folder."""
+        return any(run.summary.get("args", {}).get("tag") for run in self.runs)
+
     def values(self, key):
         return [run.summary[key] for run in self.runs if run.summary.get(key) is not None]
 
@@ -171,28 +176,31 @@ def table_rows(columns, only_run=False):
         for key in sorted(key for key in columns if key[0] == target and key[1]):
             rows.append((group, f"{name} [{key[1]}]", key, paper_time, paper_acc))
     known = {row[2] for row in rows}
-    return rows + [("Other", columns[key].label, key, None, None) for key in sorted(columns) if key not in known]
+    others = [key for key in sorted(columns) if key not in known]
+    return rows + [("Other" if columns[key].tagged else "Run", columns[key].label, key, None, None) for key in others]
 
 
 def markdown_table(columns, expected_seeds=None, only_run=False):
     lines = ["| group | column | target | final acc % | best acc % | seeds | train time s | device | paper acc % "
-             "| final − paper | paper time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| final − paper | paper time s | dataset |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     missing = []
     for group, name, key, paper_time, paper_acc in table_rows(columns, only_run):
         column = columns.get(key)
         if column is None:
             lines.append(f"| {group} | {name} | `{key[0]}` | not run | | 0 | | | {fmt(paper_acc, None)} | "
-                         f"| {paper_time or '—'} |")
+                         f"| {paper_time or '—'} | cifar10 |")
             missing.append(key[0])
             continue
         final, final_std = column.mean_std("final_acc")
         best, best_std = column.mean_std("best_acc")
         seconds, _ = column.mean_std("train_seconds")
         devices = ", ".join(sorted(set(column.values("device_name")))) or "—"
+        datasets = ", ".join(sorted(set(column.values("dataset")))) or "—"
         diff = fmt(final - paper_acc, None) if paper_acc is not None else "—"
-        lines.append(f"| {group} | {name} | `{column.label}` | {fmt(final, final_std)} | {fmt(best, best_std)} "
+        target = f"`{column.label}`" if column.tagged else "(a run without --tag)"
+        lines.append(f"| {group} | {name} | {target} | {fmt(final, final_std)} | {fmt(best, best_std)} "
                      f"| {len(column.runs)} | {fmt(seconds, None, 0)} | {devices} | {fmt(paper_acc, None)} | {diff} "
-                     f"| {paper_time or '—'} |")
+                     f"| {paper_time or '—'} | {datasets} |")
         if expected_seeds and len(column.runs) < expected_seeds:
             missing.append(f"{column.label} ({len(column.runs)} of {expected_seeds} seeds)")
     return "\n".join(lines), missing
@@ -259,23 +267,30 @@ def get_args_parser():
     add("runs", help="folder whose sub-folders are runs (summary.json + metrics.jsonl)")
     add("--out", help="where table.md and plots go (unset: <runs>/report)")
     add("--plots", action="store_true", help="also write PNG plots")
-    add("--baseline", default="baseline", help="the column ablations are compared with")
+    add("--baseline", default="baseline", help="the column the others are compared with in differences.png")
     add("--seeds", type=int, help="seeds each column should have (to list shortfalls)")
-    add("--only-run", action="store_true", help="leave out the paper's columns that have no runs")
+    add("--only-run", action="store_true", help="leave out the paper's columns that have no runs (where none has "
+        "runs, they are left out anyway)")
     return parser
 
 
 def main(args):
     root = Path(args.runs)
     if not root.is_dir():
-        raise SystemExit(f"report.py: error: {root} is not a folder of runs")
+        print(f"report.py: error: {root} is not a folder of runs", file=sys.stderr)
+        sys.exit(2)
     out = Path(args.out) if args.out else root / "report"
     runs, problems = load_runs(root, with_metrics=args.plots)
     columns = group_columns(runs, problems)
-    table, missing = markdown_table(columns, args.seeds, args.only_run)
+    # Where none of the paper's columns has runs (a demo, your own images), the table is the runs there are.
+    papers = any(key[0] in PAPER_TARGETS for key in columns)
+    table, missing = markdown_table(columns, args.seeds, args.only_run or not papers)
     notes = [f"- {problem}" for problem in problems]
     if missing:
         notes.insert(0, f"- not run or short of seeds: {', '.join(missing)}")
+    if not papers and not args.only_run:
+        notes.insert(0, f"- none of the paper's {len(PAPER)} columns has runs under {root}: only the runs found are "
+                     f"listed (make table-runs runs the paper's columns)")
     text = table + "\n"
     if notes:
         text = table + "\n\n" + "\n".join(notes) + "\n"
@@ -291,8 +306,8 @@ def main(args):
         if baseline is not None and len(columns) > 1:
             plot_differences(columns, baseline, out / "differences.png")
         else:
-            print(f"differences.png not written: it needs runs of {args.baseline!r} and of another column",
-                  file=sys.stderr)
+            print(f"differences.png not written: it needs runs of --baseline {args.baseline!r} and of another "
+                  f"column (columns: {', '.join(column.label for column in columns.values())})", file=sys.stderr)
     print(f"written to {out}", file=sys.stderr)
     return columns, problems
 

@@ -77,6 +77,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n" if launched_as_rank0() else None)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h with every flag's default, and the description and examples as written (not re-wrapped)."""
+
+
 def note(text, kind="note"):
     if launched_as_rank0():
         tqdm.write(f"train.py: {kind}: {text}", file=sys.stderr)  # leaves the progress bar whole

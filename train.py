@@ -1,9 +1,24 @@
-"""Train a PoorViT (arXiv 2501.06220) on CIFAR-10 and friends, on one process or many via torchrun.
-
-    python train.py --download --output-dir runs/baseline                  # the paper's baseline, 1 process
-    torchrun --standalone --nproc_per_node=4 train.py --batch-size 1024 ...  # DDP; --batch-size is global
-
+r"""Train a PoorViT (arXiv 2501.06220) on CIFAR-10 and friends, on one process or many via torchrun.
 Top to bottom: flags; building the run; a step, an epoch, evaluation; `main`, the recipe. Its files: run.py.
+What follows is also `train.py -h`'s epilog:
+
+examples:
+  CPU quick start: a small ViT on the bundled offline digits, about a minute (what make demo runs):
+    python train.py --device cpu --dataset digits --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 64 \
+      --lr 2e-3 --epochs 60 --warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 \
+      --cutmix-alpha 0 --ra-reps 1 --eval-every 10
+  your own images on a CPU, my_data/train/<class>/* and my_data/val/<class>/* (make own-images DATA=my_data):
+    python train.py --device cpu --dataset imagefolder --data-dir my_data --patch-size 4 --dim 96 --depth 4 \
+      --heads 4 --batch-size 32 --lr 2e-3 --epochs 50 --warmup-epochs 3 --auto-augment none --random-erase 0 \
+      --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 --eval-every 10
+  the paper's baseline on a GPU (CIFAR-10 fetched into data/; make baseline):
+    python train.py --download --amp --output-dir runs/baseline
+  resume a stopped or crashed run: its command again, with --resume auto:
+    python train.py --download --amp --output-dir runs/baseline --resume auto
+  train a finished run longer: a new run that starts from its weights:
+    python train.py --download --amp --epochs 200 --init-from runs/baseline/checkpoint.pt --output-dir runs/b200
+  DDP on 4 GPUs (--batch-size is the global batch; make ddp-bs1024):
+    torchrun --standalone --nproc_per_node=4 train.py --download --amp --batch-size 1024 --ra-mode in-batch
 """
 import argparse
 import contextlib
@@ -65,9 +80,11 @@ FRACTION = number(float, "[0, 1)")
 
 
 def get_args_parser():
-    parser = run.Parser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="Train a small ViT (PoorViTs). Defaults: the paper's baseline. Where the seed's "
+    parser = run.Parser(prog="train.py", formatter_class=run.HelpFormatter, epilog=__doc__[__doc__.index("examples:"):],
+                        description="Train a small ViT (PoorViTs). Defaults: the paper's baseline.\nWhere the seed's "
                         "code admits other readings (depth, RA mode, precision, Lion's lr): docs/faithfulness.md.")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (unset: cuda on a CUDA build of torch, which must then "
+                        "start)")
     add = parser.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=data.DATASETS, help="digits: offline; synthetic: for speed checks")
     add("--data-dir", default="data", help="dataset root (CIFAR: its folder's parent; imagefolder: train/, val/)")
@@ -131,7 +148,6 @@ def get_args_parser():
     add("--resume", help="checkpoint.pt to continue from; auto: the output dir's checkpoint if there is one")
     add("--save-every", default=0, type=COUNT, help="also checkpoint every N steps (a kill loses at most N steps)")
     add("--stop-after-epochs", type=POSITIVE_INT, help="end after N epochs, schedule unchanged; then --resume")
-    add("--device", help="cuda, cuda:N or cpu (unset: cuda on a CUDA build of torch, which must then start)")
     add("--dist-timeout", default=30.0, type=POSITIVE, help="minutes a rank waits for the others (first compiles)")
     return parser
 

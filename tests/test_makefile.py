@@ -1,9 +1,12 @@
 """The Makefile: one target per column of the paper's table, each reading of the seed one command away, and a PY
 that runs everything in an environment as it is (no venv, no pip)."""
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,115 @@ def test_each_other_reading_of_the_seed_is_one_command(reading):
         assert named and {k: train_flags(command)[k] for k in named} == wanted
     else:
         assert "--amp" not in command and train_flags(command)["amp"] is False
+
+
+# ---- README.md's commands, as a newcomer pastes them into a fresh shell after `make demo` and `make test`
+README = (ROOT / "README.md").read_text()
+BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
+
+
+def readme_make_commands():
+    """Every make command README.md shows, in a bash block or inline (a placeholder such as <target> aside)."""
+    lines = [line.split("  #")[0].strip() for block in BASH_BLOCKS for line in block.splitlines()]
+    inline = [" ".join(command.split()) for command in re.findall(r"`(make [^`<]+)`", README)]
+    return sorted({command for command in lines + inline if command.startswith("make ")})
+
+
+def test_the_readme_shows_the_set_up_own_images_and_reading_commands():
+    assert {"make demo", "make test", "make own-images DATA=my_data", "make baseline PY=python3"} <= set(
+        readme_make_commands())
+
+
+@pytest.mark.parametrize("command", readme_make_commands())
+def test_each_make_command_of_the_readme_names_a_target_that_runs(command):
+    """A dry run (make -n): the target exists and its recipe expands; a mistyped target or variable would fail."""
+    result = subprocess.run(["make", "-n", *shlex.split(command)[1:]], cwd=ROOT, env=TOP_LEVEL, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def fresh_clone(folder):
+    """The project's files in `folder`, as after `git clone` and `make test` (its .venv: this Python, installed)."""
+    for path in [*ROOT.glob("*.py"), ROOT / "Makefile", ROOT / "requirements.txt"]:
+        shutil.copy(path, folder)
+    shutil.copytree(ROOT / "docs", folder / "docs")
+    python = folder / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    (folder / ".venv" / "installed").touch()  # after requirements.txt: make installs nothing
+    return folder
+
+
+def fresh_shell(script, clone):
+    """`script` run by bash in `clone` as in a new terminal: no venv activated, only the system's PATH."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(clone), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "--noprofile", "--norc", "-euo", "pipefail", "-c", script], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def next_steps(stdout):
+    """The commands that `make demo` and `make own-images` print after training, each split into words."""
+    lines = stdout[stdout.index("next: "):].splitlines()
+    return [shlex.split(line.removeprefix("next: ")) for line in lines if line.strip()]
+
+
+TINY_MODEL = 'EXTRA=--dim 32 --depth 2 --heads 4 --epochs 1 --warmup-epochs 0'
+
+
+def test_the_readme_commands_work_in_a_fresh_shell_and_make_demo_prints_them_for_its_run(tmp_path):
+    clone = fresh_clone(tmp_path)
+    # make demo (a tiny model: EXTRA comes last) ends by printing the README's commands for the run it wrote.
+    printed = next_steps(fresh_shell(f"make demo '{TINY_MODEL}'", clone))
+    (run,) = [path for path in (clone / "runs").iterdir() if path.name.startswith("demo-2")]
+    assert json.loads((run / "summary.json").read_text())["complete"]
+    (block,) = [block for block in BASH_BLOCKS if ".venv/bin/python" in block]
+    readme = [shlex.split(line.split("  #")[0].replace("$run", f"runs/{run.name}")) for line in block.splitlines()]
+    assert printed == readme[1:] and len(printed) == 3  # evaluate, predict, analyze
+
+    # The README's block, pasted as it is: it finds the newest demo run itself.
+    fresh_shell(block, clone)
+    assert len((run / "predictions.csv").read_text().splitlines()) == 1 + 10  # docs/example/digits: ten images
+    assert "## Post-hoc rank truncation" in (run / "analysis" / "report.md").read_text()
+
+
+def test_make_own_images_trains_on_an_image_folder_on_the_cpu_and_prints_the_commands_for_its_run(tmp_path):
+    from PIL import Image
+
+    clone = fresh_clone(tmp_path)
+    for split, count in (("train", 20), ("val", 2)):
+        for shade, name in ((40, "dark"), (220, "light")):
+            (clone / "my_data" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (48, 40), (shade, shade + i, shade)).save(clone / "my_data" / split / name / f"{i}.png")
+    stdout = fresh_shell(f"make own-images DATA=my_data '{TINY_MODEL}' 2>&1", clone)
+    assert "train.py: start: imagefolder in my_data: 2 classes (dark, light), 40 train / 4 val images" in stdout
+    printed = next_steps(stdout)
+    (run,) = list((clone / "runs").iterdir())
+    assert run.name.startswith("my_data-2") and all(f"runs/{run.name}" in command for command in printed)
+    assert "4 val images: accuracy" in fresh_shell(shlex.join(printed[0]), clone)
+    fresh_shell(shlex.join(printed[1]), clone)
+    assert len((run / "predictions.csv").read_text().splitlines()) == 1 + 4  # my_data/val
+
+
+def test_train_help_ends_with_examples_that_parse_and_match_the_make_targets_they_name(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    parser = train.get_args_parser()
+    text = parser.format_help()
+    assert text.rstrip().endswith(parser.epilog.rstrip())  # as written: shell line continuations kept
+    assert text.index("--device DEVICE") < text.index("--dataset {")  # the first flag a CPU user needs, first
+    lines = parser.epilog.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line) for line in lines if line.lstrip().startswith(("python ", "torchrun "))]
+    assert len(commands) == 6
+
+    def flags(command):  # every flag exists and every value parses; where a run goes aside
+        return {k: v for k, v in train_flags(command).items() if k not in ("output_dir", "seed", "tag", "resume")}
+
+    demo, own_images, baseline, resume, longer, ddp = commands
+    assert flags(demo) == flags(train_command("demo"))
+    assert flags(own_images) == flags(train_command("own-images", "DATA=my_data"))
+    assert flags(baseline) == flags(resume) == flags(train_command("baseline"))
+    assert train_flags(resume)["resume"] == "auto" and train_flags(longer)["init_from"].endswith("checkpoint.pt")
+    assert flags(ddp) == flags(train_command("ddp-bs1024"))

@@ -9,12 +9,14 @@ import pytest
 import report
 
 
-def write_run(root, name, column, seed, final, best, seconds=100.0, epochs=4, complete=True, device="Fake GPU"):
+def write_run(root, name, column, seed, final, best, seconds=100.0, epochs=4, complete=True, device="Fake GPU",
+              dataset="cifar10"):
     folder = root / name
     folder.mkdir(parents=True)
     summary = {"complete": complete, "final_acc": final if complete else None, "best_acc": best, "best_epoch": 3,
                "epochs": epochs, "epochs_done": epochs if complete else 2, "steps": epochs * 10,
-               "train_seconds": seconds, "device_name": device, "args": {"seed": seed, "tag": column}}
+               "train_seconds": seconds, "device_name": device, "dataset": dataset,
+               "args": {"seed": seed, "tag": column}}
     (folder / "summary.json").write_text(json.dumps(summary))
     records = [{"kind": "run", "epoch": 0, "step": 0}]
     for epoch in range(1, epochs + 1):
@@ -49,9 +51,10 @@ def table_row(table, target):
 def test_table_has_mean_and_std_over_seeds_next_to_the_paper(runs):
     columns, problems = report.main(report.get_args_parser().parse_args([str(runs), "--seeds", "3"]))
     table = (runs / "report" / "table.md").read_text()
-    group, name, target, final, best, seeds, seconds, device, paper, diff, paper_time = table_row(table, "baseline")
+    group, name, target, final, best, seeds, seconds, device, paper, diff, paper_time, dataset = table_row(table,
+                                                                                                         "baseline")
     assert (group, final, best, seeds) == ("Baseline", "94.00 ± 1.00", "94.50 ± 1.00", "3")
-    assert (seconds, device, paper, paper_time) == ("101", "Fake GPU", "93.65", "4658")
+    assert (seconds, device, paper, paper_time, dataset) == ("101", "Fake GPU", "93.65", "4658", "cifar10")
     assert diff == f"{94.0 - 93.65:.2f}"
     mla = table_row(table, "mla-q")
     expected_std = math.sqrt(((92 - 92.667) ** 2 + (92.5 - 92.667) ** 2 + (93.5 - 92.667) ** 2) / 2)
@@ -73,12 +76,35 @@ def test_missing_corrupt_and_unfinished_runs_are_reported_not_fatal(runs):
 
 
 def test_unknown_columns_get_their_own_rows(tmp_path):
-    write_run(tmp_path, "demo-seed0", "demo", 0, 97.0, 97.5)
-    write_run(tmp_path, "demo-mla-q-seed0", "demo-mla-q", 0, 96.0, 96.0)
+    write_run(tmp_path, "demo-seed0", "demo", 0, 97.0, 97.5, dataset="digits")
+    write_run(tmp_path, "demo-mla-q-seed0", "demo-mla-q", 0, 96.0, 96.0, dataset="digits")
     columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path), "--baseline", "demo"]))
     table = (tmp_path / "report" / "table.md").read_text()
     assert table_row(table, "demo")[:4] == ["Other", "demo", "`demo`", "97.00"]
-    assert table_row(table, "demo-mla-q")[9] == "—"
+    assert table_row(table, "demo-mla-q")[9] == "—" and table_row(table, "demo-mla-q")[11] == "digits"
+
+
+def test_without_runs_of_the_papers_columns_the_table_is_the_runs_there_are(tmp_path, capsys):
+    # make demo's untagged runs (a folder each) and a run of your own images: no paper column among them.
+    write_run(tmp_path, "demo-20261205-101010", None, 0, 97.0, 97.5, dataset="digits")
+    write_run(tmp_path, "my_data-20261205-111111", None, 0, 80.0, 81.0, dataset="imagefolder")
+    report.main(report.get_args_parser().parse_args([str(tmp_path), "--plots"]))
+    table, notes = (tmp_path / "report" / "table.md").read_text().split("\n\n")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [row[:4] + row[11:] for row in rows] == [
+        ["Run", "demo-20261205-101010", "(a run without --tag)", "97.00", "digits"],
+        ["Run", "my_data-20261205-111111", "(a run without --tag)", "80.00", "imagefolder"]]
+    assert notes.startswith("- none of the paper's 16 columns has runs under") and notes.count("\n- ") == 0
+    # differences.png needs a baseline: the message names the flag and the columns there are.
+    err = capsys.readouterr().err
+    assert "differences.png not written: it needs runs of --baseline 'baseline'" in err
+    assert "(columns: demo-20261205-101010, my_data-20261205-111111)" in err
+
+    # With one run of a paper column, the paper's columns are back, and no note says they are left out.
+    write_run(tmp_path, "baseline-seed0", "baseline", 0, 93.0, 93.0)
+    report.main(report.get_args_parser().parse_args([str(tmp_path)]))
+    text = (tmp_path / "report" / "table.md").read_text()
+    assert table_row(text, "mla-q")[3:5] == ["not run", ""] and "none of the paper's" not in text
 
 
 def test_differences_from_the_baseline_carry_standard_errors(runs):
@@ -100,9 +126,11 @@ def test_plots_are_written_as_png(runs):
     assert not (out / "curves" / "whiten-seed0.png").exists()
 
 
-def test_a_missing_runs_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="not a folder of runs"):
+def test_a_missing_runs_folder_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         report.main(report.get_args_parser().parse_args([str(tmp_path / "nowhere")]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"report.py: error: {tmp_path / 'nowhere'} is not a folder of runs\n"
 
 
 STUB = '''#!{python}
