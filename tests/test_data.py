@@ -2,6 +2,7 @@ import math
 import os
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -113,6 +114,16 @@ def test_imagefolder_bad_layouts_are_explained(tmp_path, spec, message):
     write_folder(tmp_path, spec)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         data.load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize("spec, empty", [({"train/cat": 1, "train/dog": 0, "val/cat": 1}, "train/dog"),
+                                         ({"train/cat": 1, "train/dog": 1, "val/cat": 1, "val/dog": 0}, "val/dog")])
+def test_imagefolder_refuses_an_empty_class_folder_naming_it_and_the_layout(tmp_path, spec, empty):
+    write_folder(tmp_path, spec)
+    message = f"{tmp_path / empty} holds no images (.jpg"
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        data.load_dataset("imagefolder", tmp_path)
+    assert str(refused.value).endswith(f"DIR/train/<class>/*, DIR/val/<class>/* (here DIR is {tmp_path})")
 
 
 def test_imagefolder_unreadable_image_is_named(tmp_path):
