@@ -46,8 +46,8 @@ demo: $(SETUP)
 
 # Your own images on the CPU: DATA/train/<class>/*, DATA/val/<class>/* (any size, resized to 32x32), a small ViT
 # sized for a few hundred to a few thousand images. make own-images DATA=my_data [EPOCHS=50] [EXTRA="..."]
-OWN_FLAGS = --dataset imagefolder --data-dir $(DATA) --patch-size 4 --dim 96 --depth 4 --heads 4 --batch-size 32 \
-	--lr 2e-3 --warmup-epochs 3 --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 \
+OWN_FLAGS = --dataset imagefolder --data-dir $(DATA) --patch-size 8 --dim 96 --depth 4 --heads 4 --batch-size 32 \
+	--lr 2e-3 --warmup-epochs 3 --auto-augment none --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 3 \
 	--eval-every 10 --device cpu
 own-images: EPOCHS = 50
 own-images: RUN := $(OUT)/$(notdir $(abspath $(DATA)))-$(shell date +%Y%m%d-%H%M%S)

@@ -8,9 +8,9 @@ examples:
       --lr 2e-3 --epochs 60 --warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 \
       --cutmix-alpha 0 --ra-reps 1 --eval-every 10
   your own images on a CPU, my_data/train/<class>/* and my_data/val/<class>/* (make own-images DATA=my_data):
-    python train.py --device cpu --dataset imagefolder --data-dir my_data --patch-size 4 --dim 96 --depth 4 \
+    python train.py --device cpu --dataset imagefolder --data-dir my_data --patch-size 8 --dim 96 --depth 4 \
       --heads 4 --batch-size 32 --lr 2e-3 --epochs 50 --warmup-epochs 3 --auto-augment none --random-erase 0 \
-      --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 1 --eval-every 10
+      --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 3 --eval-every 10
   the paper's baseline on a GPU (CIFAR-10 fetched into data/; make baseline):
     python train.py --download --amp --output-dir runs/baseline
   resume a stopped or crashed run: its command again, with --resume auto:
