@@ -91,8 +91,7 @@ def get_args_parser():
     predict_parser = commands.add_parser("predict", help="top-k labels of an image, or of every image under a folder")
     add_source_arguments(evaluate_parser)
     add_source_arguments(predict_parser, dataset=False)
-    predict_parser.add_argument("images", type=str, help="an image file, or a folder of them (searched recursively); "
-                                "any size")
+    predict_parser.add_argument("images", type=str, help="an image file, or a folder of them (searched recursively)")
     predict_parser.add_argument("--top-k", default=5, type=int, help="labels per image, most probable first")
     predict_parser.add_argument("--out", default="predictions.csv", type=str, help="the CSV file to write")
     return parser

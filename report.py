@@ -269,8 +269,7 @@ def get_args_parser():
     add("--plots", action="store_true", help="also write PNG plots")
     add("--baseline", default="baseline", help="the column the others are compared with in differences.png")
     add("--seeds", type=int, help="seeds each column should have (to list shortfalls)")
-    add("--only-run", action="store_true", help="leave out the paper's columns that have no runs (where none has "
-        "runs, they are left out anyway)")
+    add("--only-run", action="store_true", help="leave out the paper's columns without runs (if none has any: always)")
     return parser
 
 
