@@ -72,10 +72,12 @@ def test_makefile_has_a_target_for_every_column():
     assert set(columns.split(":=")[1].split()) == set(COLUMNS)
 
 
-@pytest.mark.parametrize("target", ["test", "demo", "gpu-check", "bench", "table", "demo-base", *COLUMNS])
+@pytest.mark.parametrize("target", ["test", "demo", "own-images", "gpu-check", "bench", "table", "demo-base",
+                                    *COLUMNS])
 def test_with_py_set_a_target_uses_that_python_and_no_venv_or_pip(target):
     commands = dry_run(target, "PY=python3")
-    assert commands and all(c[0] in ("python3", "for", "@for") or "python3" in c for c in commands), commands
+    # echo: the commands that make demo and make own-images print for their run, which run nothing.
+    assert commands and all(c[0] in ("python3", "for", "@for", "echo") or "python3" in c for c in commands), commands
     text = " ".join(" ".join(c) for c in commands)
     assert ".venv" not in text and "pip" not in text and "venv" not in text
 
