@@ -8,6 +8,7 @@ VENV := .venv
 # torch >= 2.11, torchvision >= 0.26, einops, tqdm) uses that environment as it is: no venv, no pip.
 PY ?= $(VENV)/bin/python
 SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/installed)
+DATASET ?= cifar10
 EPOCHS ?= 100
 NPROC ?= 4
 SEED ?= 0
@@ -21,16 +22,19 @@ SEEDS ?= 3
 
 # The paper's baseline is train.py's defaults, so a column lists only what it changes (FLAGS); the DDP columns run
 # under torchrun. A run lives in OUT/<column>-seed<SEED>; report.py groups runs by --tag.
-BASE = --dataset cifar10 --data-dir $(DATA) --download --epochs $(EPOCHS) $(AMP) --seed $(SEED) --tag $@ \
+BASE = --dataset $(DATASET) --data-dir $(DATA) --download --epochs $(EPOCHS) $(AMP) --seed $(SEED) --tag $@ \
 	--output-dir $(OUT)/$@-seed$(SEED) --resume auto
 LAUNCH = $(PY)
 TORCHRUN = $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)
 
 COLUMNS := baseline no-aa no-mixup no-cutmix sin whiten mla-qkv mla-kv mla-qk mla-q mla-k \
 	ddp-bs256 ddp-bs1024 lion-bs1024 cls-2 cls-4
+# The columns trained by torchrun on NPROC GPUs; each of the others trains on one.
+DDP_COLUMNS := ddp-bs256 ddp-bs1024 lion-bs1024
 # The demo model on digits, and two ablations of it: the example table and plots of the README.
 DEMO_COLUMNS := demo-base demo-mla-qkv demo-cls-4
-.PHONY: test demo bench gpu-check table plots table-runs demo-table analyze-demo $(COLUMNS) $(DEMO_COLUMNS)
+.PHONY: test demo bench gpu-check table plots table-runs demo-table analyze-demo table-jobs table-jobs-ddp \
+	demo-table-jobs $(COLUMNS) $(DEMO_COLUMNS)
 
 test: $(SETUP)
 	$(PY) -m pytest -q
@@ -48,15 +52,31 @@ table: $(SETUP)
 plots: $(SETUP)
 	$(PY) report.py $(OUT) --seeds $(SEEDS) --plots
 
-# $(call run-all,COLUMNS,DIR): every column for seeds 0..SEEDS-1 into DIR, one run after another. A finished run is
-# skipped; any other continues from its checkpoint, or starts again if it died before its first one.
-define run-all
+# $(call each-run,COLUMNS,DIR,MAKE): `MAKE <column> SEED=<n> OUT=DIR` for every column and seed 0..SEEDS-1, seed by
+# seed, except the runs that are finished (said on stderr); any other continues from its checkpoint, or starts again
+# if it died before its first one.
+define each-run
 	@for seed in $$(seq 0 $$(($(SEEDS) - 1))); do for column in $(1); do \
 		if grep -qs '"complete": true' $(2)/$$column-seed$$seed/summary.json; then \
-			echo "done: $(2)/$$column-seed$$seed"; continue; fi; \
-		$(MAKE) --no-print-directory $$column SEED=$$seed OUT=$(2) PY=$(PY) || exit 1; \
+			echo "done: $(2)/$$column-seed$$seed" >&2; continue; fi; \
+		$(3) $$column SEED=$$seed OUT=$(2) PY=$(PY) || exit 1; \
 	done; done
 endef
+# The runs one after another; or their commands, one a line and nothing else on stdout (make -n prints what
+# `make <column>` runs; SETUP= leaves out the venv, which the list's target builds first, its output on stderr).
+run-all = $(call each-run,$(1),$(2),$(MAKE) --no-print-directory)
+define job-list
+	$(if $(SETUP),@$(MAKE) -s --no-print-directory $(SETUP) >&2)
+	$(call each-run,$(1),$(2),$(MAKE) --no-print-directory -n SETUP=)
+endef
+
+# The job lists of docs/parallel.md: the single-GPU runs, and the DDP runs (NPROC GPUs each), not yet complete.
+table-jobs:
+	$(call job-list,$(filter-out $(DDP_COLUMNS),$(COLUMNS)),$(OUT))
+table-jobs-ddp:
+	$(call job-list,$(DDP_COLUMNS),$(OUT))
+demo-table-jobs:
+	$(call job-list,$(DEMO_COLUMNS),$(OUT)/demo-table)
 
 table-runs: $(SETUP)
 	$(call run-all,$(COLUMNS),$(OUT))

@@ -3,6 +3,7 @@ the seed's finetune.py (arXiv 2501.06220). Datasets are held in memory as uint8 
 is the per-image pipeline in torchvision's transforms, the specification augment.py's batched one is tested against.
 All randomness derives from the seed and the position in the run: the same batches on any number of processes.
 """
+import fcntl
 import hashlib
 import math
 from dataclasses import dataclass
@@ -89,10 +90,16 @@ class DownloadError(OSError):
 
 def download(name: str, root):
     """Fetch CIFAR-10/100 with torchvision (md5-checked; a no-op when the files are there). An archive placed in
-    `root` by hand is checked and extracted instead: an offline machine needs only a copy."""
+    `root` by hand is checked and extracted instead: an offline machine needs only a copy. Processes that fetch into
+    one `root` at once take turns: the first fetches, the others find its files whole (checked) and fetch nothing."""
     tv_class = CIFAR[name][0]
     try:
-        tv_class(root, train=True, download=True)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        # torchvision writes the archive and the batches under their own names: the lock (POSIX, dropped when the
+        # process ends, however it ends) keeps another process from reading them half-written or writing them too.
+        with open(Path(root) / ".download.lock", "a") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            tv_class(root, train=True, download=True)
     except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; torchvision raises RuntimeError on a bad md5
         raise DownloadError(
             f"could not fetch {name} ({type(e).__name__}: {getattr(e, 'reason', None) or e}): fetch {tv_class.url} "

@@ -7,8 +7,11 @@ Runs are grouped into columns by --tag: mean and standard deviation of the final
 paper column read otherwise than our default (depth, RA mode, precision, lr...) gets its own column (`reading`).
 """
 import argparse
+import errno
+import fcntl
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -115,6 +118,24 @@ def read_metrics(path: Path, problems) -> list:
     return records
 
 
+def holder_of(folder: Path):
+    """Who trains in `folder` now ("pid N on host", from its .lock), or None: a train.py holds an OS lock on its
+    .lock for its whole life, so a shared lock is refused to us (and granted, then dropped at once, when none runs)."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            return None
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
+
+
 def load_runs(root: Path, with_metrics: bool = False):
     """The complete runs under `root`, and the problems met: each one line naming the folder or file and what is
     wrong. Metrics are read only `with_metrics` (for the curves)."""
@@ -124,6 +145,10 @@ def load_runs(root: Path, with_metrics: bool = False):
         p.parent for p in root.glob("*/metrics.jsonl") if not (p.parent / "summary.json").exists())
     for folder in folders:
         summary_path = folder / "summary.json"
+        holder = holder_of(folder)
+        if holder:
+            problems.append(f"{folder}: running ({holder}): not counted until it ends")
+            continue
         if not summary_path.exists():
             problems.append(f"{folder}: no summary.json (still running, or stopped before its end)")
             continue
