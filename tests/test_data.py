@@ -1,17 +1,23 @@
+import json
 import math
 import os
 import pickle
 import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import RunsCode, accept_cifar, images, write_cifar
+from conftest import RunsCode, accept_cifar, images, md5, write_cifar
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -32,6 +38,66 @@ def test_cifar_loader_reads_the_real_file_format(tmp_path, monkeypatch, name):
     assert ds.train_images[2, 1, 3, 5] == row[1024 + 3 * 32 + 5]
     assert ds.classes == [f"class{i}" for i in range(10 if name == "cifar10" else 100)]
     assert (ds.mean, ds.std) == data.CIFAR[name][1]
+
+
+# One process of the download test: torchvision's fetch of the archive (a file here) slowed down, half the archive,
+# a pause, the rest, each fetch noted in fetches.txt; data.download starts when the test says go.
+DOWNLOAD_AT_ONCE = """
+import json, os, sys, time
+from pathlib import Path
+from torchvision.datasets import CIFAR10, utils
+import data
+
+archive, root, go = map(Path, sys.argv[1:4])
+for key, value in json.loads(sys.argv[4]).items():
+    setattr(CIFAR10, key, value)
+
+def slow_fetch(url, filename, *args, **kwargs):
+    with open(root.parent / "fetches.txt", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    content = archive.read_bytes()
+    with open(filename, "wb") as f:
+        f.write(content[: len(content) // 2])
+        f.flush()
+        time.sleep(1)
+        f.write(content[len(content) // 2:])
+
+utils._urlretrieve = slow_fetch
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+data.download("cifar10", root)
+"""
+
+
+def test_two_processes_that_download_into_one_folder_at_once_fetch_once(tmp_path):
+    src, _ = write_cifar(tmp_path / "src", per_batch=64)
+    archive = tmp_path / CIFAR10.filename
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname=CIFAR10.base_folder)
+    files = {kind: [[name, md5(src / name)] for name, _ in getattr(CIFAR10, kind)]
+             for kind in ("train_list", "test_list")}
+    checks = {"url": archive.as_uri(), "tgz_md5": md5(archive), **files,
+              "meta": {**CIFAR10.meta, "md5": md5(src / CIFAR10.meta["filename"])}}
+    root = tmp_path / "data"
+    go = tmp_path / "go"
+    command = [sys.executable, "-c", DOWNLOAD_AT_ONCE, str(archive), str(root), str(go), json.dumps(checks)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen(command, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    try:
+        assert [p.stdout.readline() for p in processes] == ["ready\n", "ready\n"]
+        go.touch()
+        codes = [p.wait(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+            p.communicate()
+    assert codes == [0, 0]
+    assert len((tmp_path / "fetches.txt").read_text().splitlines()) == 1  # the other found the files, whole
+    assert (root / archive.name).read_bytes() == archive.read_bytes()
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        assert (root / CIFAR10.base_folder / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path):

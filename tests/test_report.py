@@ -1,5 +1,6 @@
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,36 @@ def test_table_runs_skips_finished_runs_and_runs_the_others_with_resume_auto(tmp
                if c[0] == "train.py"]
     assert trained == [("sin-seed0", "auto"), ("baseline-seed1", "auto"), ("sin-seed1", "auto")]
     assert calls[-1][:2] == ["report.py", str(out)]
+
+
+# A process that holds a run folder's lock as train.py does, until it is killed.
+HOLDER = """
+import contextlib, sys, time
+from pathlib import Path
+import run
+run.lock_output_dir(Path(sys.argv[1]), contextlib.ExitStack())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_still_training_is_listed_as_running_and_never_counted(tmp_path):
+    going = write_run(tmp_path, "whiten-seed0", "whiten", 0, 90.0, 90.0, complete=False)
+    done = write_run(tmp_path, "baseline-seed0", "baseline", 0, 93.0, 93.5)
+    (done / ".lock").write_text("pid 1 on gone\n")  # left by its run, which ended: nobody holds it
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(going)], cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        runs, problems = report.load_runs(tmp_path)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert [run.folder for run in runs] == [done]
+    assert problems == [f"{going}: running (pid {holder.pid} on {platform.node()}): not counted until it ends"]
+    # Its process ended: the run is what its files say.
+    runs, problems = report.load_runs(tmp_path)
+    assert [run.folder for run in runs] == [done] and problems[0].startswith(f"{going}: incomplete (2 of 4 epochs)")
 
 
 def test_only_run_leaves_out_the_papers_empty_columns(runs):
