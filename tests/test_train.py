@@ -1080,7 +1080,8 @@ def test_processes_wait_dist_timeout_minutes_at_a_collective_call(monkeypatch):
     monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
-    assert train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu"]))[:2] == (0, 2)
+    ranks = train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu"]))
+    assert (ranks.rank, ranks.world_size) == (0, 2)
     train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu", "--dist-timeout", "90"]))
     assert calls == [("gloo", {"timeout": timedelta(minutes=30), "device_id": None}),
                      ("gloo", {"timeout": timedelta(minutes=90), "device_id": None})]
