@@ -90,10 +90,10 @@ def write_folder(root, spec, size=(40, 24)):
             Image.fromarray(pixels).save(root / sub / f"{i}.png")
 
 
-def test_imagefolder_resizes_any_size_to_32_rgb(tmp_path):
+def test_imagefolder_resizes_any_size_to_the_size_asked_rgb(tmp_path):
     write_folder(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2})
     (tmp_path / "train/cat/notes.txt").write_text("not an image")
-    ds = data.load_dataset("imagefolder", tmp_path)
+    ds = data.load_dataset("imagefolder", tmp_path, size=32)
     assert ds.classes == ["cat", "dog"]
     assert ds.train_images.shape == (5, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1]
     assert ds.test_labels.tolist() == [0, 1, 1]

@@ -207,7 +207,7 @@ def test_whitening_is_deterministic_and_independent_of_init():
     a, b = tiny(dim=64), ViT(ViTConfig(**{**TINY, "dim": 64}))
     images = smooth_images()
     a.whiten_patch_embedding(images)
-    b.whiten_patch_embedding(images, chunk=5)
+    b.whiten_patch_embedding(images, chunk_bytes=5 * 29 * 29 * 48 * 8)  # 5 images a chunk
     wa, wb = a.to_patch_embedding[1].weight, b.to_patch_embedding[1].weight
     torch.testing.assert_close(wa[:48], wb[:48], atol=1e-6, rtol=1e-6)
     # Eigenvector signs are pinned (largest entry positive), so another device's eigh cannot flip a filter.

@@ -353,7 +353,7 @@ def test_a_run_continued_as_a_two_node_torchrun_job_matches_one_process(tmp_path
         (["--dataset", "cifar10", "--data-dir", "nowhere", "--auto-augment", "rand"], "argument --auto-augment"),
         (["--mix-prob", "2"], "argument --mix-prob: 2 is not in [0, 1]"),
         (["--aa-fill", "256"], "argument --aa-fill: 256 is not in [0, 255]"),
-        (["--download"], "--download fetches cifar10 or cifar100, not --dataset digits"),
+        (["--download"], "--download fetches cifar10, cifar100, svhn, tinyimagenet, not --dataset digits"),
         (["--mlp-latent-dim", "33"], "mlp_latent_dim=33 must be in 0..32"),
         (["--init-from", "nowhere.pt"], "--init-from nowhere.pt: not a readable checkpoint"),
         (["--whiten", "--init-from", "nowhere.pt"], "--whiten and --init-from"),
