@@ -26,8 +26,7 @@ EVAL_CHUNK = 1024  # test images per forward pass of an evaluation
 CIFAR = {"cifar10": (CIFAR10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
          "cifar100": (CIFAR100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))}
 CIFAR10_STATS = CIFAR["cifar10"][1]
-# SVHN's train and test files; their mean and std as the SPT/LSA reference (aanna0701/SPT_LSA_ViT) normalises them.
-SVHN_FILES = [SVHN.split_list[split] for split in ("train", "test")]
+# SVHN's mean and std as the SPT/LSA reference (aanna0701/SPT_LSA_ViT) normalises it.
 SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
 # Tiny-ImageNet-200 (cs231n): its archive (url, filename, md5), the folder it unpacks to, and the reference's stats.
 TINY_IMAGENET = ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "tiny-imagenet-200.zip",
@@ -39,9 +38,9 @@ TINY_STATS = ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
 DEFAULTS = dict(img_size=IMAGE_SIZE, patch_size=4, auto_augment="cifar10")
 DATASET_DEFAULTS = {"svhn": dict(auto_augment="svhn"), "imagefolder": dict(img_size=None),
                     "tinyimagenet": dict(img_size=64, patch_size=8, auto_augment="imagenet")}
-# The datasets --download fetches: (url, filename, md5) of each of their files.
-ARCHIVES = {**{name: [(tv.url, tv.filename, tv.tgz_md5)] for name, (tv, _) in CIFAR.items()}, "svhn": SVHN_FILES,
-            "tinyimagenet": [TINY_IMAGENET]}
+# The datasets --download fetches: (url, filename, md5) of each of their files (SVHN: train and test, not extra).
+ARCHIVES = {**{name: [(tv.url, tv.filename, tv.tgz_md5)] for name, (tv, _) in CIFAR.items()},
+            "svhn": [SVHN.split_list[split] for split in ("train", "test")], "tinyimagenet": [TINY_IMAGENET]}
 ERASE_SCALE = (0.02, 0.4)  # random erasing: the range of the box's area, as a fraction of the image's
 ERASE_RATIO = (0.3, 1 / 0.3)  # random erasing: the range of the box's aspect ratio
 ERASE_ATTEMPTS = 100  # random erasing: tries at a box that fits, as the seed
@@ -164,7 +163,7 @@ def load_svhn(root) -> ImageData:
     try:
         splits = [SVHN(root, split) for split in ("train", "test")]
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-        raise file_problem("svhn", Path(root), [(filename, md5) for _, filename, md5 in SVHN_FILES]) from None
+        raise file_problem("svhn", Path(root), [(filename, md5) for _, filename, md5 in ARCHIVES["svhn"]]) from None
     images = [torch.from_numpy(np.ascontiguousarray(s.data)) for s in splits]  # (N, 3, H, W)
     labels = [torch.from_numpy(s.labels) for s in splits]
     return ImageData(images[0], labels[0], images[1], labels[1], [str(c) for c in range(10)], *SVHN_STATS)
