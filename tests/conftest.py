@@ -85,6 +85,16 @@ def accept_svhn(monkeypatch, root):
     monkeypatch.setitem(data.ARCHIVES, "svhn", [split_list["train"], split_list["test"]])
 
 
+def write_folder(root, spec, size=(40, 24)):
+    """spec: {"train/cat": n, ...} -> PNG files of n images each (size: width, height)."""
+    rng = np.random.default_rng(0)
+    for sub, n in spec.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / sub / f"{i}.png")
+
+
 TINY_WNIDS = ["n01443537", "n01629819", "n09999999"]
 
 

@@ -11,7 +11,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import RunsCode, accept_cifar, accept_svhn, images, write_cifar, write_svhn, write_tiny_imagenet
+from conftest import (RunsCode, accept_cifar, accept_svhn, images, write_cifar, write_folder, write_svhn,
+                      write_tiny_imagenet)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -148,16 +149,6 @@ def test_digits_are_real_images_split_deterministically():
 
 
 # ---- imagefolder
-def write_folder(root, spec, size=(40, 24)):
-    """spec: {"train/cat": n, ...} -> PNG files of n images each."""
-    rng = np.random.default_rng(0)
-    for sub, n in spec.items():
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / sub / f"{i}.png")
-
-
 def test_imagefolder_resizes_any_size_to_the_size_asked_rgb(tmp_path):
     write_folder(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2})
     (tmp_path / "train/cat/notes.txt").write_text("not an image")
