@@ -2,6 +2,10 @@ import math
 import os
 import pickle
 import random
+import shutil
+import socket
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import (RunsCode, accept_cifar, accept_svhn, images, write_cifar, write_folder, write_svhn,
+from conftest import (RunsCode, accept_cifar, accept_svhn, images, md5, write_cifar, write_folder, write_svhn,
                       write_tiny_imagenet)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -128,6 +132,37 @@ def test_tinyimagenet_missing_or_damaged_file_is_named(tmp_path, damage, message
     damage(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         data.load_dataset("tinyimagenet", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["svhn", "tinyimagenet"])
+def test_offline_download_names_the_file_to_place_and_a_file_placed_by_hand_is_used(tmp_path, monkeypatch, name):
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    root = tmp_path / "data"
+    url, filename, checksum = data.ARCHIVES[name][0]
+    used = "checked" if name == "svhn" else "checked and extracted"
+    with pytest.raises(data.DownloadError) as error:
+        data.download(name, root)
+    assert str(error.value) == (
+        f"could not fetch {name} (URLError: [Errno -3] Temporary failure in name resolution): fetch {url} elsewhere "
+        f"and place it as {root / filename} (md5 {checksum}), then run again: it is {used} instead of fetched")
+    if name == "svhn":
+        write_svhn(root)  # both files placed by hand, the network still off: checked, not fetched
+        accept_svhn(monkeypatch, root)
+        data.download(name, root)
+        (root / "test_32x32.mat").write_bytes(b"cut short")  # damaged: fetched again, which names that file
+        with pytest.raises(data.DownloadError, match=r"place it as .*test_32x32.mat \(md5 "):
+            data.download(name, root)
+        return
+    folder, _ = write_tiny_imagenet(tmp_path / "elsewhere", size=8)
+    archive = shutil.make_archive(str(root / "tiny-imagenet-200"), "zip", tmp_path / "elsewhere", folder.name)
+    monkeypatch.setitem(data.ARCHIVES, "tinyimagenet", [(url, filename, md5(archive))])
+    data.download(name, root)
+    ours = data.load_dataset(name, root)
+    theirs = data.load_dataset(name, tmp_path / "elsewhere")
+    assert torch.equal(ours.train_images, theirs.train_images) and torch.equal(ours.test_labels, theirs.test_labels)
 
 
 def test_unknown_dataset_lists_the_choices():

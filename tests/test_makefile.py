@@ -63,6 +63,15 @@ def test_each_make_target_changes_only_its_columns_flags(target):
     assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
 
 
+@pytest.mark.parametrize("target", ["baseline", "mla-q", "no-hflip"])
+@pytest.mark.parametrize("dataset", ["cifar100", "svhn", "tinyimagenet", "imagefolder"])
+def test_dataset_runs_a_column_on_that_dataset_in_a_folder_of_its_own(target, dataset):
+    args = train_flags(train_command(target, f"DATASET={dataset}", "SEED=3", "OUT=/o"))
+    assert args["dataset"] == dataset and args["output_dir"] == f"/o/{target}-{dataset}-seed3"
+    assert args["download"] == (dataset != "imagefolder")  # an image folder has nothing to fetch
+    assert (args["latent"], args["hflip"]) == ({"mla-q": "q"}.get(target, ""), target != "no-hflip")
+
+
 def test_makefile_has_a_target_for_every_column():
     dry = subprocess.run(["make", "-pn"], cwd=ROOT, env=TOP_LEVEL, capture_output=True, text=True).stdout
     (columns,) = [line for line in dry.splitlines() if line.startswith("COLUMNS :=")]
