@@ -74,7 +74,8 @@ def test_svhn_loader_reads_the_real_file_format(tmp_path, monkeypatch):
     assert ds.train_images.shape == (12, 3, 32, 32) and ds.test_images.shape == (4, 3, 32, 32)
     x, y = written["train"]
     # X is (row, column, channel, image); label 10 is the digit 0.
-    assert ds.train_images[5, 2, 7, 3] == x[7, 3, 2, 5] and torch.equal(ds.train_images, torch.from_numpy(x).permute(3, 2, 0, 1))
+    assert ds.train_images[5, 2, 7, 3] == x[7, 3, 2, 5]
+    assert torch.equal(ds.train_images, torch.from_numpy(x).permute(3, 2, 0, 1))
     assert ds.train_labels.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2] == (y[:, 0] % 10).tolist()
     assert ds.classes == [str(c) for c in range(10)] and (ds.mean, ds.std) == data.SVHN_STATS
 

@@ -106,7 +106,8 @@ def test_evaluate_and_predict_read_images_at_the_checkpoints_size(tmp_path):
         Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     probs, indices = predict.main(parse("predict", run, folder, "--top-k", "2", "--out", tmp_path / "p.csv",
                                         "--device", "cpu"))
-    resized = [np.asarray(Image.open(folder / f"{i}.png").resize((16, 16), Image.Resampling.BILINEAR)) for i in range(3)]
+    resized = [np.asarray(Image.open(folder / f"{i}.png").resize((16, 16), Image.Resampling.BILINEAR))
+               for i in range(3)]
     images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     model, ckpt = predict.load(run, "cpu")
     expected = predict.logits_of(model, images, data.Normalize(*(ckpt["data"][k] for k in ("mean", "std"))), "cpu")

@@ -232,7 +232,8 @@ def test_table_runs_and_datasets_table_put_each_datasets_runs_in_folders_of_thei
     out = tmp_path / "runs"
     trained, reports = make("table-runs", "DATASET=svhn", f"OUT={out}", "COLUMNS=baseline mla-q")
     assert trained == [("svhn", f"{out}/baseline-svhn-seed0", False), ("svhn", f"{out}/mla-q-svhn-seed0", False)]
-    assert reports == [["report.py", str(out), "--seeds", "1", "--plots", "--only-run", "--baseline", "baseline [svhn]"]]
+    assert reports == [["report.py", str(out), "--seeds", "1", "--plots", "--only-run", "--baseline",
+                        "baseline [svhn]"]]
     trained, reports = make("datasets-table", f"OUT={out}")
     assert trained == [("cifar100", f"{out}/datasets/baseline-cifar100-seed0", False),
                        ("svhn", f"{out}/datasets/baseline-svhn-seed0", False),

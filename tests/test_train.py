@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
-from torchvision.datasets import CIFAR10, SVHN
+from torchvision.datasets import CIFAR10
 
 import data
 import files
 import run as machinery
 import train
-from conftest import RunsCode, accept_cifar, accept_svhn, md5, write_cifar, write_folder, write_svhn, write_tiny_imagenet
+from conftest import (RunsCode, accept_cifar, accept_svhn, md5, write_cifar, write_folder, write_svhn,
+                      write_tiny_imagenet)
 from conftest import images as conftest_images
 from model import ViT, ViTConfig, transfer_weights
 
@@ -564,10 +565,11 @@ def test_bad_dataset_files_give_one_line_errors(tmp_path, capsys):
         assert "test_32x32.mat is damaged" in error_of("--dataset", "svhn", "--data-dir", str(tmp_path / "svhn"))
     folder, _ = write_tiny_imagenet(tmp_path / "tiny", size=8)
     (folder / "val" / "images" / "val_3.JPEG").write_bytes(b"cut")
-    assert "val_3.JPEG: cannot read image" in error_of("--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "tiny"),
+    tiny = str(tmp_path / "tiny")
+    assert "val_3.JPEG: cannot read image" in error_of("--dataset", "tinyimagenet", "--data-dir", tiny,
                                                        "--img-size", "8")
     (folder / "words.txt").unlink()
-    assert "words.txt" in error_of("--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "tiny"))
+    assert "words.txt" in error_of("--dataset", "tinyimagenet", "--data-dir", tiny)
     # An image folder of several sizes needs --img-size; at a size its patch does not divide, it is refused.
     write_folder(tmp_path / "mixed", {"train/cat": 1, "train/dog": 1, "val/cat": 1}, size=(20, 20))
     write_folder(tmp_path / "mixed", {"val/dog": 1}, size=(16, 16))
