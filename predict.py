@@ -28,9 +28,9 @@ def load(path, device):
 
 
 def test_data(ckpt, dataset=None, data_dir=None) -> data.ImageData:
-    """The dataset to evaluate on: by default the one the checkpoint's run trained on."""
+    """The dataset to evaluate on (by default the one the checkpoint's run trained on), at the model's image size."""
     name = dataset or ckpt["args"]["dataset"]
-    images = data.load_dataset(name, data_dir or ckpt["args"]["data_dir"])
+    images = data.load_dataset(name, data_dir or ckpt["args"]["data_dir"], ckpt["config"]["img_size"])
     if len(images.classes) != ckpt["config"]["num_classes"]:
         raise ValueError(f"--dataset {name} has {len(images.classes)} classes; the checkpoint's model has "
                          f"{ckpt['config']['num_classes']}")
@@ -113,7 +113,7 @@ def run_predict(args, model, ckpt, device):
     if not files:
         raise ValueError(f"{args.images}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
     stats = ckpt["data"]
-    images = torch.stack([data.read_image(p) for p in files])
+    images = torch.stack([data.read_image(p, ckpt["config"]["img_size"]) for p in files])
     logits = logits_of(model, images, data.Normalize(stats["mean"], stats["std"]), device)
     probs, indices = logits.softmax(1).topk(min(args.top_k, logits.shape[1]), dim=1)  # best first
     write_predictions(args.out, files, stats["classes"], probs, indices)

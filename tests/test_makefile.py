@@ -68,6 +68,15 @@ def test_each_make_target_changes_only_its_columns_flags(target):
     assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
 
 
+@pytest.mark.parametrize("target", ["baseline", "mla-q", "no-hflip"])
+@pytest.mark.parametrize("dataset", ["cifar100", "svhn", "tinyimagenet", "imagefolder"])
+def test_dataset_runs_a_column_on_that_dataset_in_a_folder_of_its_own(target, dataset):
+    args = train_flags(train_command(target, f"DATASET={dataset}", "SEED=3", "OUT=/o"))
+    assert args["dataset"] == dataset and args["output_dir"] == f"/o/{target}-{dataset}-seed3"
+    assert args["download"] == (dataset != "imagefolder")  # an image folder has nothing to fetch
+    assert (args["latent"], args["hflip"]) == ({"mla-q": "q"}.get(target, ""), target != "no-hflip")
+
+
 def test_makefile_has_a_target_for_every_column():
     dry = subprocess.run(["make", "-pn"], cwd=ROOT, env=TOP_LEVEL, capture_output=True, text=True).stdout
     (columns,) = [line for line in dry.splitlines() if line.startswith("COLUMNS :=")]
@@ -177,12 +186,13 @@ def test_the_job_lists_are_what_make_runs_for_each_unfinished_run_seed_by_seed(t
     assert {(train_flags(c)["dataset"], train_flags(c)["epochs"], train_flags(c)["lr"]) for c in expected} == {
         ("cifar100", 7, 2e-3)}
 
-    # A finished run is left out (and named on stderr); one that stopped before its end is listed, to continue.
-    finished(tmp_path / "baseline-seed1")
-    finished(tmp_path / "sin-seed0", complete=False)
+    # A finished run is left out (and named on stderr); one that stopped before its end is listed, to continue. A run
+    # on CIFAR-100 lives in OUT/<column>-cifar100-seed<N>.
+    finished(tmp_path / "baseline-cifar100-seed1")
+    finished(tmp_path / "sin-cifar100-seed0", complete=False)
     again, said = job_list("table-jobs", *settings)
-    assert again == [line for line in single if f"{tmp_path}/baseline-seed1 " not in line]
-    assert len(again) == len(single) - 1 and said.splitlines() == [f"done: {tmp_path}/baseline-seed1"]
+    assert again == [line for line in single if f"{tmp_path}/baseline-cifar100-seed1 " not in line]
+    assert len(again) == len(single) - 1 and said.splitlines() == [f"done: {tmp_path}/baseline-cifar100-seed1"]
 
 
 def test_the_demo_job_list_has_one_line_per_run_and_leaves_out_a_finished_one(tmp_path):

@@ -216,3 +216,61 @@ def test_runs_of_other_readings_of_the_seed_get_columns_of_their_own(tmp_path):
     targets = [line.split("|")[3].strip() for line in table.splitlines()[2:7]]  # right under their column
     assert targets == ["`baseline`", "`baseline [RA in-batch]`", "`baseline [depth 12]`", "`baseline [fp16]`",
                        "`baseline [fp32]`"]
+
+
+def test_a_run_on_another_dataset_sits_next_to_its_own_reference_never_the_papers(tmp_path):
+    write_run(tmp_path, "baseline-seed0", "baseline", 0, 93.0, 93.5)
+    for name, dataset, final, args in [("baseline-svhn-seed0", "svhn", 97.0, {}),
+                                       ("no-hflip-svhn-seed0", "svhn", 97.5, {"hflip": False}),
+                                       ("baseline-cifar100-seed0", "cifar100", 70.0, {}),
+                                       ("baseline-tinyimagenet-seed0", "tinyimagenet", 50.0, {"depth": 12})]:
+        folder = write_run(tmp_path, name, name.split("-")[0] if "hflip" not in name else "no-hflip", 0, final, final)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["args"].update({"dataset": dataset, **args})
+        (folder / "summary.json").write_text(json.dumps(summary))
+    columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path), "--only-run"]))
+    assert {column.label for column in columns.values()} == {
+        "baseline", "baseline [svhn]", "no-hflip [svhn]", "baseline [cifar100]", "baseline [tinyimagenet, depth 12]"}
+    table = (tmp_path / "report" / "table.md").read_text()
+    # The paper's CIFAR-10 baseline row holds the CIFAR-10 run alone, next to 93.65.
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")].count("Baseline") == 1
+    assert table_row(table, "baseline")[3] == "93.00" and table_row(table, "baseline")[8] == "93.65"
+    # Every other dataset's column: its SPT/LSA reference (paper acc column), no paper time.
+    for label, reference, final in [("baseline [svhn]", "97.82", 97.0), ("no-hflip [svhn]", "97.82", 97.5),
+                                    ("baseline [cifar100]", "73.81", 70.0),
+                                    ("baseline [tinyimagenet, depth 12]", "57.07", 50.0)]:
+        row = table_row(table, label)
+        assert (row[0], row[8], row[9], row[10]) == ("Other", reference, f"{final - float(reference):.2f}", "—"), row
+    assert "aanna0701/SPT_LSA_ViT" in table and "93.58" not in table
+
+
+def test_table_runs_and_datasets_table_put_each_datasets_runs_in_folders_of_their_own(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    stub = tmp_path / "python"
+    stub.write_text(STUB.format(python=sys.executable, log=str(log)))
+    stub.chmod(0o755)
+
+    def make(*argv):
+        result = subprocess.run(["make", *argv, f"PY={stub}", "EPOCHS=1", "SEEDS=1"], cwd=Path(__file__).parents[1],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        log.unlink()
+        trained = [(c[c.index("--dataset") + 1], c[c.index("--output-dir") + 1], "--no-hflip" in c) for c in calls
+                   if c[0] == "train.py"]
+        return trained, [c for c in calls if c[0] == "report.py"]
+
+    out = tmp_path / "runs"
+    trained, reports = make("table-runs", "DATASET=svhn", f"OUT={out}", "COLUMNS=baseline mla-q")
+    assert trained == [("svhn", f"{out}/baseline-svhn-seed0", False), ("svhn", f"{out}/mla-q-svhn-seed0", False)]
+    assert reports == [["report.py", str(out), "--seeds", "1", "--plots", "--only-run", "--baseline",
+                        "baseline [svhn]"]]
+    trained, reports = make("datasets-table", f"OUT={out}")
+    assert trained == [("cifar100", f"{out}/datasets/baseline-cifar100-seed0", False),
+                       ("svhn", f"{out}/datasets/baseline-svhn-seed0", False),
+                       ("svhn", f"{out}/datasets/no-hflip-svhn-seed0", True),
+                       ("tinyimagenet", f"{out}/datasets/baseline-tinyimagenet-seed0", False)]
+    assert reports == [["report.py", f"{out}/datasets", "--seeds", "1", "--only-run"]]
+    # Run again: every run is finished, so none starts.
+    trained, _ = make("datasets-table", f"OUT={out}")
+    assert trained == []
