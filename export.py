@@ -22,6 +22,7 @@ from model import ViT, count_parameters
 
 FORMATS = ("native", "timm", "onnx")
 PACKAGES = {"native": ("safetensors",), "timm": ("safetensors",), "onnx": ("onnx", "onnxscript")}
+FILES = {"native": ("poorvit.safetensors",), "timm": ("model.safetensors", "config.json"), "onnx": ("model.onnx",)}
 # What of a checkpoint the native file keeps besides weights, config and data (the optimizer state it drops).
 PROVENANCE = ("step", "last_acc", "best_acc", "best_epoch", "train_seconds", "args", "run")
 # timm's registered ViT whose every size model_args overrides: the name picks the VisionTransformer class only.
@@ -186,6 +187,16 @@ def main(args):
             print(f"export.py: note: skipped {line}", file=sys.stderr)
         formats = [fmt for fmt, why in reasons.items() if why is None]
 
+        # OUT: a folder (or none yet), none of whose files is overwritten without --force.
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} is not a folder")
+        names = [name for fmt in formats for name in FILES[fmt]] + ["README.md"]
+        existing = [name for name in names if (out / name).exists()]
+        if existing and not args.force:
+            raise ValueError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite, or choose "
+                             f"another folder")
+
         # Every file made in memory first: a failure writes nothing.
         files = {}
         timm_params = None
@@ -200,12 +211,7 @@ def main(args):
             files["model.onnx"] = onnx_bytes(model, ckpt["data"])
         files["README.md"] = model_card(model, ckpt, files, timm_params, refused).encode()
 
-        # OUT: a folder, and none of its files overwritten without --force.
-        out = Path(args.out)
-        existing = [name for name in files if (out / name).exists()]
-        if existing and not args.force:
-            raise ValueError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite, or choose "
-                             f"another folder")
+        # The folder, once there is something to write into it.
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
