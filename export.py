@@ -1,6 +1,6 @@
 """Export a trained PoorViT (arXiv 2501.06220) for use outside this repo (docs/export.md): the same weights as
 safetensors with their config (native), a timm VisionTransformer folder in the Hugging Face Hub layout (timm), an ONNX
-file (onnx), and a model card, README.md. SOURCE is a run folder or a checkpoint, as predict.py takes.
+file (onnx), and a model card, README.md. SOURCE is what predict.py takes: a run folder, a checkpoint, an export.
 
     python export.py runs/demo exported/                     # every format the model can take
     python export.py runs/demo exported/ --format onnx --force

@@ -3,8 +3,10 @@ logits; every refusal is one line that writes nothing; files get the modes the u
 import json
 import os
 import shlex
+import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -260,3 +262,11 @@ def test_files_get_the_mode_the_umask_asks_for(tmp_path, umask):
     assert names == ["README.md", "config.json", "model.safetensors", "poorvit.safetensors"]  # no temporary file left
     for name in names:
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_no_script_imports_the_export_packages_until_it_reads_or_writes_such_a_file():
+    code = ("import sys, analyze, export, predict, train; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'safetensors', 'onnx', 'onnxscript', 'onnx_ir'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "[]"
