@@ -83,9 +83,7 @@ def timm_weights(model: ViT) -> dict:
         weights[f"blocks.{i}.attn.qkv.weight"] = torch.cat([dense[letter][0] for letter in "qkv"])
         weights[f"blocks.{i}.attn.qkv.bias"] = torch.cat([dense[letter][1] for letter in "qkv"])
         for ours, theirs in (("o", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-            weight, bias = dense[ours]
-            weights[f"blocks.{i}.{theirs}.weight"] = weight
-            weights[f"blocks.{i}.{theirs}.bias"] = bias
+            weights[f"blocks.{i}.{theirs}.weight"], weights[f"blocks.{i}.{theirs}.bias"] = dense[ours]
     return {name: t.float() for name, t in weights.items()}
 
 
@@ -109,8 +107,7 @@ def timm_config(model: ViT, data) -> dict:
 def onnx_bytes(model: ViT, data) -> bytes:
     """One ONNX file: input "images" (N, C, H, W) normalised, N dynamic; output "logits"; classes, mean and std as
     JSON in its metadata. torch.export traces the einops patterns as plain reshapes."""
-    cfg = model.cfg
-    example = torch.zeros(2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    example = torch.zeros(2, model.cfg.in_chans, model.cfg.img_size, model.cfg.img_size)
     program = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False,
                                 input_names=["images"], output_names=["logits"],
                                 dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -135,18 +132,19 @@ def train_command(args) -> str:
 
 def model_card(model: ViT, ckpt, files, timm_params, refused) -> str:
     """OUT/README.md: what the model is, how it was trained, how well it does, and how to load each file."""
-    cfg, data, args = model.cfg, ckpt["data"], ckpt["args"]
+    data = ckpt["data"]
+    dataset = ckpt["args"]["dataset"]
     acc = "not evaluated" if ckpt.get("last_acc") is None else f"{ckpt['last_acc']:.2f}%"
     mean, std = ([round(v, 4) for v in data[key]] for key in ("mean", "std"))
-    lines = [f"# PoorViT: a {count_parameters(model):,}-parameter Vision Transformer for {args['dataset']}", "",
+    lines = [f"# PoorViT: a {count_parameters(model):,}-parameter Vision Transformer for {dataset}", "",
              "Trained from scratch with PoorViTs, a reference implementation of \"Powerful Design of Small Vision "
              "Transformer on CIFAR10\" (Gent Wu, 2025, arXiv 2501.06220).", "",
-             f"- test accuracy on {args['dataset']}: {acc} (its last evaluation; the weights of step {ckpt['step']})",
+             f"- test accuracy on {dataset}: {acc} (its last evaluation; the weights of step {ckpt['step']})",
              f"- classes: {', '.join(map(str, data['classes']))}",
-             f"- input: RGB {cfg.img_size}x{cfg.img_size}, (x / 255 - mean) / std, mean {mean}, std {std}",
+             f"- input: RGB {model.cfg.img_size} px square, (x / 255 - mean) / std, mean {mean}, std {std}",
              f"- model: {json.dumps(ckpt['config'])}",
-             f"- trained by: `{train_command(args)}` (code {ckpt.get('run', {}).get('git_commit', 'unknown')})", "",
-             "| file | load with |", "|---|---|"]
+             f"- trained by: `{train_command(ckpt['args'])}`",
+             f"- code: PoorViTs {ckpt.get('run', {}).get('git_commit')}", "", "| file | load with |", "|---|---|"]
     if "poorvit.safetensors" in files:
         lines.append("| `poorvit.safetensors` | PoorViTs: `python predict.py predict poorvit.safetensors images/`, "
                      "`train.py --init-from`; elsewhere `safetensors.torch.load_file` (config in its metadata) |")
