@@ -323,7 +323,7 @@ def claim_output_dir(args, on_exit: contextlib.ExitStack):
 
 def read_export(path, flag):
     """export.py's poorvit.safetensors as read_checkpoint gives a checkpoint: weights, config, data and provenance
-    (no optimizer state). safetensors is imported here only: nothing else needs it."""
+    (no optimizer state). safetensors is imported only when such a file is read: training never needs it."""
     from safetensors import safe_open
 
     try:
