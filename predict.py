@@ -17,8 +17,12 @@ import run
 
 
 def checkpoint_path(path) -> Path:
+    """A run folder's checkpoint.pt, an export.py folder's poorvit.safetensors, or the file itself."""
     path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    exported = path / "poorvit.safetensors"
+    return exported if exported.is_file() and not (path / "checkpoint.pt").exists() else path / "checkpoint.pt"
 
 
 def load(path, device):
