@@ -255,8 +255,9 @@ class BatchAugment:
     prepares their use on the host, and `apply` runs them on the device."""
 
     def __init__(self, mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25,
-                 aa_fill=data.AA_FILL):
+                 aa_fill=data.AA_FILL, size=data.IMAGE_SIZE):
         data.check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
+        self.size = size  # the images' side: AutoAugment's magnitudes and the erasing boxes depend on it
         self.mean = mean
         self.normalize = data.Normalize(mean, std)
         self.hflip = hflip
@@ -264,7 +265,7 @@ class BatchAugment:
         self.random_erase = random_erase
         self.auto_augment = None
         if auto_augment != "none":
-            self.auto_augment = BatchAutoAugment(auto_augment, fill=aa_fill)
+            self.auto_augment = BatchAutoAugment(auto_augment, size, aa_fill)
 
     def prepare(self, device):
         """Puts the constants on `device` once (normalisation, AutoAugment's tables), so that a chunk copies only its
@@ -285,7 +286,7 @@ class BatchAugment:
         if self.auto_augment is not None:
             choices["aa"] = self.auto_augment.draw(n, generator)
         if self.random_erase:
-            choices["erase"] = data.erasing_boxes(n, data.IMAGE_SIZE, data.IMAGE_SIZE, self.random_erase, generator)
+            choices["erase"] = data.erasing_boxes(n, self.size, self.size, self.random_erase, generator)
         return choices
 
     def plan(self, choices):
@@ -323,6 +324,8 @@ class DeviceLoader:
 
     def __init__(self, images, labels, sampler: data.RepeatedAugmentationSampler, augment: BatchAugment, device,
                  chunk_images: int = 4096):
+        if images.shape[-2:] != (augment.size, augment.size):
+            raise ValueError(f"images of {tuple(images.shape[-2:])} but augment.size={augment.size}")
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.sampler = sampler

@@ -1,10 +1,13 @@
 """Datasets, the per-image training augmentation, repeated augmentation and batch mixing of PoorViTs: the recipe of
-the seed's finetune.py (arXiv 2501.06220). Datasets are held in memory as uint8 images (N, 3, 32, 32); train_transform
-is the per-image pipeline in torchvision's transforms, the specification augment.py's batched one is tested against.
-All randomness derives from the seed and the position in the run: the same batches on any number of processes.
+the seed's finetune.py (arXiv 2501.06220). Datasets are held in memory as uint8 images (N, 3, S, S), S the one image
+size of a run (docs/datasets.md); train_transform is the per-image pipeline in torchvision's transforms, the
+specification augment.py's batched one is tested against. All randomness derives from the seed and the position
+in the run: the same batches on any number of processes.
 """
+import fcntl
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,19 +15,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS as IMAGE_SUFFIXES
-from torchvision.datasets.utils import check_integrity
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive, download_url
 from torchvision.transforms import v2
 
-DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic")
-FROM_FOLDER = ("cifar10", "cifar100", "imagefolder")  # read from data_dir; the others are built in
+DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic", "svhn", "tinyimagenet")
+FROM_FOLDER = ("cifar10", "cifar100", "imagefolder", "svhn", "tinyimagenet")  # read from data_dir; the others built in
 AUTO_AUGMENT_POLICIES = ("cifar10", "imagenet", "svhn", "none")
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the native size of CIFAR, SVHN, digits (upsampled) and synthetic
 EVAL_CHUNK = 1024  # test images per forward pass of an evaluation
 CIFAR = {"cifar10": (CIFAR10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
          "cifar100": (CIFAR100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))}
 CIFAR10_STATS = CIFAR["cifar10"][1]
+# SVHN's mean and std as the SPT/LSA reference (aanna0701/SPT_LSA_ViT) normalises it.
+SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+# Tiny-ImageNet-200 (cs231n): its archive (url, filename, md5), the folder it unpacks to, and the reference's stats.
+TINY_IMAGENET = ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "tiny-imagenet-200.zip",
+                 "90528d7ca1a48142e341f4ef8d21d0de")
+TINY_FOLDER = "tiny-imagenet-200"
+TINY_STATS = ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
+# What a flag left unset defaults to: the image side, and where SPT/LSA's reference trained a dataset otherwise, its
+# patch and AutoAugment policy (docs/datasets.md). An image folder's side (None) is its files' own.
+DEFAULTS = dict(img_size=IMAGE_SIZE, patch_size=4, auto_augment="cifar10")
+DATASET_DEFAULTS = {"svhn": dict(auto_augment="svhn"), "imagefolder": dict(img_size=None),
+                    "tinyimagenet": dict(img_size=64, patch_size=8, auto_augment="imagenet")}
+# The datasets --download fetches: (url, filename, md5) of each of their files (SVHN: train and test, not extra).
+ARCHIVES = {**{name: [(tv.url, tv.filename, tv.tgz_md5)] for name, (tv, _) in CIFAR.items()},
+            "svhn": [SVHN.split_list[split] for split in ("train", "test")], "tinyimagenet": [TINY_IMAGENET]}
 ERASE_SCALE = (0.02, 0.4)  # random erasing: the range of the box's area, as a fraction of the image's
 ERASE_RATIO = (0.3, 1 / 0.3)  # random erasing: the range of the box's aspect ratio
 ERASE_ATTEMPTS = 100  # random erasing: tries at a box that fits, as the seed
@@ -33,7 +51,7 @@ AA_FILL = 128  # AutoAugment: the grey that translate, shear and rotate leave wh
 
 @dataclass
 class ImageData:
-    train_images: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_images: torch.Tensor  # (N, 3, S, S) uint8
     train_labels: torch.Tensor  # (N,) int64
     test_images: torch.Tensor
     test_labels: torch.Tensor
@@ -89,26 +107,46 @@ class DownloadError(OSError):
     """A dataset could not be fetched (no network, a cut transfer); the message names the archive to place instead."""
 
 
+def fetch(name: str, root, url, filename, md5):
+    """One file of `name` into `root`, md5-checked (a file already there and whole is not fetched again); CIFAR's
+    and Tiny-ImageNet's archives are extracted (Tiny-ImageNet's unless its folder is there). Processes that fetch
+    into one `root` at once take turns: the first fetches, the others find its files whole (checked) and fetch
+    nothing."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    # torchvision writes the archive and its files under their own names: the lock (POSIX, dropped when the process
+    # ends, however it ends) keeps another process from reading them half-written or writing them too.
+    with open(Path(root) / ".download.lock", "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        if name in CIFAR:
+            CIFAR[name][0](root, train=True, download=True)
+        elif name == "svhn":
+            download_url(url, root, filename, md5)
+        elif not (Path(root) / TINY_FOLDER).is_dir():
+            download_and_extract_archive(url, root, filename=filename, md5=md5)
+
+
 def download(name: str, root):
-    """Fetch CIFAR-10/100 with torchvision (md5-checked; a no-op when the files are there). An archive placed in
-    `root` by hand is checked and extracted instead: an offline machine needs only a copy."""
-    tv_class = CIFAR[name][0]
-    try:
-        tv_class(root, train=True, download=True)
-    except (OSError, RuntimeError) as e:  # urllib's errors are OSErrors; torchvision raises RuntimeError on a bad md5
-        raise DownloadError(
-            f"could not fetch {name} ({type(e).__name__}: {getattr(e, 'reason', None) or e}): fetch {tv_class.url} "
-            f"elsewhere and place it as {Path(root) / tv_class.filename} (md5 {tv_class.tgz_md5}), then run "
-            f"again: it is checked and extracted instead of fetched"
-        ) from None
+    """Fetch a dataset of ARCHIVES (md5-checked per file; a no-op when the files are there). A file placed in
+    `root` by hand is checked (and extracted) instead: an offline machine needs only a copy."""
+    for url, filename, md5 in ARCHIVES[name]:
+        try:
+            fetch(name, root, url, filename, md5)
+        # urllib's errors are OSErrors; torchvision raises RuntimeError on a bad md5
+        except (OSError, RuntimeError) as e:
+            used = "checked" if name == "svhn" else "checked and extracted"
+            raise DownloadError(
+                f"could not fetch {name} ({type(e).__name__}: {getattr(e, 'reason', None) or e}): fetch {url} "
+                f"elsewhere and place it as {Path(root) / filename} (md5 {md5}), then run again: it is {used} "
+                f"instead of fetched"
+            ) from None
 
 
-def cifar_problem(name, folder: Path, tv_class) -> Exception:
-    """Why torchvision refuses a CIFAR folder, naming the first missing or damaged file (md5 mismatch)."""
+def file_problem(name, folder: Path, files) -> Exception:
+    """Why torchvision refuses a dataset's folder, naming the first of its (filename, md5) files that is missing or
+    damaged (md5 mismatch)."""
     if not folder.is_dir():
         return FileNotFoundError(f"{name} not found in {folder}")
-    meta = (tv_class.meta["filename"], tv_class.meta["md5"])
-    for filename, md5 in tv_class.train_list + tv_class.test_list + [meta]:
+    for filename, md5 in files:
         if not (folder / filename).is_file():
             return FileNotFoundError(f"{folder} lacks {filename}")
         if not check_integrity(str(folder / filename), md5):
@@ -122,10 +160,23 @@ def load_cifar(root, name: str = "cifar10") -> ImageData:
     try:
         splits = [tv_class(root, train=train) for train in (True, False)]
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-        raise cifar_problem(name, Path(root) / tv_class.base_folder, tv_class) from None
+        files = tv_class.train_list + tv_class.test_list + [(tv_class.meta["filename"], tv_class.meta["md5"])]
+        raise file_problem(name, Path(root) / tv_class.base_folder, files) from None
     images = [rearrange(torch.from_numpy(s.data), "n h w c -> n c h w").contiguous() for s in splits]
     labels = [torch.tensor(s.targets) for s in splits]
     return ImageData(images[0], labels[0], images[1], labels[1], list(splits[0].classes), mean, std)
+
+
+def load_svhn(root) -> ImageData:
+    """SVHN's cropped digits (train and test, 32x32; not `extra`) through torchvision, which checks each .mat file's
+    md5 and reads it with scipy; the files' label 10, the digit 0, becomes 0."""
+    try:
+        splits = [SVHN(root, split) for split in ("train", "test")]
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        raise file_problem("svhn", Path(root), [(filename, md5) for _, filename, md5 in ARCHIVES["svhn"]]) from None
+    images = [torch.from_numpy(np.ascontiguousarray(s.data)) for s in splits]  # (N, 3, H, W)
+    labels = [torch.from_numpy(s.labels) for s in splits]
+    return ImageData(images[0], labels[0], images[1], labels[1], [str(c) for c in range(10)], *SVHN_STATS)
 
 
 def load_digits(test_fraction: float = 0.2) -> ImageData:
@@ -153,22 +204,61 @@ def load_synthetic(train: int = 50_000, test: int = 10_000) -> ImageData:
                      *CIFAR10_STATS)
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An image file of any size as uint8 (3, 32, 32) RGB, resized bilinearly."""
+def read_image(path: Path, size=None) -> torch.Tensor:
+    """An image file as uint8 (3, size, size) RGB, resized bilinearly; size None: (3, H, W), as it is."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            img = img.convert("RGB")
+            if size is not None:
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def load_image_folder(root) -> ImageData:
+def common_size(paths) -> int:
+    """The side of image files that are all square and of one size (only their headers are read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.setdefault(img.size, path)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: cannot read image ({e})") from None
+    (width, height), path = next(iter(sizes.items()))
+    if len(sizes) > 1 or width != height:
+        shown = ", ".join(f"{w}x{h} ({p})" for (w, h), p in list(sizes.items())[:3])
+        raise ValueError(f"the images are not all of one square size ({shown}): choose one with --img-size")
+    return width
+
+
+def read_images(train, val, classes, size=None, max_bytes=None, stats=None) -> ImageData:
+    """The (path, label) samples of `train` and `val` read at `size` (None: the files' own, which must agree), unless
+    the uint8 images would take more than `max_bytes`; normalised by `stats` (None: the train images' own)."""
+    paths = [path for path, _ in train + val]
+    size = size or common_size(paths)
+    needed = len(paths) * 3 * size * size
+    if max_bytes is not None and needed > max_bytes:
+        raise ValueError(f"{len(paths)} images of {size}x{size} take {needed / 2**30:.1f} GiB as uint8, more than the "
+                         f"{max_bytes / 2**30:.1f} GiB the device can hold them in: choose a smaller --img-size")
+    # PIL decodes without the GIL: threads read the files side by side.
+    with ThreadPoolExecutor() as pool:
+        images = torch.stack(list(pool.map(read_image, paths, [size] * len(paths))))
+    labels = torch.tensor([label for _, label in train + val])
+    n = len(train)
+    # Both callers hold out their val/ images.
+    return ImageData(images[:n], labels[:n], images[n:], labels[n:], classes, *(stats or channel_stats(images[:n])),
+                     "val")
+
+
+def load_image_folder(root, size=None, max_bytes=None) -> ImageData:
     """A user's dataset in torchvision's ImageFolder layout, root/train/<class>/* and root/val/<class>/* (val's
-    classes among train's, none of them empty), images of any size resized to 32x32 RGB. Every error names the
-    layout: there is nothing to download."""
+    classes among train's, none of them empty), read as read_images does. Every error names the layout: there is
+    nothing to download."""
     splits = {}
     layout = f"an image folder DIR holds DIR/train/<class>/*, DIR/val/<class>/* (here DIR is {root})"
     for name in ("train", "val"):
@@ -186,17 +276,59 @@ def load_image_folder(root) -> ImageData:
             where = folder / empty[0] if empty else folder
             raise ValueError(f"{where} holds no images ({', '.join(IMAGE_SUFFIXES)}): {layout}")
     train, val = splits.values()
-    images = [torch.stack([read_image(path) for path, _ in split.samples]) for split in (train, val)]
-    labels = [torch.tensor([train.class_to_idx[split.classes[t]] for _, t in split.samples]) for split in (train, val)]
-    return ImageData(images[0], labels[0], images[1], labels[1], train.classes, *channel_stats(images[0]), "val")
+    val_samples = [(path, train.class_to_idx[val.classes[label]]) for path, label in val.samples]
+    return read_images(train.samples, val_samples, train.classes, size, max_bytes)
 
 
-def load_dataset(name: str, data_dir="data") -> ImageData:
+def read_lines(path: Path) -> list:
+    """The tab-separated fields of each line of a text file of Tiny-ImageNet's."""
+    return [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_tiny_imagenet(root, size=None, max_bytes=None) -> ImageData:
+    """Tiny-ImageNet-200 as its archive unpacks, read in place: train/<wnid>/images/*.JPEG through ImageFolder, and
+    val/images/*.JPEG labelled by val/val_annotations.txt, or val/<wnid>/ where a script has sorted them so; each
+    class named by words.txt. Its test split has no labels."""
+    folder = Path(root) / TINY_FOLDER
+    if not (folder / "train").is_dir():
+        raise FileNotFoundError(f"tinyimagenet not found in {folder}")
+    train = ImageFolder(folder / "train")
+    val = folder / "val"
+    if (val / "images").is_dir():
+        val_samples = [(str(val / "images" / file), wnid) for file, wnid, *_ in read_lines(val / "val_annotations.txt")]
+    else:
+        sorted_val = ImageFolder(val)
+        val_samples = [(path, sorted_val.classes[label]) for path, label in sorted_val.samples]
+    unknown = sorted({wnid for _, wnid in val_samples} - set(train.classes))
+    if unknown:
+        raise ValueError(f"{val} has classes not in train/: {', '.join(unknown)}")
+    names = {wnid: name for wnid, name, *_ in read_lines(folder / "words.txt")}
+    classes = [names.get(wnid, wnid) for wnid in train.classes]
+    val_samples = [(path, train.class_to_idx[wnid]) for path, wnid in val_samples]
+    return read_images(train.samples, val_samples, classes, size, max_bytes, TINY_STATS)
+
+
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) resized to (N, C, size, size), bilinearly with antialiasing, a chunk at a time."""
+    chunks = [F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True) for chunk in images.split(1024)]
+    return torch.cat(chunks).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_dataset(name: str, data_dir="data", size=None, max_bytes=None) -> ImageData:
+    """Dataset `name` with images of `size` (None: the dataset's own size), refused where its uint8 images would take
+    more than `max_bytes`."""
     loaders = {"cifar10": lambda: load_cifar(data_dir, "cifar10"), "cifar100": lambda: load_cifar(data_dir, "cifar100"),
-               "digits": load_digits, "imagefolder": lambda: load_image_folder(data_dir), "synthetic": load_synthetic}
+               "digits": load_digits, "imagefolder": lambda: load_image_folder(data_dir, size, max_bytes),
+               "synthetic": load_synthetic, "svhn": lambda: load_svhn(data_dir),
+               "tinyimagenet": lambda: load_tiny_imagenet(data_dir, size, max_bytes)}
     if name not in loaders:
         raise ValueError(f"name={name!r} must be one of {', '.join(DATASETS)}")
-    return loaders[name]()
+    dataset = loaders[name]()
+    if size is not None and dataset.train_images.shape[-1] != size:
+        # The sets held in memory at their own size are resized as a whole.
+        dataset.train_images = resized(dataset.train_images, size)
+        dataset.test_images = resized(dataset.test_images, size)
+    return dataset
 
 
 # ---- the per-image augmentation (torchvision's transforms: the specification of augment.py's batched pipeline)
@@ -260,15 +392,15 @@ def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL
 
 
 def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10", random_erase=0.25, aa_fill=AA_FILL,
-                    pil=False):
-    """The training pipeline of one uint8 (3, 32, 32) tensor (a PIL image with pil=True) in torchvision's per-image
-    transforms: the reference augment.BatchAugment is tested against."""
+                    pil=False, size=IMAGE_SIZE):
+    """The training pipeline of one uint8 (3, size, size) tensor (a PIL image with pil=True) in torchvision's
+    per-image transforms: the reference augment.BatchAugment is tested against."""
     check_augmentation(crop_padding, auto_augment, random_erase, aa_fill)
     steps = []
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if crop_padding:
-        steps.append(v2.RandomCrop(IMAGE_SIZE, padding=crop_padding))
+        steps.append(v2.RandomCrop(size, padding=crop_padding))
     if auto_augment != "none":
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment), fill=aa_fill))
     if pil:

@@ -38,7 +38,7 @@ def atomic_write(path: Path, payload):
     tmp = temp_path(path)
     try:
         with writing(path, len(payload)):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # open()'s mode: the umask decides
             try:
                 view = memoryview(payload)
                 while view:

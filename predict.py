@@ -18,11 +18,14 @@ import run
 
 
 def checkpoint_path(path) -> Path:
+    """A run folder's checkpoint.pt, an export.py folder's poorvit.safetensors, or the file itself."""
     path = Path(path)
-    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint}: not found (give a run folder or its checkpoint.pt)")
-    return checkpoint
+    if path.is_dir():
+        exported = path / "poorvit.safetensors"
+        path = exported if exported.is_file() and not (path / "checkpoint.pt").exists() else path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: not found (give a run folder or its checkpoint file)")
+    return path
 
 
 def load(path, device):
@@ -32,9 +35,9 @@ def load(path, device):
 
 
 def test_data(ckpt, dataset=None, data_dir=None) -> data.ImageData:
-    """The dataset to evaluate on: by default the one the checkpoint's run trained on."""
+    """The dataset to evaluate on (by default the one the checkpoint's run trained on), at the model's image size."""
     name = dataset or ckpt["args"]["dataset"]
-    images = data.load_dataset(name, data_dir or ckpt["args"]["data_dir"])
+    images = data.load_dataset(name, data_dir or ckpt["args"]["data_dir"], ckpt["config"]["img_size"])
     if len(images.classes) != ckpt["config"]["num_classes"]:
         raise ValueError(f"--dataset {name} has {len(images.classes)} classes; the checkpoint's model has "
                          f"{ckpt['config']['num_classes']}")
@@ -121,7 +124,7 @@ def run_predict(args, model, ckpt, device):
     if not files:
         raise ValueError(f"{args.images}: no image files ({', '.join(data.IMAGE_SUFFIXES)})")
     stats = ckpt["data"]
-    images = torch.stack([data.read_image(p) for p in files])
+    images = torch.stack([data.read_image(p, ckpt["config"]["img_size"]) for p in files])
     logits = logits_of(model, images, data.Normalize(stats["mean"], stats["std"]), device)
     probs, indices = logits.softmax(1).topk(min(args.top_k, logits.shape[1]), dim=1)  # best first
     write_predictions(args.out, files, stats["classes"], probs, indices)

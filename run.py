@@ -245,9 +245,32 @@ def claim_output_dir(args, on_exit: contextlib.ExitStack):
                          f"pass --resume {out / 'checkpoint.pt'} to continue it, or choose another --output-dir")
 
 
+def read_export(path, flag):
+    """export.py's poorvit.safetensors as read_checkpoint gives a checkpoint: weights, config, data and provenance
+    (no optimizer state). safetensors is imported only when such a file is read: training never needs it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        fields = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
+        ckpt = {**fields["provenance"], "model": tensors, "config": fields["config"],
+                "data": {key: fields[key] for key in ("classes", "mean", "std")}}
+    except KeyError as e:
+        raise ValueError(f"{flag} {path}: not a model written by export.py (no {e} in its metadata)") from None
+    except Exception as e:  # safetensors raises SafetensorError, OSError, ...; json its own
+        raise ValueError(f"{flag} {path}: not a readable safetensors file ({first_line(e)})") from None
+    if not {"args", "step"} <= ckpt.keys():
+        raise ValueError(f"{flag} {path}: not a model written by export.py (its provenance lacks args or step)")
+    return ckpt
+
+
 def read_checkpoint(path, flag):
-    """Loads a train.py checkpoint without running any code from it (weights_only). A damaged or foreign file is a
-    ValueError naming `flag`."""
+    """Loads a train.py checkpoint without running any code from it (weights_only), or export.py's .safetensors file.
+    A damaged or foreign file is a ValueError naming `flag`."""
+    if Path(path).suffix == ".safetensors":
+        return read_export(path, flag)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for damaged or foreign files

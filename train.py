@@ -8,9 +8,9 @@ examples:
       --lr 2e-3 --epochs 60 --warmup-epochs 3 --no-hflip --auto-augment none --random-erase 0 --mixup-alpha 0 \
       --cutmix-alpha 0 --ra-reps 1 --eval-every 10
   your own images on a CPU, my_data/train/<class>/* and my_data/val/<class>/* (make own-images DATA=my_data):
-    python train.py --device cpu --dataset imagefolder --data-dir my_data --patch-size 8 --dim 96 --depth 4 \
-      --heads 4 --batch-size 32 --lr 2e-3 --epochs 50 --warmup-epochs 3 --auto-augment none --random-erase 0 \
-      --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 3 --eval-every 10
+    python train.py --device cpu --dataset imagefolder --data-dir my_data --img-size 32 --patch-size 8 --dim 96 \
+      --depth 4 --heads 4 --batch-size 32 --lr 2e-3 --epochs 50 --warmup-epochs 3 --auto-augment none \
+      --random-erase 0 --mixup-alpha 0 --cutmix-alpha 0 --ra-reps 3 --eval-every 10
   the paper's baseline on a GPU (CIFAR-10 fetched into data/; make baseline):
     python train.py --download --amp --output-dir runs/baseline
   resume a stopped or crashed run: its command again, with --resume auto:
@@ -88,12 +88,13 @@ def get_args_parser():
     add = parser.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=data.DATASETS, help="digits: offline; synthetic: for speed checks")
     add("--data-dir", default="data", help="dataset root (CIFAR: its folder's parent; imagefolder: train/, val/)")
-    add("--download", action="store_true", help="fetch CIFAR-10/100 into --data-dir if missing")
+    add("--download", action="store_true", help="fetch the dataset into --data-dir if missing (md5-checked)")
+    add("--img-size", type=POSITIVE_INT, help="image side, pixels (unset: the dataset's own: docs/datasets.md)")
 
     add = parser.add_argument_group("augmentation (as the seed ran it)").add_argument
     add("--hflip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    add("--crop-padding", default=4, type=COUNT, help="random 32x32 crop after zero padding (pixels)")
-    add("--auto-augment", default="cifar10", choices=data.AUTO_AUGMENT_POLICIES, help="AutoAugment policy, per image")
+    add("--crop-padding", default=4, type=COUNT, help="random crop of --img-size after zero padding (pixels)")
+    add("--auto-augment", choices=data.AUTO_AUGMENT_POLICIES, help="AutoAugment policy per image (unset: dataset's)")
     add("--aa-fill", default=data.AA_FILL, type=number(int, "[0, 255]"), help="AutoAugment's grey where it shifts")
     add("--random-erase", default=0.25, type=PROBABILITY, help="random erasing probability per image")
     add("--mixup-alpha", default=1.0, type=NON_NEGATIVE, help="Mixup Beta(alpha, alpha); 0: no Mixup")
@@ -104,7 +105,7 @@ def get_args_parser():
     add("--ra-mode", default="shuffles", choices=data.RA_MODES, help="in-batch: copies in a row (the seed's torchrun)")
 
     add = parser.add_argument_group("model (model.ViTConfig)").add_argument
-    add("--patch-size", default=4, type=POSITIVE_INT, help="patch side (pixels)")
+    add("--patch-size", type=POSITIVE_INT, help="patch side, pixels (unset: the dataset's, 4; Tiny-ImageNet 8)")
     add("--dim", default=192, type=POSITIVE_INT, help="token width")
     add("--depth", default=9, type=POSITIVE_INT, help="blocks (the seed's code builds 12: docs/faithfulness.md)")
     add("--heads", default=12, type=POSITIVE_INT, help="attention heads (must divide --dim)")
@@ -152,20 +153,32 @@ def get_args_parser():
     return parser
 
 
-def model_config(args, num_classes) -> ViTConfig:
-    """The model flags are ViTConfig's fields, named alike."""
-    flags = {f.name for f in fields(ViTConfig)} & vars(args).keys()
-    return ViTConfig(img_size=data.IMAGE_SIZE, num_classes=num_classes, **{f: getattr(args, f) for f in flags})
+def model_config(args, num_classes, img_size) -> ViTConfig:
+    """The model flags are ViTConfig's fields, named alike; the image size is the data's."""
+    flags = {f.name for f in fields(ViTConfig)} & vars(args).keys() - {"img_size"}
+    return ViTConfig(img_size=img_size, num_classes=num_classes, **{f: getattr(args, f) for f in flags})
 
 
-def check_args(args):
-    """What no single flag can check, before any work; fills in --output-dir's default."""
+def fill_dataset_defaults(args) -> dict:
+    """Sets the flags left unset (None) to --dataset's defaults; returns those that are the dataset's own (not
+    data.DEFAULTS), to be said and recorded."""
+    own = data.DATASET_DEFAULTS.get(args.dataset, {})
+    filled = {flag: value for flag, value in {**data.DEFAULTS, **own}.items() if getattr(args, flag) is None}
+    for flag, value in filled.items():
+        setattr(args, flag, value)
+    return {flag: value for flag, value in filled.items() if flag in own and value is not None}
+
+
+def check_args(args) -> dict:
+    """What no single flag can check, before any work; fills in the dataset's defaults (returns its own, as
+    fill_dataset_defaults) and --output-dir's default."""
+    defaults = fill_dataset_defaults(args)
     if args.warmup_epochs is not None and args.warmup_epochs > args.epochs:
         raise ValueError(f"--warmup-epochs {args.warmup_epochs} must not exceed --epochs {args.epochs}")
     if args.warmup_epochs != 0 and args.warmup_lr > args.lr:
         raise ValueError(f"--warmup-lr {args.warmup_lr} must not exceed --lr {args.lr}")
-    if args.download and args.dataset not in ("cifar10", "cifar100"):
-        raise ValueError(f"--download fetches cifar10 or cifar100, not --dataset {args.dataset}")
+    if args.download and args.dataset not in data.ARCHIVES:
+        raise ValueError(f"--download fetches {', '.join(data.ARCHIVES)}, not --dataset {args.dataset}")
     if args.whiten and args.init_from:
         raise ValueError("--whiten and --init-from both set the patch embedding: choose one")
     if args.output_dir is None:
@@ -173,7 +186,9 @@ def check_args(args):
             raise ValueError("--resume auto needs --output-dir (the run to continue)")
         fresh = f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
         args.output_dir = str(Path(args.resume).parent) if args.resume else fresh
-    model_config(args, num_classes=1)
+    # An image folder's own size is known once its files are read: until then one patch stands in for it.
+    model_config(args, num_classes=1, img_size=args.img_size or args.patch_size)
+    return defaults
 
 
 # ---- building the run
@@ -201,10 +216,18 @@ def setup_distributed(args) -> run.Ranks:
     return run.Ranks(rank, world_size, device)
 
 
-def load_data(args, ranks):
-    """Fetches the dataset where --download asks for it, then loads it, rank 0 first: an error that every rank would
-    meet is said once. The first process of each other node fetches next (on a shared filesystem it finds the files,
-    md5-checked), so that each folder is fetched once."""
+def memory_bytes(device) -> int:
+    """The device's memory: a GPU's, or the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_data(args, ranks, defaults):
+    """Fetches the dataset where --download asks for it, then loads it at --img-size, rank 0 first: an error that
+    every rank would meet is said once. The first process of each other node fetches next (on a shared filesystem it
+    finds the files, md5-checked), so that each folder is fetched once. The uint8 images may fill half the device.
+    Then says which flags took the dataset's defaults."""
     if args.download:
         ranks.rank0_only(data.download, args.dataset, args.data_dir)
         if ranks.world_size > 1:
@@ -212,9 +235,13 @@ def load_data(args, ranks):
                 data.download(args.dataset, args.data_dir)
             dist.barrier()
     try:
-        return ranks.rank0_first(data.load_dataset, args.dataset, args.data_dir)
+        dataset = ranks.rank0_first(data.load_dataset, args.dataset, args.data_dir, args.img_size,
+                                    memory_bytes(ranks.device) // 2)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}: pass --download to fetch it, or --data-dir the folder that holds it") from None
+    if defaults:
+        run.note(f"--dataset {args.dataset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in defaults.items()))
+    return dataset
 
 
 def build_loader(args, dataset, ranks):
@@ -222,7 +249,7 @@ def build_loader(args, dataset, ranks):
     sampler = data.RepeatedAugmentationSampler(len(dataset.train_images), args.batch_size, args.ra_reps, ranks.rank,
                                                ranks.world_size, args.seed, args.ra_mode)
     augment = BatchAugment(dataset.mean, dataset.std, args.hflip, args.crop_padding, args.auto_augment,
-                           args.random_erase, args.aa_fill)
+                           args.random_erase, args.aa_fill, dataset.train_images.shape[-1])
     return DeviceLoader(dataset.train_images, dataset.train_labels, sampler, augment, ranks.device)
 
 
@@ -230,7 +257,7 @@ def build_model(args, dataset, device, source):
     """The flags' ViT. It takes every weight from `source` (--init-from), or has its patch embedding whitened on
     what the seed's was whitened on: the first --whiten-images images of epoch 0 of a single process's stream,
     augmented as they are trained on, before batch mixing."""
-    model = ViT(model_config(args, len(dataset.classes)))
+    model = ViT(model_config(args, len(dataset.classes), dataset.train_images.shape[-1]))
     if args.whiten:
         loader = build_loader(args, dataset, run.Ranks(0, 1, device))
         batches = itertools.islice(loader, math.ceil(args.whiten_images / loader.batch))
@@ -300,10 +327,11 @@ def compile_model(model, args, device, precision, batch):
     changes no weight. Where that fails, one line says so and training goes on eager, unless --compile asked for it."""
     if not compiles(args, device):
         return model
+    size = model.cfg.img_size
     try:
         compiled = torch.compile(model, mode=args.compile_mode)
         with precision.autocast:
-            compiled(torch.zeros(batch, 3, data.IMAGE_SIZE, data.IMAGE_SIZE, device=device)).float().sum().backward()
+            compiled(torch.zeros(batch, 3, size, size, device=device)).float().sum().backward()
     except Exception as e:  # no Triton, a GPU too old for it, a compiler bug: its own exception types
         if args.compile:
             raise ValueError(f"--compile: torch.compile failed ({run.first_line(e)}); --no-compile trains eager")
@@ -437,7 +465,7 @@ def main(args):
     ends."""
     start = time.perf_counter()
     try:
-        check_args(args)
+        defaults = check_args(args)
         ranks = setup_distributed(args)
     except ValueError as e:  # every rank meets these alike: rank 0 says them
         raise e if run.launched_as_rank0() else run.FailedOnRank0(run.exit_code(e)) from None
@@ -456,7 +484,7 @@ def main(args):
         torch.manual_seed(data.derive_seed(args.seed, "init"))
 
         # The data: like the training set, the test set lives on the device as uint8.
-        dataset = load_data(args, ranks)
+        dataset = load_data(args, ranks, defaults)
         loader = ranks.rank0_first(build_loader, args, dataset, ranks)
         mix = data.BatchMix(len(dataset.classes), args.mixup_alpha, args.cutmix_alpha, args.mix_prob)
         test_set = TestSet(dataset.test_images.to(device), dataset.test_labels.to(device),
@@ -486,7 +514,8 @@ def main(args):
         cfg = asdict(model_without_ddp.cfg)
         info = run.run_info(device)
         facts = dict(params=count_parameters(model_without_ddp), forward_macs=forward_macs(model_without_ddp.cfg),
-                     world_size=ranks.world_size, dataset=args.dataset, epochs=args.epochs, classes=dataset.classes,
+                     world_size=ranks.world_size, dataset=args.dataset, defaults=defaults, epochs=args.epochs,
+                     classes=dataset.classes,
                      images={"train": len(dataset.train_labels), dataset.test_split: len(dataset.test_labels)},
                      steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
                      precision=precision.name, compiled=compiled, config=cfg, args=vars(args), **info)

@@ -6,12 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN
+
+import data
 
 
-def images(n=16, seed=0):
-    """Random uint8 images (n, 3, 32, 32)."""
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+def images(n=16, seed=0, size=32):
+    """Random uint8 images (n, 3, size, size)."""
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 class RunsCode:
@@ -54,6 +57,74 @@ def accept_cifar(monkeypatch, folder, name="cifar10"):
     for files in ("train_list", "test_list"):
         monkeypatch.setattr(tv_class, files, [[f, md5(folder / f)] for f, _ in getattr(tv_class, files)])
     monkeypatch.setattr(tv_class, "meta", {**tv_class.meta, "md5": md5(folder / tv_class.meta["filename"])})
+
+
+def write_svhn(root, train=8, test=4, seed=0):
+    """Random images and labels in SVHN's real on-disk format: train_32x32.mat and test_32x32.mat (MATLAB 5, via
+    scipy), X (32, 32, 3, N) uint8 with rows first, y (N, 1) with labels 1..10 (10: the digit 0). Returns {split:
+    (X, y)}."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, n in (("train", train), ("test", test)):
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)  # every label 1..10 where n allows
+        savemat(Path(root) / f"{split}_32x32.mat", {"X": x, "y": y})
+        written[split] = (x, y)
+    return written
+
+
+def accept_svhn(monkeypatch, root):
+    """torchvision checks each SVHN file's md5 before reading it: make it (and data's download list) accept the files
+    in `root` as they are now."""
+    split_list = {split: [url, name, md5(Path(root) / name) if (Path(root) / name).exists() else expected]
+                  for split, (url, name, expected) in SVHN.split_list.items()}
+    monkeypatch.setattr(SVHN, "split_list", split_list)
+    monkeypatch.setitem(data.ARCHIVES, "svhn", [split_list["train"], split_list["test"]])
+
+
+def write_folder(root, spec, size=(40, 24)):
+    """spec: {"train/cat": n, ...} -> PNG files of n images each (size: width, height)."""
+    rng = np.random.default_rng(0)
+    for sub, n in spec.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / sub / f"{i}.png")
+
+
+TINY_WNIDS = ["n01443537", "n01629819", "n09999999"]
+
+
+def write_tiny_imagenet(root, per_class=3, val_per_class=2, size=64, sorted_val=False, seed=0):
+    """A Tiny-ImageNet-200 tree as its archive unpacks (JPEGs at `size`, boxes files, wnids.txt, words.txt with more
+    wnids than the classes, val/images + val/val_annotations.txt, an unlabelled test/), 3 classes. sorted_val: val
+    as a conversion script leaves it, val/<wnid>/images/*.JPEG. Returns the folder and {val file: wnid}."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "tiny-imagenet-200"
+
+    def jpeg(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(path, "JPEG")
+
+    for wnid in TINY_WNIDS:
+        for i in range(per_class):
+            jpeg(folder / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text(
+            "".join(f"{wnid}_{i}.JPEG\t0\t1\t20\t30\n" for i in range(per_class)))
+    val = {f"val_{i}.JPEG": TINY_WNIDS[(i * 2) % len(TINY_WNIDS)] for i in range(val_per_class * len(TINY_WNIDS))}
+    for name, wnid in val.items():
+        jpeg(folder / "val" / (f"{wnid}/images" if sorted_val else "images") / name)
+    (folder / "val" / "val_annotations.txt").write_text(
+        "".join(f"{name}\t{wnid}\t0\t1\t20\t30\n" for name, wnid in val.items()))
+    jpeg(folder / "test" / "images" / "test_0.JPEG")
+    (folder / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    words = {"n00001740": "entity", "n01443537": "goldfish, Carassius auratus", "n01629819": "European fire salamander",
+             "n09999999": "test class"}
+    (folder / "words.txt").write_text("".join(f"{wnid}\t{name}\n" for wnid, name in words.items()))
+    return folder, val
 
 
 @pytest.fixture

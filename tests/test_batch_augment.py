@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -34,7 +35,7 @@ def test_erase_equals_torchvision_erase():
         assert torch.equal(o, TF.erase(img, i, j, h, w, torch.tensor(value)[:, None, None]))
 
 
-def seeds_erasing(rng, h=32, w=32, scale=(0.02, 0.4), r1=0.3):
+def seeds_erasing(rng, h, w, scale=(0.02, 0.4), r1=0.3):
     """The seed's RandomErasing loop for one image that is erased (Zhong et al.'s code): (height, width) or None."""
     for _ in range(100):
         target_area = rng.uniform(*scale) * h * w
@@ -45,24 +46,28 @@ def seeds_erasing(rng, h=32, w=32, scale=(0.02, 0.4), r1=0.3):
     return None
 
 
-def test_erasing_boxes_follow_the_seeds_rule():
-    n, g = 20000, torch.Generator().manual_seed(0)
-    ours = data.erasing_boxes(n, 32, 32, 0.25, g)
+@pytest.mark.parametrize("size", [32, 64])
+def test_erasing_boxes_follow_the_seeds_rule(size):
+    n = 20000
+    # The boxes BatchAugment draws for images of `size`: inside the image, and over all of it.
+    ours = augment.BatchAugment(MEAN, STD, **{**OFF, "random_erase": 0.25}, size=size).choose(
+        n, torch.Generator().manual_seed(0))["erase"]
     erased = ours[:, 2] > 0
-    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
-    assert (ours[erased, 2:] < 32).all() and (ours[erased, 2:] >= 1).all()
+    assert ((ours[:, 0] + ours[:, 2]) <= size).all() and ((ours[:, 1] + ours[:, 3]) <= size).all()
+    assert (ours[:, 0] + ours[:, 2]).max() == size and (ours[:, 1] + ours[:, 3]).max() == size
+    assert (ours[erased, 2:] < size).all() and (ours[erased, 2:] >= 1).all()
     assert (ours[~erased][:, 2:] == 0).all()
     # p = 0.25 per image (5-sigma bound).
     assert abs(erased.float().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n)
     rng = random.Random(0)
-    theirs = torch.tensor([seeds_erasing(rng) for _ in range(8000)]).float()
+    theirs = torch.tensor([seeds_erasing(rng, size, size) for _ in range(8000)]).float()
     hw = ours[erased, 2:].float()
     # Height, width, area and aspect ratio of the boxes distributed as the seed's (5-sigma bounds on the means).
     for stat in (lambda b: b[:, 0], lambda b: b[:, 1], lambda b: b[:, 0] * b[:, 1], lambda b: b[:, 0] / b[:, 1]):
         a, b = stat(hw), stat(theirs)
         assert abs(a.mean() - b.mean()) < 5 * math.sqrt(a.var() / len(a) + b.var() / len(b))
-    # Placement is uniform: a box's top is on average in the middle of its range 0..32-h.
-    slack = (32 - ours[erased, 2]).float()
+    # Placement is uniform: a box's top is on average in the middle of its range 0..size-h.
+    slack = (size - ours[erased, 2]).float()
     assert abs((ours[erased, 0] / slack.clamp(min=1)).mean() - 0.5) < 0.02
 
 
@@ -126,12 +131,13 @@ def run_ops(aa, images, variants):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("fill", [128, 0])
-def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill, device):
-    batch, tested = images(3).to(device), set()
-    # Every (op, magnitude) of the CIFAR-10 policy, and the geometric ones of SVHN's, which adds ShearX.
+@pytest.mark.parametrize("fill, size", [(128, 32), (0, 32), (128, 64)])
+def test_every_autoaugment_op_equals_torchvision_on_each_image_exactly(fill, size, device):
+    batch, tested = images(3, size=size).to(device), set()
+    # Every (op, magnitude) of the CIFAR-10 policy, and the geometric ones of SVHN's, which adds ShearX: at 64 px the
+    # shear's centre, the grids and the translations are the image's.
     for policy, ops in (("cifar10", None), ("svhn", augment.GEOMETRIC_OPS)):
-        aa = augment.BatchAutoAugment(policy, fill=fill)
+        aa = augment.BatchAutoAugment(policy, size, fill)
         for index, (op, magnitude) in enumerate(aa.variants):
             if ops is None or op in ops:
                 out = run_ops(aa, batch, torch.tensor([[index, -1]] * len(batch)))
@@ -162,19 +168,21 @@ def test_mixed_batch_equals_applying_each_images_ops_in_order():
         assert torch.equal(out[i], expected), i
 
 
-def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
-    n, batch = 24, images(24)
-    aug = augment.BatchAugment(MEAN, STD, random_erase=0.5)
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("policy", ["cifar10", "svhn", "imagenet"])
+def test_batch_augment_equals_torchvision_per_image_with_the_same_draws(policy, size):
+    n, batch = 24, images(24, size=size)
+    aug = augment.BatchAugment(MEAN, STD, auto_augment=policy, random_erase=0.5, size=size)
     out = aug(batch, torch.Generator().manual_seed(4))
     # BatchAugment's draws, in its order: flips, crop offsets, AutoAugment, erasing boxes.
     g = torch.Generator().manual_seed(4)
     flip = torch.rand(n, generator=g) < 0.5
     top, left = torch.randint(0, 9, (2, n), generator=g)
     variants = aug.auto_augment.draw(n, g)
-    boxes = data.erasing_boxes(n, 32, 32, 0.5, g)
+    boxes = data.erasing_boxes(n, size, size, 0.5, g)
     assert flip.any() and (variants >= 0).any() and (boxes[:, 2] > 0).any()
     for i in range(n):
-        img = TF.crop(TF.pad(TF.horizontal_flip(batch[i]) if flip[i] else batch[i], [4]), top[i], left[i], 32, 32)
+        img = TF.crop(TF.pad(TF.horizontal_flip(batch[i]) if flip[i] else batch[i], [4]), top[i], left[i], size, size)
         for v in variants[i].tolist():
             if v >= 0:
                 img = reference_op(img, *aug.auto_augment.variants[v], 128)
@@ -182,6 +190,30 @@ def test_batch_augment_equals_torchvision_per_image_with_the_same_draws():
         img = TF.erase(img, *boxes[i].tolist(), torch.tensor(MEAN)[:, None, None])
         # Normalisation is one scale and shift here, two steps in torchvision: equal up to float rounding.
         torch.testing.assert_close(out[i], img)
+
+
+@pytest.mark.parametrize("policy", ["cifar10", "svhn", "imagenet"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_autoaugment_magnitudes_are_torchvisions_at_the_image_size(policy, size):
+    # Translate is 150/331 of the image's width: 14.5 px at its largest at 32, 29 px at 64.
+    aa = augment.BatchAugment(MEAN, STD, auto_augment=policy, size=size).auto_augment
+    tv = v2.AutoAugment(v2.AutoAugmentPolicy(policy))
+    expected = set()
+    for sub_policy in tv._policies:
+        for op, _, bin_index in sub_policy:
+            bins = torch.linspace(0.0, 150.0 / 331.0 * size, 10) if op.startswith("Translate") else None
+            if bins is None:
+                bins = tv._AUGMENTATION_SPACE[op][0](10, size, size)
+            magnitude = 0.0 if bins is None else float(bins[bin_index])
+            signed = tv._AUGMENTATION_SPACE[op][1]
+            expected |= {(op, magnitude), (op, -magnitude if signed else magnitude)}
+    assert set(aa.variants) == expected
+
+
+def test_augmentation_refuses_images_of_another_size_than_its_own():
+    sampler = data.RepeatedAugmentationSampler(8, 4)
+    with pytest.raises(ValueError, match="augment.size=32"):
+        augment.DeviceLoader(images(8, size=64), torch.arange(8), sampler, augment.BatchAugment(MEAN, STD), "cpu")
 
 
 def test_erased_boxes_hold_the_raw_channel_means():

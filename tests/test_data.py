@@ -1,18 +1,29 @@
+import json
 import math
 import os
 import pickle
 import random
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import RunsCode, accept_cifar, images, write_cifar
+from conftest import (RunsCode, accept_cifar, accept_svhn, images, md5, write_cifar, write_folder, write_svhn,
+                      write_tiny_imagenet)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -33,6 +44,66 @@ def test_cifar_loader_reads_the_real_file_format(tmp_path, monkeypatch, name):
     assert ds.train_images[2, 1, 3, 5] == row[1024 + 3 * 32 + 5]
     assert ds.classes == [f"class{i}" for i in range(10 if name == "cifar10" else 100)]
     assert (ds.mean, ds.std) == data.CIFAR[name][1]
+
+
+# One process of the download test: torchvision's fetch of the archive (a file here) slowed down, half the archive,
+# a pause, the rest, each fetch noted in fetches.txt; data.download starts when the test says go.
+DOWNLOAD_AT_ONCE = """
+import json, os, sys, time
+from pathlib import Path
+from torchvision.datasets import CIFAR10, utils
+import data
+
+archive, root, go = map(Path, sys.argv[1:4])
+for key, value in json.loads(sys.argv[4]).items():
+    setattr(CIFAR10, key, value)
+
+def slow_fetch(url, filename, *args, **kwargs):
+    with open(root.parent / "fetches.txt", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    content = archive.read_bytes()
+    with open(filename, "wb") as f:
+        f.write(content[: len(content) // 2])
+        f.flush()
+        time.sleep(1)
+        f.write(content[len(content) // 2:])
+
+utils._urlretrieve = slow_fetch
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+data.download("cifar10", root)
+"""
+
+
+def test_two_processes_that_download_into_one_folder_at_once_fetch_once(tmp_path):
+    src, _ = write_cifar(tmp_path / "src", per_batch=64)
+    archive = tmp_path / CIFAR10.filename
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname=CIFAR10.base_folder)
+    files = {kind: [[name, md5(src / name)] for name, _ in getattr(CIFAR10, kind)]
+             for kind in ("train_list", "test_list")}
+    checks = {"url": archive.as_uri(), "tgz_md5": md5(archive), **files,
+              "meta": {**CIFAR10.meta, "md5": md5(src / CIFAR10.meta["filename"])}}
+    root = tmp_path / "data"
+    go = tmp_path / "go"
+    command = [sys.executable, "-c", DOWNLOAD_AT_ONCE, str(archive), str(root), str(go), json.dumps(checks)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen(command, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    try:
+        assert [p.stdout.readline() for p in processes] == ["ready\n", "ready\n"]
+        go.touch()
+        codes = [p.wait(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+            p.communicate()
+    assert codes == [0, 0]
+    assert len((tmp_path / "fetches.txt").read_text().splitlines()) == 1  # the other found the files, whole
+    assert (root / archive.name).read_bytes() == archive.read_bytes()
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        assert (root / CIFAR10.base_folder / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_missing_cifar_says_how_to_get_it(tmp_path):
@@ -62,6 +133,106 @@ def test_cifar_pickle_that_would_run_code_is_refused(cifar_root, tmp_path, monke
     assert not (tmp_path / "pwned").exists()
 
 
+# ---- SVHN from its .mat files, Tiny-ImageNet from its tree, read in place
+def test_svhn_loader_reads_the_real_file_format(tmp_path, monkeypatch):
+    written = write_svhn(tmp_path, train=12, test=4)
+    accept_svhn(monkeypatch, tmp_path)
+    ds = data.load_dataset("svhn", tmp_path)
+    assert ds.train_images.shape == (12, 3, 32, 32) and ds.test_images.shape == (4, 3, 32, 32)
+    x, y = written["train"]
+    # X is (row, column, channel, image); label 10 is the digit 0.
+    assert ds.train_images[5, 2, 7, 3] == x[7, 3, 2, 5]
+    assert torch.equal(ds.train_images, torch.from_numpy(x).permute(3, 2, 0, 1))
+    assert ds.train_labels.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2] == (y[:, 0] % 10).tolist()
+    assert ds.classes == [str(c) for c in range(10)] and (ds.mean, ds.std) == data.SVHN_STATS
+
+
+def test_missing_or_damaged_svhn_file_is_named(tmp_path, monkeypatch):
+    write_svhn(tmp_path)
+    accept_svhn(monkeypatch, tmp_path)
+    (tmp_path / "train_32x32.mat").write_bytes((tmp_path / "train_32x32.mat").read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train_32x32.mat is damaged"):
+        data.load_dataset("svhn", tmp_path)
+    write_svhn(tmp_path / "other")
+    accept_svhn(monkeypatch, tmp_path / "other")
+    (tmp_path / "other" / "test_32x32.mat").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks test_32x32.mat"):
+        data.load_dataset("svhn", tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="svhn not found in"):
+        data.load_dataset("svhn", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("sorted_val", [False, True])
+def test_tinyimagenet_reads_its_tree_in_place_and_a_sorted_val(tmp_path, sorted_val):
+    folder, val = write_tiny_imagenet(tmp_path, size=16, sorted_val=sorted_val)
+    files = sorted(p for p in tmp_path.rglob("*"))
+    for path in files:  # read-only: the loader writes nothing, converts nothing
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        ds = data.load_dataset("tinyimagenet", tmp_path)
+    finally:
+        for path in files:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert sorted(p for p in tmp_path.rglob("*")) == files
+    assert ds.classes == ["goldfish, Carassius auratus", "European fire salamander", "test class"]
+    assert ds.train_images.shape == (9, 3, 16, 16) and ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert (ds.mean, ds.std) == data.TINY_STATS
+    # Each val image labelled by val_annotations.txt, its pixels the JPEG's as PIL decodes it.
+    expected = {}
+    for name, wnid in val.items():
+        path = folder / "val" / (f"{wnid}/images" if sorted_val else "images") / name
+        pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+        expected[name] = (pixels, ["n01443537", "n01629819", "n09999999"].index(wnid))
+    assert sorted(ds.test_labels.tolist()) == sorted(label for _, label in expected.values())
+    for image, label in zip(ds.test_images, ds.test_labels):
+        assert any(torch.equal(image, pixels) and label == want for pixels, want in expected.values())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "words.txt").unlink(), "words.txt"),
+    (lambda f: (f / "val" / "images" / "val_1.JPEG").write_bytes(b"not a jpeg"), "val_1.JPEG: cannot read image"),
+    (lambda f: (f / "val" / "images" / "val_2.JPEG").unlink(), "val_2.JPEG"),
+    (lambda f: (f / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn00000001\t0\t0\t1\t1\n"), "n00000001"),
+    (lambda f: (f / "train" / "n01443537" / "images" / "n01443537_1.JPEG").write_bytes(b""), "n01443537_1.JPEG"),
+])
+def test_tinyimagenet_missing_or_damaged_file_is_named(tmp_path, damage, message):
+    folder, _ = write_tiny_imagenet(tmp_path, size=8)
+    damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        data.load_dataset("tinyimagenet", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["svhn", "tinyimagenet"])
+def test_offline_download_names_the_file_to_place_and_a_file_placed_by_hand_is_used(tmp_path, monkeypatch, name):
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    root = tmp_path / "data"
+    url, filename, checksum = data.ARCHIVES[name][0]
+    used = "checked" if name == "svhn" else "checked and extracted"
+    with pytest.raises(data.DownloadError) as error:
+        data.download(name, root)
+    assert str(error.value) == (
+        f"could not fetch {name} (URLError: [Errno -3] Temporary failure in name resolution): fetch {url} elsewhere "
+        f"and place it as {root / filename} (md5 {checksum}), then run again: it is {used} instead of fetched")
+    if name == "svhn":
+        write_svhn(root)  # both files placed by hand, the network still off: checked, not fetched
+        accept_svhn(monkeypatch, root)
+        data.download(name, root)
+        (root / "test_32x32.mat").write_bytes(b"cut short")  # damaged: fetched again, which names that file
+        with pytest.raises(data.DownloadError, match=r"place it as .*test_32x32.mat \(md5 "):
+            data.download(name, root)
+        return
+    folder, _ = write_tiny_imagenet(tmp_path / "elsewhere", size=8)
+    archive = shutil.make_archive(str(root / "tiny-imagenet-200"), "zip", tmp_path / "elsewhere", folder.name)
+    monkeypatch.setitem(data.ARCHIVES, "tinyimagenet", [(url, filename, md5(archive))])
+    data.download(name, root)
+    ours = data.load_dataset(name, root)
+    theirs = data.load_dataset(name, tmp_path / "elsewhere")
+    assert torch.equal(ours.train_images, theirs.train_images) and torch.equal(ours.test_labels, theirs.test_labels)
+
+
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagefolder, synthetic"):
         data.load_dataset("mnist")
@@ -81,24 +252,45 @@ def test_digits_are_real_images_split_deterministically():
 
 
 # ---- imagefolder
-def write_folder(root, spec, size=(40, 24)):
-    """spec: {"train/cat": n, ...} -> PNG files of n images each."""
-    rng = np.random.default_rng(0)
-    for sub, n in spec.items():
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / sub / f"{i}.png")
-
-
-def test_imagefolder_resizes_any_size_to_32_rgb(tmp_path):
+def test_imagefolder_resizes_any_size_to_the_size_asked_rgb(tmp_path):
     write_folder(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2})
     (tmp_path / "train/cat/notes.txt").write_text("not an image")
-    ds = data.load_dataset("imagefolder", tmp_path)
+    ds = data.load_dataset("imagefolder", tmp_path, size=32)
     assert ds.classes == ["cat", "dog"]
     assert ds.train_images.shape == (5, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1]
     assert ds.test_labels.tolist() == [0, 1, 1]
     assert ds.mean == pytest.approx(tuple(ds.train_images.double().div(255).mean((0, 2, 3)).tolist()))
+
+
+def test_imagefolder_takes_its_files_own_square_size_or_asks_for_one(tmp_path, monkeypatch):
+    write_folder(tmp_path / "square", {"train/cat": 2, "train/dog": 1, "val/cat": 1}, size=(24, 24))
+    ds = data.load_dataset("imagefolder", tmp_path / "square")
+    assert ds.train_images.shape == (3, 3, 24, 24) and ds.test_images.shape == (1, 3, 24, 24)
+    write_folder(tmp_path / "square", {"val/dog": 1}, size=(20, 20))
+    with pytest.raises(ValueError, match=r"not all of one square size \(24x24 .*20x20 .*--img-size"):
+        data.load_dataset("imagefolder", tmp_path / "square")
+    write_folder(tmp_path / "wide", {"train/cat": 1, "train/dog": 1, "val/cat": 1}, size=(40, 24))
+    with pytest.raises(ValueError, match=r"\(40x24 .*--img-size"):
+        data.load_dataset("imagefolder", tmp_path / "wide")
+    # Too large for the device: said before any image is decoded. 3 images of 3x40x40 bytes = 14,400.
+    monkeypatch.setattr(data, "read_image", lambda *args: pytest.fail("an image was read"))
+    with pytest.raises(ValueError, match=r"3 images of 40x40 take 0.0 GiB .* choose a smaller --img-size"):
+        data.load_dataset("imagefolder", tmp_path / "wide", size=40, max_bytes=14_399)
+
+
+@pytest.mark.parametrize("name, size", [("cifar10", 24), ("digits", 48), ("synthetic", 64)])
+def test_a_dataset_held_in_memory_is_resized_to_the_size_asked(tmp_path, monkeypatch, name, size):
+    if name == "cifar10":
+        folder, _ = write_cifar(tmp_path)
+        accept_cifar(monkeypatch, folder)
+    small = data.ImageData(images(4), torch.arange(4), images(4, seed=1), torch.arange(4), [], MEAN, STD)
+    monkeypatch.setattr(data, "load_synthetic", lambda: small)  # 4 images, not 60,000
+    native = data.load_dataset(name, tmp_path)
+    ds = data.load_dataset(name, tmp_path, size=size)
+    assert ds.train_images.shape[1:] == (3, size, size) and ds.test_images.shape[1:] == (3, size, size)
+    expected = TF.resize(native.test_images, [size, size], antialias=True)  # torchvision's bilinear, antialiased
+    assert (ds.test_images.int() - expected.int()).abs().max() <= 1
+    assert torch.equal(ds.train_labels, native.train_labels)
 
 
 @pytest.mark.parametrize(

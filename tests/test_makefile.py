@@ -1,5 +1,6 @@
-"""The Makefile: one target per column of the paper's table, each reading of the seed one command away, and a PY
-that runs everything in an environment as it is (no venv, no pip)."""
+"""The Makefile: one target per column of the paper's table, each reading of the seed one command away, a PY that
+runs everything in an environment as it is (no venv, no pip), the table's job lists with the recipes of
+docs/parallel.md that run them, and the README's commands as a newcomer runs them."""
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 
@@ -64,6 +66,15 @@ def test_each_make_target_changes_only_its_columns_flags(target):
     base = {"epochs": 7, "seed": 3, "data_dir": "/d", "download": True, "amp": True, "output_dir": f"/o/{target}-seed3",
             "tag": target, "resume": "auto"}
     assert {k: v for k, v in args.items() if v != defaults[k]} == {**base, **COLUMNS[target]}
+
+
+@pytest.mark.parametrize("target", ["baseline", "mla-q", "no-hflip"])
+@pytest.mark.parametrize("dataset", ["cifar100", "svhn", "tinyimagenet", "imagefolder"])
+def test_dataset_runs_a_column_on_that_dataset_in_a_folder_of_its_own(target, dataset):
+    args = train_flags(train_command(target, f"DATASET={dataset}", "SEED=3", "OUT=/o"))
+    assert args["dataset"] == dataset and args["output_dir"] == f"/o/{target}-{dataset}-seed3"
+    assert args["download"] == (dataset != "imagefolder")  # an image folder has nothing to fetch
+    assert (args["latent"], args["hflip"]) == ({"mla-q": "q"}.get(target, ""), target != "no-hflip")
 
 
 def test_makefile_has_a_target_for_every_column():
@@ -199,9 +210,10 @@ def test_make_own_images_trains_on_an_image_folder_on_the_cpu_and_prints_the_com
     clone = fresh_clone(tmp_path)
     for split, count in (("train", 20), ("val", 2)):
         for shade, name in ((40, "dark"), (220, "light")):
-            (clone / "my_data" / split / name).mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (48, 40), (shade, shade + i, shade)).save(clone / "my_data" / split / name / f"{i}.png")
+            folder = clone / "my_data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):  # photos of any size, none square
+                Image.new("RGB", (48 + i, 40), (shade, shade + i, shade)).save(folder / f"{i}.png")
     stdout = fresh_shell(f"make own-images DATA=my_data '{TINY_MODEL}' 2>&1", clone)
     assert "train.py: start: imagefolder in my_data: 2 classes (dark, light), 40 train / 4 val images" in stdout
     printed = next_steps(stdout)
@@ -231,3 +243,161 @@ def test_train_help_ends_with_examples_that_parse_and_match_the_make_targets_the
     assert flags(baseline) == flags(resume) == flags(train_command("baseline"))
     assert train_flags(resume)["resume"] == "auto" and train_flags(longer)["init_from"].endswith("checkpoint.pt")
     assert flags(ddp) == flags(train_command("ddp-bs1024"))
+
+
+# ---- the job lists of docs/parallel.md: one command per unfinished run, for GNU parallel, SLURM arrays, xargs
+DDP_COLUMNS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
+DEMO_COLUMNS = ("demo-base", "demo-mla-qkv", "demo-cls-4")
+RECIPES = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "parallel.md").read_text(), re.DOTALL)
+# A python that records each call (the GPUs it was given, then its arguments) instead of training.
+RECORDER = '#!/bin/sh\necho "${CUDA_VISIBLE_DEVICES-none}|$*" >> "$(dirname "$0")/calls.txt"\n'
+
+
+def job_list(target, *argv, cwd=ROOT, env=TOP_LEVEL):
+    """The lines `make <target>` prints on standard output, and what it says on standard error."""
+    result = subprocess.run(["make", target, *argv], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return result.stdout.splitlines(), result.stderr
+
+
+def finished(folder, complete=True):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"complete": complete}, indent=2))
+
+
+def recipe(containing):
+    (block,) = [block for block in RECIPES if containing in block]
+    return block
+
+
+def recorder_setup(tmp_path):
+    """A folder with the Makefile (the lists need nothing else) and the recording python as PY: the recipes' calls
+    are recorded in calls.txt."""
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    (tmp_path / "bin").mkdir()
+    python = tmp_path / "bin" / "python"
+    python.write_text(RECORDER)
+    python.chmod(0o755)
+    return {**TOP_LEVEL, "PY": str(python), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+
+def recorded_calls(tmp_path):
+    """(GPUs, the command after PY) of each recorded call."""
+    return [tuple(line.split("|", 1)) for line in (tmp_path / "bin" / "calls.txt").read_text().splitlines()]
+
+
+def after_python(line):
+    return " ".join(shlex.split(line)[1:])
+
+
+def test_the_job_lists_are_what_make_runs_for_each_unfinished_run_seed_by_seed(tmp_path):
+    settings = ["SEEDS=2", f"OUT={tmp_path}", "EPOCHS=7", "NPROC=2", "DATASET=cifar100", "PY=python3",
+                "EXTRA=--lr '2e-3'"]
+    single, _ = job_list("table-jobs", *settings)
+    ddp, _ = job_list("table-jobs-ddp", *settings)
+    expected = [train_command(column, f"SEED={seed}", *settings) for seed in (0, 1) for column in COLUMNS]
+    assert [shlex.split(line) for line in single] == [c for c in expected if train_flags(c)["tag"] not in DDP_COLUMNS]
+    assert [shlex.split(line) for line in ddp] == [c for c in expected if train_flags(c)["tag"] in DDP_COLUMNS]
+    assert all("--nproc_per_node=2" in line for line in ddp) and not any("nproc" in line for line in single)
+    assert {(train_flags(c)["dataset"], train_flags(c)["epochs"], train_flags(c)["lr"]) for c in expected} == {
+        ("cifar100", 7, 2e-3)}
+
+    # A finished run is left out (and named on stderr); one that stopped before its end is listed, to continue. A run
+    # on CIFAR-100 lives in OUT/<column>-cifar100-seed<N>.
+    finished(tmp_path / "baseline-cifar100-seed1")
+    finished(tmp_path / "sin-cifar100-seed0", complete=False)
+    again, said = job_list("table-jobs", *settings)
+    assert again == [line for line in single if f"{tmp_path}/baseline-cifar100-seed1 " not in line]
+    assert len(again) == len(single) - 1 and said.splitlines() == [f"done: {tmp_path}/baseline-cifar100-seed1"]
+
+
+def test_the_demo_job_list_has_one_line_per_run_and_leaves_out_a_finished_one(tmp_path):
+    lines, _ = job_list("demo-table-jobs", "SEEDS=2", f"OUT={tmp_path}", "PY=python3")
+    runs = [(flags["tag"], flags["seed"], flags["output_dir"]) for flags in map(train_flags, map(shlex.split, lines))]
+    assert runs == [(column, seed, f"{tmp_path}/demo-table/{column}-seed{seed}") for seed in (0, 1)
+                    for column in DEMO_COLUMNS]
+    finished(tmp_path / "demo-table" / "demo-cls-4-seed0")
+    again, _ = job_list("demo-table-jobs", "SEEDS=2", f"OUT={tmp_path}", "PY=python3")
+    assert again == lines[:2] + lines[3:]
+
+
+def test_the_demo_jobs_run_side_by_side_by_xargs_give_the_summaries_of_runs_one_after_another(tmp_path):
+    tiny = "--epochs 1 --warmup-epochs 0 --dim 64 --depth 1 --heads 2 --eval-every 1 --log-every 5"
+    settings = ["SEEDS=2", "DEMO_COLUMNS=demo-base demo-cls-4", f"OUT={tmp_path}", f"PY={sys.executable}",
+                f"EXTRA={tiny}"]
+    lines, _ = job_list("demo-table-jobs", *settings)
+    (xargs,) = [line.split("| ")[1].split("#")[0] for line in recipe("xargs").splitlines() if "-P 2 sh -c" in line]
+    # One thread in every process: CPU kernels may sum in another order with another thread count, and two
+    # threads per process spin against each other on a busy machine.
+    env = {**TOP_LEVEL, "OMP_NUM_THREADS": "1"}
+    subprocess.run(xargs, shell=True, input="\n".join(lines) + "\n", cwd=ROOT, env=env, capture_output=True, text=True,
+                   check=True, timeout=600)
+    assert len(lines) == 4 and job_list("demo-table-jobs", *settings)[0] == []  # every run finished
+
+    # Each run again, alone, in this process: the same steps, losses and accuracies.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for line in lines:
+            args = train.get_args_parser().parse_args(shlex.split(line)[2:])
+            side_by_side = Path(args.output_dir)
+            args.output_dir = str(tmp_path / "alone" / side_by_side.name)
+            alone = train.main(args)
+            summary = json.loads((side_by_side / "summary.json").read_text())
+            assert (summary["steps"], summary["final_acc"], summary["best_acc"]) == (
+                alone["steps"], alone["final_acc"], alone["best_acc"])
+            losses = [[json.loads(r).get("loss") for r in (folder / "metrics.jsonl").read_text().splitlines()]
+                      for folder in (side_by_side, Path(args.output_dir))]
+            assert losses[0] == losses[1] and len(losses[0]) > 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_slurm_array_runs_each_line_of_the_job_lists_once(tmp_path):
+    env = recorder_setup(tmp_path)
+    (tmp_path / "table.sbatch").write_text(recipe("#SBATCH"))
+    # A fake sbatch: the script once per task id of --array=FIRST-LAST[%K], one after another.
+    (tmp_path / "bin" / "sbatch").write_text(
+        '#!/bin/bash\nfor arg in "$@"; do case $arg in --array=*) range=${arg#--array=}; range=${range%%%*};; '
+        '--*) ;; *) break;; esac; shift; done\n'
+        'for id in $(seq ${range%-*} ${range#*-}); do SLURM_ARRAY_TASK_ID=$id bash "$@" || exit; done\n')
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    subprocess.run(["bash", "-e", "-c", recipe("sbatch --array")], cwd=tmp_path, env=env, check=True, timeout=300)
+    lines = [after_python(line) for name in ("jobs.txt", "ddp-jobs.txt")
+             for line in (tmp_path / name).read_text().splitlines()]
+    assert len(lines) == 16 * 3 and [call for _, call in recorded_calls(tmp_path)] == lines
+
+    # A task id picks its line (from 1); past the end, one line says so.
+    (tmp_path / "bin" / "calls.txt").unlink()
+    task = subprocess.run(["bash", "table.sbatch", "jobs.txt"], cwd=tmp_path, env={**env, "SLURM_ARRAY_TASK_ID": "2"},
+                          check=True)
+    assert recorded_calls(tmp_path) == [("none", lines[1])]
+    past = subprocess.run(["bash", "table.sbatch", "jobs.txt"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "SLURM_ARRAY_TASK_ID": "40"})
+    assert past.returncode == 2 and past.stderr == "table.sbatch: error: jobs.txt has no line 40\n"
+
+
+def test_xargs_gives_each_run_at_once_a_gpu_of_its_own(tmp_path):
+    env = recorder_setup(tmp_path)
+    (line,) = [line for line in recipe("xargs").splitlines() if "process-slot-var" in line]
+    subprocess.run(["bash", "-e", "-c", line], cwd=tmp_path, env=env, check=True, timeout=300)
+    jobs, _ = job_list("table-jobs", "SEEDS=3", cwd=tmp_path, env=env)
+    calls = recorded_calls(tmp_path)
+    assert sorted(call for _, call in calls) == sorted(map(after_python, jobs)) and len(jobs) == 13 * 3
+    assert {gpus for gpus, _ in calls} <= {str(gpu) for gpu in range(8)}
+
+
+@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+def test_gnu_parallel_runs_the_table_on_a_nodes_gpus_then_the_ddp_runs_then_the_report(tmp_path):
+    env = recorder_setup(tmp_path)
+    node = recipe("parallel -j").replace("export GPUS=8 RUNS=1 NPROC=8", "export GPUS=4 RUNS=2 NPROC=2")
+    subprocess.run(["bash", "-e", "-c", node], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    calls = recorded_calls(tmp_path)
+    jobs = [after_python(line) for line in (tmp_path / "jobs.txt").read_text().splitlines()]
+    ddp_jobs = [after_python(line) for line in (tmp_path / "ddp-jobs.txt").read_text().splitlines()]
+    single_calls = calls[: len(jobs)]
+    ddp_calls = calls[len(jobs): len(jobs) + len(ddp_jobs)]
+    assert sorted(job for _, job in single_calls) == sorted(jobs) and len(jobs) == 13 * 3
+    assert {gpus for gpus, _ in single_calls} == {"0", "1", "2", "3"}
+    assert sorted(job for _, job in ddp_calls) == sorted(ddp_jobs) and all("--nproc_per_node=2" in j for j in ddp_jobs)
+    assert {gpus for gpus, _ in ddp_calls} == {"0,1", "2,3"}
+    assert calls[-1][1].startswith("report.py runs --seeds 3") and len(calls) == len(jobs) + len(ddp_jobs) + 1

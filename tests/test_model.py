@@ -198,6 +198,21 @@ def test_whitening_makes_patch_features_second_moment_identity():
     assert torch.equal(linear.weight[48:], before[48:])
 
 
+def test_whitening_at_patch_8_holds_a_bounded_chunk_of_patches(monkeypatch):
+    # 64 px / patch 8 has 57^2 stride-1 patches of 192 values per image: 5 MB in float64. At the old 256 images per
+    # chunk that was 1.3 GB; here the chunk may hold 2 images' patches (scaled down to 16 px: 9^2 * 192 * 8 bytes).
+    model = ViT(ViTConfig(img_size=16, patch_size=8, dim=192, depth=1, heads=4))
+    images, per_image = smooth_images(6)[..., :16, :16].contiguous(), 9 * 9 * 192 * 8
+    unfolded, real_unfold = [], F.unfold
+    monkeypatch.setattr(F, "unfold", lambda x, p: unfolded.append(real_unfold(x, p)) or unfolded[-1])
+    eigvals = model.whiten_patch_embedding(images, chunk_bytes=2 * per_image + 100)
+    assert [u.numel() * u.element_size() for u in unfolded] == [2 * per_image] * 3
+    # The filters whiten every stride-1 patch of all 6 images (their second moment computed here in one piece).
+    features = (stride1_patches(images, p=8) @ model.to_patch_embedding[1].weight[:192].T).double()
+    moment = features.T @ features / len(features)
+    torch.testing.assert_close(moment, torch.diag(eigvals / (eigvals + 5e-4)), atol=1e-3, rtol=1e-3)
+
+
 def test_whitening_needs_room_for_every_filter():
     with pytest.raises(ValueError, match="dim=32"):
         tiny(dim=32).whiten_patch_embedding(smooth_images(2))
@@ -207,7 +222,7 @@ def test_whitening_is_deterministic_and_independent_of_init():
     a, b = tiny(dim=64), ViT(ViTConfig(**{**TINY, "dim": 64}))
     images = smooth_images()
     a.whiten_patch_embedding(images)
-    b.whiten_patch_embedding(images, chunk=5)
+    b.whiten_patch_embedding(images, chunk_bytes=5 * 29 * 29 * 48 * 8)  # 5 images a chunk
     wa, wb = a.to_patch_embedding[1].weight, b.to_patch_embedding[1].weight
     torch.testing.assert_close(wa[:48], wb[:48], atol=1e-6, rtol=1e-6)
     # Eigenvector signs are pinned (largest entry positive), so another device's eigh cannot flip a filter.

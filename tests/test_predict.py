@@ -113,3 +113,32 @@ def test_evaluate_calls_an_image_folders_held_out_images_val(trained_run, tmp_pa
             write_png(tmp_path / split / str(c) / "0.png", dataset.test_images[c])
     predict.main(parse("evaluate", trained_run, "--dataset", "imagefolder", "--data-dir", tmp_path, "--device", "cpu"))
     assert capsys.readouterr().out.startswith("10 val images: accuracy")
+
+
+def test_evaluate_and_predict_read_images_at_the_checkpoints_size(tmp_path):
+    import train
+
+    # A model of 16 px images (digits resized from 32), patch 8: 4 tokens.
+    run = tmp_path / "run"
+    flags = ["--dataset", "digits", "--img-size", "16", "--patch-size", "8", "--dim", "32", "--depth", "1",
+             "--heads", "4", "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--ra-reps", "1",
+             "--device", "cpu", "--output-dir", str(run)]
+    summary = train.main(train.get_args_parser().parse_args(flags))
+    assert summary["config"]["img_size"] == 16
+    result = predict.main(parse("evaluate", run, "--device", "cpu"))
+    assert result["acc"] == summary["final_acc"]
+    # Files of any size are read at the model's 16 px (PIL's bilinear resize, as here).
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    probs, indices = predict.main(parse("predict", run, folder, "--top-k", "2", "--out", tmp_path / "p.csv",
+                                        "--device", "cpu"))
+    resized = [np.asarray(Image.open(folder / f"{i}.png").resize((16, 16), Image.Resampling.BILINEAR))
+               for i in range(3)]
+    images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
+    model, ckpt = predict.load(run, "cpu")
+    expected = predict.logits_of(model, images, data.Normalize(*(ckpt["data"][k] for k in ("mean", "std"))), "cpu")
+    top = expected.softmax(1).topk(2)
+    assert torch.equal(indices, top.indices) and torch.allclose(probs, top.values, atol=1e-6)

@@ -1,5 +1,6 @@
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ def write_run(root, name, column, seed, final, best, seconds=100.0, epochs=4, co
     folder.mkdir(parents=True)
     summary = {"complete": complete, "final_acc": final if complete else None, "best_acc": best, "best_epoch": 3,
                "epochs": epochs, "epochs_done": epochs if complete else 2, "steps": epochs * 10,
-               "train_seconds": seconds, "device_name": device, "dataset": dataset,
-               "args": {"seed": seed, "tag": column}}
+               "train_seconds": seconds, "device_name": device,
+               "args": {"seed": seed, "tag": column, "dataset": dataset}}
     (folder / "summary.json").write_text(json.dumps(summary))
     records = [{"kind": "run", "epoch": 0, "step": 0}]
     for epoch in range(1, epochs + 1):
@@ -78,10 +79,11 @@ def test_missing_corrupt_and_unfinished_runs_are_reported_not_fatal(runs):
 def test_unknown_columns_get_their_own_rows(tmp_path):
     write_run(tmp_path, "demo-seed0", "demo", 0, 97.0, 97.5, dataset="digits")
     write_run(tmp_path, "demo-mla-q-seed0", "demo-mla-q", 0, 96.0, 96.0, dataset="digits")
-    columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path), "--baseline", "demo"]))
+    columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path), "--baseline", "demo [digits]"]))
     table = (tmp_path / "report" / "table.md").read_text()
-    assert table_row(table, "demo")[:4] == ["Other", "demo", "`demo`", "97.00"]
-    assert table_row(table, "demo-mla-q")[9] == "—" and table_row(table, "demo-mla-q")[11] == "digits"
+    assert table_row(table, "demo [digits]")[:4] == ["Other", "demo [digits]", "`demo [digits]`", "97.00"]
+    row = table_row(table, "demo-mla-q [digits]")
+    assert row[9] == "—" and row[11] == "digits"
 
 
 def test_without_runs_of_the_papers_columns_the_table_is_the_runs_there_are(tmp_path, capsys):
@@ -92,13 +94,19 @@ def test_without_runs_of_the_papers_columns_the_table_is_the_runs_there_are(tmp_
     table, notes = (tmp_path / "report" / "table.md").read_text().split("\n\n")
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     assert [row[:4] + row[11:] for row in rows] == [
-        ["Run", "demo-20261205-101010", "(a run without --tag)", "97.00", "digits"],
-        ["Run", "my_data-20261205-111111", "(a run without --tag)", "80.00", "imagefolder"]]
+        ["Run", "demo-20261205-101010 [digits]", "(a run without --tag)", "97.00", "digits"],
+        ["Run", "my_data-20261205-111111 [imagefolder]", "(a run without --tag)", "80.00", "imagefolder"]]
     assert notes.startswith("- none of the paper's 16 columns has runs under") and notes.count("\n- ") == 0
     # differences.png needs a baseline: the message names the flag and the columns there are.
     err = capsys.readouterr().err
     assert "differences.png not written: it needs runs of --baseline 'baseline'" in err
-    assert "(columns: demo-20261205-101010, my_data-20261205-111111)" in err
+    assert "(columns: demo-20261205-101010 [digits], my_data-20261205-111111 [imagefolder])" in err
+
+    # A paper column's run on another dataset is not a run of the paper's column: the paper's rows stay out.
+    write_run(tmp_path, "baseline-svhn-seed0", "baseline", 0, 95.0, 95.0, dataset="svhn")
+    report.main(report.get_args_parser().parse_args([str(tmp_path)]))
+    text = (tmp_path / "report" / "table.md").read_text()
+    assert "none of the paper's" in text and "not run" not in text and table_row(text, "baseline [svhn]")[11] == "svhn"
 
     # With one run of a paper column, the paper's columns are back, and no note says they are left out.
     write_run(tmp_path, "baseline-seed0", "baseline", 0, 93.0, 93.0)
@@ -172,6 +180,36 @@ def test_table_runs_skips_finished_runs_and_runs_the_others_with_resume_auto(tmp
     assert calls[-1][:2] == ["report.py", str(out)]
 
 
+# A process that holds a run folder's lock as train.py does, until it is killed.
+HOLDER = """
+import contextlib, sys, time
+from pathlib import Path
+import run
+run.lock_output_dir(Path(sys.argv[1]), contextlib.ExitStack())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_still_training_is_listed_as_running_and_never_counted(tmp_path):
+    going = write_run(tmp_path, "whiten-seed0", "whiten", 0, 90.0, 90.0, complete=False)
+    done = write_run(tmp_path, "baseline-seed0", "baseline", 0, 93.0, 93.5)
+    (done / ".lock").write_text("pid 1 on gone\n")  # left by its run, which ended: nobody holds it
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(going)], cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        runs, problems = report.load_runs(tmp_path)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert [run.folder for run in runs] == [done]
+    assert problems == [f"{going}: running (pid {holder.pid} on {platform.node()}): not counted until it ends"]
+    # Its process ended: the run is what its files say.
+    runs, problems = report.load_runs(tmp_path)
+    assert [run.folder for run in runs] == [done] and problems[0].startswith(f"{going}: incomplete (2 of 4 epochs)")
+
+
 def test_only_run_leaves_out_the_papers_empty_columns(runs):
     report.main(report.get_args_parser().parse_args([str(runs), "--only-run"]))
     table = (runs / "report" / "table.md").read_text()
@@ -213,3 +251,65 @@ def test_runs_of_other_readings_of_the_seed_get_columns_of_their_own(tmp_path):
     targets = [line.split("|")[3].strip() for line in table.splitlines()[2:7]]  # right under their column
     assert targets == ["`baseline`", "`baseline [RA in-batch]`", "`baseline [depth 12]`", "`baseline [fp16]`",
                        "`baseline [fp32]`"]
+
+
+def test_a_run_on_another_dataset_sits_next_to_its_own_reference_never_the_papers(tmp_path):
+    write_run(tmp_path, "baseline-seed0", "baseline", 0, 93.0, 93.5)
+    for name, dataset, final, args in [("baseline-svhn-seed0", "svhn", 97.0, {}),
+                                       ("no-hflip-svhn-seed0", "svhn", 97.5, {"hflip": False}),
+                                       ("baseline-cifar100-seed0", "cifar100", 70.0, {}),
+                                       ("baseline-tinyimagenet-seed0", "tinyimagenet", 50.0, {"depth": 12})]:
+        folder = write_run(tmp_path, name, name.split("-")[0] if "hflip" not in name else "no-hflip", 0, final, final)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["args"].update({"dataset": dataset, **args})
+        (folder / "summary.json").write_text(json.dumps(summary))
+    columns, _ = report.main(report.get_args_parser().parse_args([str(tmp_path), "--only-run"]))
+    assert {column.label for column in columns.values()} == {
+        "baseline", "baseline [svhn]", "no-hflip [svhn]", "baseline [cifar100]", "baseline [tinyimagenet, depth 12]"}
+    table = (tmp_path / "report" / "table.md").read_text()
+    # The paper's CIFAR-10 baseline row holds the CIFAR-10 run alone, next to 93.65.
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")].count("Baseline") == 1
+    assert table_row(table, "baseline")[3] == "93.00" and table_row(table, "baseline")[8] == "93.65"
+    # Every other dataset's column: its SPT/LSA reference (paper acc column), no paper time.
+    for label, reference, final in [("baseline [svhn]", "97.82", 97.0), ("no-hflip [svhn]", "97.82", 97.5),
+                                    ("baseline [cifar100]", "73.81", 70.0),
+                                    ("baseline [tinyimagenet, depth 12]", "57.07", 50.0)]:
+        row = table_row(table, label)
+        assert (row[0], row[8], row[9], row[10]) == ("Other", reference, f"{final - float(reference):.2f}", "—"), row
+    assert "aanna0701/SPT_LSA_ViT" in table and "93.58" not in table
+
+
+def test_table_runs_and_datasets_table_put_each_datasets_runs_in_folders_of_their_own(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    stub = tmp_path / "python"
+    stub.write_text(STUB.format(python=sys.executable, log=str(log)))
+    stub.chmod(0o755)
+
+    def make(*argv):
+        result = subprocess.run(["make", *argv, f"PY={stub}", "EPOCHS=1", "SEEDS=1"], cwd=Path(__file__).parents[1],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        log.unlink()
+        trained = [(c[c.index("--dataset") + 1], c[c.index("--output-dir") + 1], "--no-hflip" in c) for c in calls
+                   if c[0] == "train.py"]
+        return trained, [c for c in calls if c[0] == "report.py"]
+
+    out = tmp_path / "runs"
+    trained, reports = make("table-runs", "DATASET=svhn", f"OUT={out}", "COLUMNS=baseline mla-q")
+    assert trained == [("svhn", f"{out}/baseline-svhn-seed0", False), ("svhn", f"{out}/mla-q-svhn-seed0", False)]
+    assert reports == [["report.py", str(out), "--seeds", "1", "--plots", "--only-run", "--baseline",
+                        "baseline [svhn]"]]
+    trained, reports = make("datasets-table", f"OUT={out}")
+    assert trained == [("cifar100", f"{out}/datasets/baseline-cifar100-seed0", False),
+                       ("svhn", f"{out}/datasets/baseline-svhn-seed0", False),
+                       ("svhn", f"{out}/datasets/no-hflip-svhn-seed0", True),
+                       ("tinyimagenet", f"{out}/datasets/baseline-tinyimagenet-seed0", False)]
+    assert reports == [["report.py", f"{out}/datasets", "--seeds", "1", "--only-run"]]
+    # Run again: every run is finished, so none starts.
+    trained, _ = make("datasets-table", f"OUT={out}")
+    assert trained == []
+    # The demo table's differences are from demo-base, by the label report.py gives its runs on digits.
+    _, (demo_report,) = make("demo-table", f"OUT={out}")
+    key = report.column_key(out / "demo-base-seed0", {"args": {"tag": "demo-base", "dataset": "digits"}})
+    assert demo_report[demo_report.index("--baseline") + 1] == report.Column(*key, runs=[]).label

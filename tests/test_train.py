@@ -35,7 +35,8 @@ import data
 import files
 import run as machinery
 import train
-from conftest import RunsCode, accept_cifar, md5, write_cifar
+from conftest import (RunsCode, accept_cifar, accept_svhn, md5, write_cifar, write_folder, write_svhn,
+                      write_tiny_imagenet)
 from conftest import images as conftest_images
 from model import ViT, ViTConfig, transfer_weights
 
@@ -138,7 +139,9 @@ def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path):
 
 def test_compiled_training_compiles_once_and_evaluation_adds_no_graph(tmp_path, monkeypatch):
     # Backend aot_eager: the step-2 recompile was a Dynamo guard (on einops' backend table), the same whatever the
-    # backend, and inductor's C++ build of these graphs takes about a minute on 2 cores.
+    # backend, and inductor's C++ build of these graphs takes about a minute on 2 cores. At 64 px, patch 8 (not the
+    # CIFAR size): the graph built before training must be at the data's size, or step 1 compiles another. (Once per
+    # process: a second compiled run here, with einops' caches warm, builds 2 graphs whatever its size.)
     real_compile, modes = torch.compile, []
 
     def compile_aot_eager(model, mode):
@@ -160,10 +163,12 @@ def test_compiled_training_compiles_once_and_evaluation_adds_no_graph(tmp_path, 
     torch._dynamo.reset()
     counters.clear()
     try:
-        summary = run(tmp_path, "--epochs", "2", "--ra-reps", "1", "--compile", "--compile-mode", "max-autotune")
+        summary = run(tmp_path, "--epochs", "2", "--ra-reps", "1", "--compile", "--compile-mode", "max-autotune",
+                      "--img-size", "64")
     finally:
         torch._dynamo.reset()
     assert modes == ["max-autotune"] and summary["compiled"]
+    assert (summary["config"]["img_size"], summary["config"]["patch_size"]) == (64, 8)
     # One graph, built before training (forward and backward on zeros), serves the 22 steps of each epoch; the
     # evaluations (the uncompiled module, eval mode, no grad, a partial last chunk) add none.
     assert graphs == [(1, 1), (1, 1)], graphs
@@ -358,7 +363,8 @@ def test_a_run_continued_as_a_two_node_torchrun_job_matches_one_process(tmp_path
         (["--dataset", "cifar10", "--data-dir", "nowhere", "--auto-augment", "rand"], "argument --auto-augment"),
         (["--mix-prob", "2"], "argument --mix-prob: 2 is not in [0, 1]"),
         (["--aa-fill", "256"], "argument --aa-fill: 256 is not in [0, 255]"),
-        (["--download"], "--download fetches cifar10 or cifar100, not --dataset digits"),
+        (["--download"], "--download fetches cifar10, cifar100, svhn, tinyimagenet, not --dataset digits"),
+        (["--img-size", "36"], "patch_size=8 must divide img_size=36"),
         (["--mlp-latent-dim", "33"], "mlp_latent_dim=33 must be in 0..32"),
         (["--init-from", "nowhere.pt"], "--init-from nowhere.pt: not a readable checkpoint"),
         (["--whiten", "--init-from", "nowhere.pt"], "--whiten and --init-from"),
@@ -558,7 +564,56 @@ def test_bad_dataset_files_give_one_line_errors(tmp_path, capsys):
         assert expected in line and layout in line and "--download" not in line, line
     (tmp_path / "one" / "train" / "dog").mkdir()
     assert "no images" in error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / "one"))
+    # SVHN's .mat files, a Tiny-ImageNet tree: a missing or damaged file named in one line.
+    assert "svhn not found in" in error_of("--dataset", "svhn", "--data-dir", str(tmp_path / "no-svhn"))
+    write_svhn(tmp_path / "svhn")
+    with pytest.MonkeyPatch.context() as patch:
+        accept_svhn(patch, tmp_path / "svhn")
+        (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"broken")
+        assert "test_32x32.mat is damaged" in error_of("--dataset", "svhn", "--data-dir", str(tmp_path / "svhn"))
+    folder, _ = write_tiny_imagenet(tmp_path / "tiny", size=8)
+    (folder / "val" / "images" / "val_3.JPEG").write_bytes(b"cut")
+    tiny = str(tmp_path / "tiny")
+    assert "val_3.JPEG: cannot read image" in error_of("--dataset", "tinyimagenet", "--data-dir", tiny,
+                                                       "--img-size", "8")
+    (folder / "words.txt").unlink()
+    assert "words.txt" in error_of("--dataset", "tinyimagenet", "--data-dir", tiny)
+    # An image folder of several sizes needs --img-size; at a size its patch does not divide, it is refused.
+    write_folder(tmp_path / "mixed", {"train/cat": 1, "train/dog": 1, "val/cat": 1}, size=(20, 20))
+    write_folder(tmp_path / "mixed", {"val/dog": 1}, size=(16, 16))
+    assert "--img-size" in error_of("--dataset", "imagefolder", "--data-dir", str(tmp_path / "mixed"))
+    shutil.rmtree(tmp_path / "mixed" / "val" / "dog")
+    assert "patch_size=8 must divide img_size=20" in error_of("--dataset", "imagefolder", "--data-dir",
+                                                              str(tmp_path / "mixed"), "--batch-size", "2")
     assert not list(tmp_path.glob("out*"))  # no output folder left behind by a failed start
+
+
+@pytest.mark.parametrize("dataset, own", [
+    ("svhn", {"auto_augment": "svhn"}),
+    ("tinyimagenet", {"img_size": 64, "patch_size": 8, "auto_augment": "imagenet"}),
+])
+def test_a_datasets_defaults_fill_only_unset_flags_are_said_once_and_recorded(tmp_path, monkeypatch, capsys, dataset,
+                                                                              own):
+    if dataset == "svhn":
+        write_svhn(tmp_path / "data", train=16, test=4)
+        accept_svhn(monkeypatch, tmp_path / "data")
+    else:
+        write_tiny_imagenet(tmp_path / "data", per_class=4)
+    flags = ["--dataset", dataset, "--data-dir", str(tmp_path / "data"), "--dim", "32", "--depth", "1", "--heads", "4",
+             "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--ra-reps", "1", "--device", "cpu"]
+    summary = train.main(train.get_args_parser().parse_args([*flags, "--output-dir", str(tmp_path / "a")]))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    said = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in own.items())
+    assert notes == [f"train.py: note: --dataset {dataset}: {said}"]
+    assert summary["complete"] and summary["defaults"] == own
+    assert summary["args"]["hflip"]  # SVHN keeps the reference's flips
+    assert summary["config"]["img_size"] == own.get("img_size", 32)
+    assert summary["config"]["patch_size"] == own.get("patch_size", 4)
+    # A flag given stays as given, and is not among the defaults.
+    summary = train.main(train.get_args_parser().parse_args([*flags, "--output-dir", str(tmp_path / "b"),
+                                                             "--auto-augment", "cifar10", "--patch-size", "16"]))
+    assert summary["args"]["auto_augment"] == "cifar10" and summary["config"]["patch_size"] == 16
+    assert summary["defaults"] == {k: v for k, v in own.items() if k == "img_size"}
 
 
 def test_an_output_dir_that_cannot_be_written_is_an_error(tmp_path, capsys):
@@ -643,7 +698,8 @@ def test_every_run_says_once_before_its_first_step_what_it_does(tmp_path, monkey
     summary = run(tmp_path / "a", "--epochs", "1", *NO_AUGMENT, "--batch-size", "100")
     assert [kind for kind, _ in events[:2]] == ["start", "step"] and [k for k, _ in events].count("start") == 1
     dataset = data.load_digits()
-    params = sum(p.numel() for p in ViT(train.model_config(train.get_args_parser().parse_args(TINY), 10)).parameters())
+    model = ViT(train.model_config(train.get_args_parser().parse_args(TINY), 10, 32))
+    params = sum(p.numel() for p in model.parameters())
     steps = len(dataset.train_labels) // 100
     assert events[0][1] == (
         f"digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), {len(dataset.train_labels):,} train / "
@@ -1146,7 +1202,8 @@ def test_processes_wait_dist_timeout_minutes_at_a_collective_call(monkeypatch):
     monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
-    assert train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu"]))[:2] == (0, 2)
+    ranks = train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu"]))
+    assert (ranks.rank, ranks.world_size) == (0, 2)
     train.setup_distributed(train.get_args_parser().parse_args(["--device", "cpu", "--dist-timeout", "90"]))
     assert calls == [("gloo", {"timeout": timedelta(minutes=30), "device_id": None}),
                      ("gloo", {"timeout": timedelta(minutes=90), "device_id": None})]
