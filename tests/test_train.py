@@ -203,6 +203,40 @@ def test_a_compile_asked_for_that_fails_is_a_one_line_error(tmp_path, monkeypatc
                                   "working triton installation); --no-compile trains eager")
 
 
+def compile_failing_at(call):
+    """A torch.compile whose model runs eager, except that its `call`-th call fails, as a CUDA graph capture can."""
+    def fake_compile(model, mode):
+        calls = []
+
+        def compiled(*args):
+            calls.append(mode)
+            if len(calls) == call:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+            return model(*args)
+        return compiled
+    return fake_compile
+
+
+def test_a_capture_that_fails_in_the_warm_up_falls_back_to_eager_and_fails_a_mode_asked_for(tmp_path, monkeypatch,
+                                                                                            capsys):
+    # CUDA graphs warm up at the first call, record at the second, replay at the third: all before training starts.
+    monkeypatch.setattr(torch, "compile", compile_failing_at(3))
+    monkeypatch.setattr(train, "compiles", lambda args, device: True)  # compiling by default, as on CUDA
+    summary = run(tmp_path / "fallback", "--epochs", "1", *NO_AUGMENT)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == ["train.py: note: torch.compile failed (RuntimeError: CUDA error: operation not permitted when "
+                     "stream is capturing): training eager (--no-compile skips the attempt)"]
+    assert summary["complete"] and not summary["compiled"]
+    code, line = error_line(capsys, tmp_path / "asked", "--epochs", "1", "--compile-mode", "reduce-overhead")
+    assert code == 2 and line == ("train.py: error: --compile-mode reduce-overhead: torch.compile failed "
+                                  "(RuntimeError: CUDA error: operation not permitted when stream is capturing); "
+                                  "--no-compile trains eager")
+    assert not (tmp_path / "asked" / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    run(tmp_path / "eager", "--epochs", "1", *NO_AUGMENT)  # the attempt changed nothing: the same run as eager
+    assert_same_run(tmp_path / "eager", tmp_path / "fallback")
+
+
 class HostTraffic(TorchFunctionMode):
     """Counts tensors built from host data (on a GPU: a copy to the device) and values read back to the host."""
 
@@ -1059,6 +1093,19 @@ def test_an_fp16_step_scales_the_loss_and_steps_with_the_unscaled_gradients():
     scaled, plain = (dict(m.named_parameters()) for m in models)
     assert all(torch.allclose(scaled[k], plain[k], atol=1e-4) for k in scaled)
     assert precision.scaler.get_scale() == 65536.0 and precision.scaler.state_dict()["_growth_tracker"] == 1
+
+
+def test_a_step_releases_the_last_steps_gradients_before_its_forward():
+    # Under CUDA graphs the gradients live in the graphs' memory, which the next forward's replay overwrites.
+    model = ViT(ViTConfig(patch_size=8, dim=32, depth=2, heads=4))
+    precision = train.build_precision(train.get_args_parser().parse_args([]), torch.device("cpu"))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)]
+    released = []  # at each forward: whether every gradient is gone
+    model.register_forward_pre_hook(lambda module, args: released.append(all(p.grad is None for p in model.parameters())))
+    for _ in range(2):
+        train.train_step(model, [sgd], schedulers, torch.randn(4, 3, 32, 32), torch.eye(10)[:4], precision, 0.0)
+    assert released == [True, True] and all(p.grad is not None for p in model.parameters())
 
 
 def test_fp16_with_a_gradient_scaler_resumes_bit_exactly_with_the_scalers_state(tmp_path):
