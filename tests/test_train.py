@@ -1102,7 +1102,10 @@ def test_a_step_releases_the_last_steps_gradients_before_its_forward():
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)]
     released = []  # at each forward: whether every gradient is gone
-    model.register_forward_pre_hook(lambda module, args: released.append(all(p.grad is None for p in model.parameters())))
+
+    def before_forward(module, args):
+        released.append(all(p.grad is None for p in module.parameters()))
+    model.register_forward_pre_hook(before_forward)
     for _ in range(2):
         train.train_step(model, [sgd], schedulers, torch.randn(4, 3, 32, 32), torch.eye(10)[:4], precision, 0.0)
     assert released == [True, True] and all(p.grad is not None for p in model.parameters())
