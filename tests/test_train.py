@@ -1,6 +1,7 @@
 import contextlib
 import errno
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -72,7 +73,7 @@ def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
     summary = run(tmp_path, "--epochs", "2")
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("final_acc", "best_acc", "best_epoch", "train_seconds", "params", "epochs", "args", "torch",
-                "device_name", "git_commit"):
+                "device_name", "git_commit", "cuda", "cudnn", "triton", "driver"):
         assert key in saved, key
     assert saved["complete"] and saved["final_acc"] == summary["final_acc"] and saved["epochs"] == 2
     assert saved["params"] == sum(p.numel() for p in final_weights(tmp_path).values())
@@ -83,6 +84,23 @@ def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
     assert {"model", "optimizers", "schedulers", "step", "args", "config"} <= ckpt.keys()
     assert ckpt["step"] == saved["steps"] == 2 * (3 * 1438 // 64)  # two epochs of --ra-reps 3
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_run_records_name_the_gpus_driver_and_the_cuda_cudnn_and_triton_versions(monkeypatch):
+    def nvidia_smi(command, **kwargs):  # one line per GPU
+        assert command[:2] == ["nvidia-smi", "--query-gpu=driver_version"]
+        return subprocess.CompletedProcess(command, 0, stdout="580.82.07\n580.82.07\n")
+
+    monkeypatch.setattr(machinery.subprocess, "run", nvidia_smi)
+    versions = machinery.library_versions(torch.device("cuda"))
+    assert versions == {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                        "triton": importlib.metadata.version("triton"), "driver": "580.82.07"}
+    assert machinery.library_versions(torch.device("cpu"))["driver"] is None  # no nvidia-smi asked
+
+    def missing(command, **kwargs):
+        raise FileNotFoundError(command[0])
+    monkeypatch.setattr(machinery.subprocess, "run", missing)
+    assert machinery.library_versions(torch.device("cuda"))["driver"] is None
 
 
 def test_last_epoch_is_evaluated_even_off_the_eval_interval(tmp_path):
