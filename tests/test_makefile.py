@@ -114,3 +114,22 @@ def test_each_other_reading_of_the_seed_is_one_command(reading):
         assert named and {k: train_flags(command)[k] for k in named} == wanted
     else:
         assert "--amp" not in command and train_flags(command)["amp"] is False
+
+
+def test_gpu_check_installs_nothing_and_runs_the_venvs_python_where_built_else_python3(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    built = dry_run("gpu-check", f"VENV={tmp_path}", "DIR=/collected")
+    absent = dry_run("gpu-check", f"VENV={tmp_path / 'absent'}", "OUT=/o")
+    assert [command[0] for command in built] == [f"{tmp_path}/bin/python"] * 2
+    assert [command[0] for command in absent] == ["python3"] * 2
+    # First a check that it has torch >= 2.11; then the check itself, its files into DIR (default OUT/gpu-check).
+    assert built[-1][1:] == ["bench.py", "--gpu-check", "--output-dir", "/collected"]
+    assert absent[-1][1:] == ["bench.py", "--gpu-check", "--output-dir", "/o/gpu-check"]
+    assert "pip" not in str(built + absent) and not (tmp_path / "installed").exists()
+
+
+def test_gpu_check_without_torch_2_11_is_one_line():
+    result = subprocess.run(["make", "gpu-check", "PY=false"], cwd=ROOT, env=TOP_LEVEL, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "make gpu-check: error: false lacks torch >= 2.11 (PY=...)"
