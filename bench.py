@@ -41,15 +41,15 @@ BASELINE_SAMPLES = 100 * 3 * 50_000  # 100 epochs x 3 repeats x the CIFAR-10 tra
 GPU_CHECK = "compile,sync,pipeline,train,step,precision,sdpa,augment,ddp"
 GPU_CHECK_SECONDS = 480.0
 # About how long each section takes on a GPU, in seconds: a section with less time left is skipped.
-SECONDS_NEEDED = {"compile": 120, "sync": 15, "pipeline": 20, "train": 90, "step": 20, "precision": 20, "sdpa": 20,
+SECONDS_NEEDED = {"compile": 120, "sync": 15, "pipeline": 20, "train": 90, "step": 30, "precision": 25, "sdpa": 30,
                   "augment": 15, "ddp": 90}
 # --smoke: sizes for a CPU test of every section (the model of train.py's tests); aot_eager builds the graphs without
 # Inductor's C++ build.
 SMOKE = dict(model=dict(patch_size=8, dim=32, depth=2, heads=4, latent_dim=16), batch_size=8, ddp_batch=4, steps=1,
              warmup=1, rounds=1, compile_backend="aot_eager",
              train_args="--dataset digits --dim 32 --depth 2 --heads 4 --patch-size 8 --ra-reps 1 --log-every 50")
-# The calls behind a host or GPU time: about 700 kernel launches of the compiled baseline step, which CUDA's launch
-# queue (about 1,000) holds without making the host wait.
+# The calls behind a host or a GPU time: two compiled baseline steps, about 700 kernel launches, fit CUDA's launch
+# queue (about 1,000 launches), so that the host never waits for room in it; eager steps launch more.
 HOST_STEPS = 2
 # Kernel names of the fused attention kernels (flash, memory-efficient, cuDNN) and of torch's attention ops.
 ATTENTION = re.compile("flash|fmha|sdpa|attn|attention|scaled_dot_product", re.IGNORECASE)
@@ -71,7 +71,7 @@ def get_args_parser():
     add("--compile-mode", default="default", choices=train.COMPILE_MODES, help="of the train section's run")
     add("--compile-backend", default="inductor", help="aot_eager: graphs without code generation (Dynamo alone)")
     add("--compile-budget", default=200.0, type=float, help="seconds of compiling per batch (compile, ddp sections)")
-    add("--time-limit", type=float, help="seconds for all sections: one that cannot finish in what is left is "
+    add("--time-limit", type=train.POSITIVE, help="seconds for all sections: one that cannot finish in what is left is "
         f"skipped, one still running at the end stopped (unset: {GPU_CHECK_SECONDS:.0f} with --gpu-check, else none)")
     add("--train-args", default="", help="extra train.py flags for the train section")
     add("--output-dir", help="where bench.md, bench.json and the train section's summary and metrics go")
@@ -97,25 +97,28 @@ def timed(fn, steps, device, warmup=0):
     return (time.perf_counter() - start) / steps
 
 
-def host_and_gpu_seconds(fn, device, wall):
-    """The host's and the GPU's seconds per call of fn, over HOST_STEPS calls, on CUDA; `wall` is a call's seconds
-    as the device finished it (at least the host's).
+def host_and_gpu_seconds(fn, device):
+    """The host's and the GPU's seconds per call of fn, over HOST_STEPS calls each, on CUDA.
 
-    The calls are queued behind a sleeping kernel that outlasts their launches. The host, meeting an empty launch
-    queue, never waits for a slot (once the GPU falls behind, a launch spins until a slot frees, and the host's
-    time reads as the GPU's); the GPU, its queue full when it wakes, runs the calls back to back, timed by CUDA
-    events. Host time above GPU time: the host holds the GPU back.
+    The host's: its wall time from an idle GPU, so that no launch waits for room in the launch queue (once the GPU
+    falls behind, a launch spins until a slot frees, and the host's time would read as the GPU's). The GPU's, by
+    CUDA events: the calls queued behind a sleeping kernel that outlasts their launches, so that the GPU runs them
+    back to back whatever the host's speed. Host time above GPU time: the host holds the GPU back.
     """
     synchronize(device)
-    first, last = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-    # Twice the calls' time, in the GPU's clock cycles (clock_rate is in kHz).
-    torch.cuda._sleep(int(2 * HOST_STEPS * wall * torch.cuda.get_device_properties(device).clock_rate * 1000))
     start = time.perf_counter()
+    for _ in range(HOST_STEPS):
+        fn()
+    host = (time.perf_counter() - start) / HOST_STEPS
+
+    # Twice the host's time at least, in cycles of 1/3 ns: faster than any GPU's clock (an H100's peaks near 2 GHz).
+    synchronize(device)
+    first, last = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    torch.cuda._sleep(int(2 * HOST_STEPS * host * 3e9))
     first.record()
     for _ in range(HOST_STEPS):
         fn()
     last.record()
-    host = (time.perf_counter() - start) / HOST_STEPS
     last.synchronize()
     return host, first.elapsed_time(last) / 1000 / HOST_STEPS
 
@@ -130,9 +133,8 @@ def interleaved(fns, opts, device, split):
     times = {name: {"wall": [], "host": [], "gpu": []} for name in fns}
     for _ in range(opts.rounds):
         for name, fn in fns.items():
-            wall = timed(fn, opts.steps, device)
-            times[name]["wall"].append(wall)
-            for key, seconds in zip(("host", "gpu"), host_and_gpu_seconds(fn, device, wall) if split else ()):
+            times[name]["wall"].append(timed(fn, opts.steps, device))
+            for key, seconds in zip(("host", "gpu"), host_and_gpu_seconds(fn, device) if split else ()):
                 times[name][key].append(seconds)
     return times
 
@@ -311,10 +313,10 @@ def bench_precision(opts, device, check):
 
 
 def bench_sdpa(opts, device, check):
-    """The attention kernels an eager step runs at head dim 16, and the step with each SDPA backend forced."""
+    """The attention kernels an eager step runs (the paper's head dim: 16), and the step with each SDPA backend
+    forced."""
     images, targets = random_batch(opts.batch_size, device, normalised=True)
-    model, step = make_step(opts, device)
-    ran = attention_kernels(step, images, targets, device)
+    ran = attention_kernels(make_step(opts, device)[1], images, targets, device)
     steps = {}
     unavailable = {}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
@@ -326,8 +328,7 @@ def bench_sdpa(opts, device, check):
         except RuntimeError as e:  # "No available kernel": not on this device, dtype or head dim
             unavailable[backend.name] = run.first_line(e)[:200]
     rows = time_steps(steps, opts, device, opts.batch_size, "backend")
-    return {"kernels_that_ran": ran, "head_dim": model.cfg.dim // model.cfg.heads, "rows": rows,
-            "unavailable": unavailable}
+    return {"kernels_that_ran": ran, "rows": rows, "unavailable": unavailable}
 
 
 def first_sync(fn):
@@ -540,8 +541,7 @@ def main(opts):
     out = Path(opts.output_dir) if opts.output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    limit = math.inf if opts.time_limit is None else opts.time_limit
-    check = argparse.Namespace(baseline=None, out=out, end=time.time() + limit)
+    check = argparse.Namespace(baseline=None, out=out, end=time.time() + (opts.time_limit or math.inf))
     results = {"machine": {**run.run_info(device), "threads": torch.get_num_threads()}, "options": vars(opts)}
     print(f"machine: {results['machine']['device_name']}, {torch.get_num_threads()} threads", flush=True)
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,13 +113,13 @@ def test_host_and_gpu_time_queue_the_calls_behind_a_sleeping_kernel(monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append(f"sleep {cycles} cycles"))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(clock_rate=1_500_000))
     monkeypatch.setattr(bench, "synchronize", lambda device: calls.append("synchronize"))
-    host, gpu = bench.host_and_gpu_seconds(lambda: calls.append("step"), torch.device("cuda", 0), wall=0.004)
-    # Twice the calls' time (2 x 4 ms) at 1.5 GHz; the GPU's time between the events, per call.
-    assert calls == ["synchronize", "sleep 24000000 cycles", "event", "step", "step", "event",
-                     "wait for the last event"]
-    assert gpu == 0.003 and 0 < host < 1
+    monkeypatch.setattr(bench.time, "perf_counter", iter([10.0, 10.0078125]).__next__)  # 2**-8 s a step
+    host, gpu = bench.host_and_gpu_seconds(lambda: calls.append("step"), torch.device("cuda", 0))
+    # The host's steps from an idle GPU; the GPU's behind a sleep of twice the host's time (2 x 2 x 2**-8 s, 3 GHz).
+    assert calls == ["synchronize", "step", "step", "synchronize", "sleep 46875000 cycles", "event", "step", "step",
+                     "event", "wait for the last event"]
+    assert host == 2**-8 and gpu == 0.003  # the GPU's: 6 ms between the events, over 2 steps
 
 
 def test_the_time_limit_skips_a_section_that_cannot_finish_and_stops_one_that_runs_past_it(monkeypatch, tmp_path):
@@ -141,7 +140,7 @@ def test_the_time_limit_skips_a_section_that_cannot_finish_and_stops_one_that_ru
         signal.signal(signal.SIGALRM, handler)
     assert time.time() - start < 30
     assert results["augment"]["error"] == "stopped at --time-limit 2 s"
-    assert results["step"] == {"skipped": "0 s of --time-limit left, it needs about 20"}
+    assert results["step"] == {"skipped": "0 s of --time-limit left, it needs about 30"}
     markdown = (tmp_path / "bench.md").read_text()
     assert "stopped at --time-limit 2 s" in markdown and "\n## step: skipped, 0 s of --time-limit left" in markdown
 
