@@ -54,8 +54,8 @@ def test_the_gpu_check_at_smoke_size_runs_every_section_on_the_cpu(tmp_path):
 
 def test_the_cpu_sections_print_their_tables():
     result = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--rounds", "1", "--steps", "1",
-                             "--warmup", "0", "--batch-size", "8"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+                             "--warmup", "0", "--batch-size", "8"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the smoke test
     assert result.returncode == 0, result.stderr[-2000:]
     for row in ("| baseline |", "| mla-qkv |", "| cls-4 |", "| torchvision per-image PIL, 1 process |",
                 "| batched, on cpu", "| training loop", "loop_over_bare:"):
@@ -74,24 +74,32 @@ def smoke_options(**changes):
     return argparse.Namespace(**{**vars(bench.get_args_parser().parse_args([])), **bench.SMOKE, **changes})
 
 
+# In a process of its own: Dynamo state a compile leaves behind, which torch._dynamo.reset() keeps, would change
+# what later tests compile (test_train's graph count).
+STATIC_GRAPHS = """
+import json, sys, torch, bench
+static = []  # per graph Dynamo builds: whether every size in it is a number (not a symbol)
+def backend(graph, example_inputs):
+    values = [node.meta["example_value"] for node in graph.graph.nodes if node.op == "placeholder"]
+    sizes = [size for value in values for size in (value.shape if isinstance(value, torch.Tensor) else [value])]
+    static.append(all(type(size) is int for size in sizes))
+    return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+opts = bench.get_args_parser().parse_args([])
+vars(opts).update(bench.SMOKE, compile_backend=backend)
+results = [bench.compare_compiled(batch, {}, opts, torch.device("cpu"))[:2] for batch in (8, 4)]
+print(json.dumps({"static": static, "results": results}))
+"""
+
+
 def test_each_batch_is_compiled_as_a_static_graph_of_its_own():
-    static = []  # per graph Dynamo builds: whether every size in it is a number (not a symbol)
-
-    def backend(graph, example_inputs):
-        values = [node.meta["example_value"] for node in graph.graph.nodes if node.op == "placeholder"]
-        sizes = [size for value in values for size in (value.shape if isinstance(value, torch.Tensor) else [value])]
-        static.append(all(type(size) is int for size in sizes))
-        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
-
-    opts = smoke_options(compile_backend=backend)
-    try:
-        rows, errors, _ = bench.compare_compiled(8, {}, opts, CPU)
-        # Without a fresh Dynamo and dynamic=False, this batch's graph would have a symbolic batch size.
-        rows_4, errors_4, _ = bench.compare_compiled(4, {}, opts, CPU)
-    finally:
-        torch._dynamo.reset()
-    assert static == [True, True] and errors == errors_4 == []
-    assert [row["step"] for row in rows] == [row["step"] for row in rows_4] == ["eager", "compiled"]
+    result = subprocess.run([sys.executable, "-c", STATIC_GRAPHS], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    # Batch 8, then batch 4: without a fresh Dynamo and dynamic=False, batch 4's graph has a symbolic batch size.
+    assert report["static"] == [True, True]
+    for rows, errors in report["results"]:
+        assert [row["step"] for row in rows] == ["eager", "compiled"] and errors == []
 
 
 def test_host_and_gpu_time_queue_the_calls_behind_a_sleeping_kernel(monkeypatch):
