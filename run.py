@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import importlib.metadata
 import json
 import os
 import pickle
@@ -112,6 +113,24 @@ def device_name(device):
         return platform.processor() or "cpu"
 
 
+def library_versions(device):
+    """CUDA and cuDNN as torch was built with them, Triton, and on a GPU its driver (nvidia-smi): what a GPU's speed
+    and a compiled graph depend on beyond torch."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    driver = None
+    if device.type == "cuda":
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            driver = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip().split("\n")[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # no nvidia-smi on this machine: the driver goes unrecorded
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "triton": triton,
+            "driver": driver or None}
+
+
 def git_commit():
     """This code's commit, with -dirty where the working tree has changes; "unknown" outside a git checkout."""
     root = Path(__file__).resolve().parent
@@ -128,7 +147,7 @@ def git_commit():
 def run_info(device):
     return {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": device_name(device), "hostname": platform.node()}
+            "device_name": device_name(device), "hostname": platform.node(), **library_versions(device)}
 
 
 # ---- the job's processes
