@@ -136,10 +136,15 @@ analyze-demo: demo-base
 bench: $(SETUP)
 	$(PY) bench.py $(EXTRA)
 
-# One command for a GPU machine, about 8 minutes: every bench.py section into OUT/gpu-check/bench.md and .json.
-# Anywhere, at a tiny size: make gpu-check EXTRA="--device cpu --smoke"
-gpu-check: $(SETUP)
-	$(PY) bench.py --gpu-check --output-dir $(OUT)/gpu-check $(EXTRA)
+# One command for a GPU machine, at most 8 minutes: every bench.py section into DIR (bench.md, bench.json, the
+# train section's summary and metrics). It installs nothing: it runs PY if given, else .venv's Python if built, else
+# python3, which must have torch >= 2.11. Anywhere, at a tiny size: make gpu-check EXTRA="--device cpu --smoke"
+DIR ?= $(OUT)/gpu-check
+CHECK_PY = $(if $(filter file,$(origin PY)),$(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON)),$(PY))
+TORCH_2_11 = import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 11))
+gpu-check:
+	@$(CHECK_PY) -c '$(TORCH_2_11)' 2>/dev/null || { echo "make gpu-check: error: $(CHECK_PY) lacks torch >= 2.11 (PY=...)" >&2; exit 2; }
+	$(CHECK_PY) bench.py --gpu-check --output-dir $(DIR) $(EXTRA)
 
 # The table's columns: each adds its FLAGS to the baseline.
 no-aa: FLAGS = --auto-augment none

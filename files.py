@@ -32,6 +32,16 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def remove_unused(out: Path, created: list):
+    """Where `out` holds nothing but the run's .lock (the run failed before it began), removes the lock and the
+    folders the run created (`out` first, then its parents): a failed start leaves nothing behind."""
+    if [path.name for path in out.iterdir()] == [".lock"]:
+        (out / ".lock").unlink()
+        with contextlib.suppress(OSError):  # a folder that something else has written into since stays
+            for folder in created:
+                folder.rmdir()
+
+
 def atomic_write(path: Path, payload):
     """Writes `payload` (bytes) to a temporary file, fsyncs it and renames it over `path`, so that a reader never sees
     a half-written file. On any failure the temporary file is removed, so that it holds no space."""

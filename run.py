@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import importlib.metadata
 import json
 import os
 import pickle
@@ -16,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -77,10 +77,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n" if launched_as_rank0() else None)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """-h with every flag's default, and the description and examples as written (not re-wrapped)."""
-
-
 def note(text, kind="note"):
     if launched_as_rank0():
         tqdm.write(f"train.py: {kind}: {text}", file=sys.stderr)  # leaves the progress bar whole
@@ -120,6 +116,24 @@ def device_name(device):
         return platform.processor() or "cpu"
 
 
+def library_versions(device):
+    """CUDA and cuDNN as torch was built with them, Triton, and on a GPU its driver (nvidia-smi): what a GPU's speed
+    and a compiled graph depend on beyond torch."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    driver = None
+    if device.type == "cuda":
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            driver = subprocess.run(query, capture_output=True, text=True, timeout=60).stdout.strip().split("\n")[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # no nvidia-smi on this machine: the driver goes unrecorded
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "triton": triton,
+            "driver": driver or None}
+
+
 def git_commit():
     """This code's commit, with -dirty where the working tree has changes; "unknown" outside a git checkout."""
     root = Path(__file__).resolve().parent
@@ -136,7 +150,7 @@ def git_commit():
 def run_info(device):
     return {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "einops": einops.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": device_name(device), "hostname": platform.node()}
+            "device_name": device_name(device), "hostname": platform.node(), **library_versions(device)}
 
 
 # ---- the job's processes
@@ -214,17 +228,6 @@ def lock_output_dir(out: Path, on_exit: contextlib.ExitStack):
     os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
 
 
-def remove_if_unused(out: Path, created: list):
-    """Where a run left nothing in `out` but its lock (it failed before it started), removes the lock and the folders
-    it created (`out` first, then its parents): a failed start leaves nothing behind."""
-    if [path.name for path in out.iterdir()] != [".lock"]:
-        return
-    (out / ".lock").unlink()
-    with contextlib.suppress(OSError):  # a folder that something else has written into since stays
-        for folder in created:
-            folder.rmdir()
-
-
 def claim_output_dir(args, on_exit: contextlib.ExitStack):
     """Creates --output-dir and locks it for this run. Removes the temporary files of a run killed while writing
     (they may hold the space it needs), and refuses a folder that holds another run unless this run resumes it. At
@@ -236,7 +239,7 @@ def claim_output_dir(args, on_exit: contextlib.ExitStack):
         lock_output_dir(out, on_exit)
     except OSError as e:
         raise ValueError(f"--output-dir {out} is not a writable folder ({e.strerror or e})") from None
-    on_exit.callback(remove_if_unused, out, created)  # before the lock's release: callbacks run last first
+    on_exit.callback(files.remove_unused, out, created)  # before the lock's release: callbacks run last first
     for name in RUN_FILES:
         files.temp_path(out / name).unlink(missing_ok=True)
     existing = [name for name in RUN_FILES if (out / name).exists()]
@@ -310,8 +313,7 @@ def read_resume(args, free_flags):
     if changed:
         differences = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {vars(args)[k]!r}" for k in changed]
         # A run's schedule ends at its --epochs: training on is a new run from its weights.
-        hint = (f"; to train it longer, start a new run from its weights with the new --epochs: --init-from {path} "
-                f"--output-dir NEW_DIR") if "epochs" in changed else ""
+        hint = f"; to train it longer: --init-from {path} --output-dir NEW_DIR" if "epochs" in changed else ""
         raise ValueError(f"--resume {path}: flags differ from the checkpoint's run: {', '.join(differences)}{hint}")
     return ckpt
 
@@ -418,6 +420,20 @@ def keep_records_until(path: Path, step):
     files.atomic_write(path, b"".join(kept))
 
 
+def announce(facts, args):
+    """Says once (rank 0), before the first step, what the run is about to do; warns where the global batch exceeds
+    the training set, so that an epoch is a step or two."""
+    where = args.data_dir if facts["dataset"] in data.FROM_FOLDER else "built in"
+    classes = ", ".join(facts["classes"][:10]) + (", ..." if len(facts["classes"]) > 10 else "")
+    images = " / ".join(f"{count:,} {split}" for split, count in facts["images"].items())
+    note(f"{facts['dataset']} ({where}): {len(facts['classes'])} classes ({classes}), {images} images; "
+         f"{facts['params']:,} parameters; global batch {args.batch_size}, {facts['steps_per_epoch']} steps per epoch "
+         f"x {args.epochs} epochs; {facts['device']} ({facts['device_name']}), {facts['precision']}", "start")
+    if args.batch_size > facts["images"]["train"]:
+        note(f"--batch-size {args.batch_size} exceeds the {facts['images']['train']} training images: an epoch is "
+             f"{facts['steps_per_epoch']} step(s); a smaller --batch-size takes more steps", "warning")
+
+
 class Session:
     """One invocation of a run on one rank, in its locked output folder: the metrics log (records after the checkpoint
     are redone), the checkpoint writer, the signals and the progress bar. SIGTERM or SIGINT stops the run at the next
@@ -440,25 +456,9 @@ class Session:
             on_exit.callback(signal.signal, sig, signal.signal(sig, self._handle))  # the old handler, back at exit
         ranks.rank0_only(keep_records_until, self.metrics, state.step if resumed else -1)
         self.record(kind="run", epoch=state.step // facts["steps_per_epoch"], **facts)
-        self.announce()
+        announce(facts, args)
         self.progress = tqdm(total=facts["total_steps"], initial=state.step, disable=ranks.rank != 0,
                              dynamic_ncols=True, desc="train")
-
-    def announce(self):
-        """Says once (rank 0), before the first step, what the run is about to do; warns where the global batch
-        exceeds the training set, so that an epoch is a step or two."""
-        facts = self.facts
-        args = self.args
-        where = f" in {args.data_dir}" if facts["dataset"] in data.FROM_FOLDER else ""
-        classes = textwrap.shorten(", ".join(facts["classes"]), 80, placeholder=" ...")
-        images = " / ".join(f"{count:,} {split}" for split, count in facts["images"].items())
-        note(f"{facts['dataset']}{where}: {len(facts['classes'])} classes ({classes}), {images} images; "
-             f"{facts['params']:,} parameters; global batch {args.batch_size} on {facts['world_size']} process(es), "
-             f"{facts['steps_per_epoch']} steps per epoch x {args.epochs} epochs from step {self.state.step}; "
-             f"{facts['device']} ({facts['device_name']}), {facts['precision']}; into {args.output_dir}", kind="start")
-        if args.batch_size > facts["images"]["train"]:
-            note(f"--batch-size {args.batch_size} exceeds the {facts['images']['train']} training images: an epoch is "
-                 f"{facts['steps_per_epoch']} step(s); a smaller --batch-size takes more steps", kind="warning")
 
     def record(self, **record):
         line = json.dumps({**record, "step": self.state.step}) + "\n"

@@ -79,12 +79,15 @@ PROBABILITY = number(float, "[0, 1]")
 FRACTION = number(float, "[0, 1)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """-h with every flag's default, and the description and examples as written (not re-wrapped)."""
+
+
 def get_args_parser():
-    parser = run.Parser(prog="train.py", formatter_class=run.HelpFormatter, epilog=__doc__[__doc__.index("examples:"):],
+    parser = run.Parser(prog="train.py", formatter_class=HelpFormatter, epilog=__doc__[__doc__.index("examples:"):],
                         description="Train a small ViT (PoorViTs). Defaults: the paper's baseline.\nWhere the seed's "
                         "code admits other readings (depth, RA mode, precision, Lion's lr): docs/faithfulness.md.")
-    parser.add_argument("--device", help="cuda, cuda:N or cpu (unset: cuda on a CUDA build of torch, which must then "
-                        "start)")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (unset: cuda on a CUDA build, which must then start)")
     add = parser.add_argument_group("data").add_argument
     add("--dataset", default="cifar10", choices=data.DATASETS, help="digits: offline; synthetic: for speed checks")
     add("--data-dir", default="data", help="dataset root (CIFAR: its folder's parent; imagefolder: train/, val/)")
@@ -323,18 +326,25 @@ def build_precision(args, device) -> Precision:
 
 
 def compile_model(model, args, device, precision, batch):
-    """torch.compile'd `model` (see `compiles`), its graphs built now by a forward and backward pass on zeros, which
-    changes no weight. Where that fails, one line says so and training goes on eager, unless --compile asked for it."""
+    """torch.compile'd `model` (see `compiles`), its graphs built now by forward and backward passes on zeros, which
+    change no weight. Where that fails, one line says so and training goes on eager, unless a flag asked for it
+    (--compile, or a --compile-mode other than the default): then it is an error."""
     if not compiles(args, device):
         return model
     size = model.cfg.img_size
+    zeros = torch.zeros(batch, 3, size, size, device=device)
     try:
         compiled = torch.compile(model, mode=args.compile_mode)
-        with precision.autocast:
-            compiled(torch.zeros(batch, 3, size, size, device=device)).float().sum().backward()
-    except Exception as e:  # no Triton, a GPU too old for it, a compiler bug: its own exception types
-        if args.compile:
-            raise ValueError(f"--compile: torch.compile failed ({run.first_line(e)}); --no-compile trains eager")
+        # Three passes, as train_step makes them: CUDA graphs (reduce-overhead) warm up, record at the second and
+        # replay at the third, so that a capture that fails fails here.
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            with precision.autocast:
+                compiled(zeros).float().sum().backward()
+    except Exception as e:  # no Triton, a GPU too old for it, a compiler bug, a capture: their own exception types
+        asked = "--compile" if args.compile else f"--compile-mode {args.compile_mode}"
+        if args.compile or args.compile_mode != "default":
+            raise ValueError(f"{asked}: torch.compile failed ({run.first_line(e)}); --no-compile trains eager")
         run.note(f"torch.compile failed ({run.first_line(e)}): training eager (--no-compile skips the attempt)")
         compiled = model
     finally:
@@ -356,10 +366,11 @@ def seed_step(seed, rank, step, device) -> random.Random:
 
 def train_step(model, optimizers, schedulers, images, targets, precision, label_smoothing):
     """One forward, backward, update and scheduler step; returns the loss on the device (no sync)."""
-    with precision.autocast:
-        loss = F.cross_entropy(model(images), targets, label_smoothing=label_smoothing)
+    # The last step's gradients go first: under CUDA graphs they live in the graphs' memory, which the forward reuses.
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
+    with precision.autocast:
+        loss = F.cross_entropy(model(images), targets, label_smoothing=label_smoothing)
     precision.scaler.scale(loss).backward()
     for optimizer, scheduler in zip(optimizers, schedulers):
         precision.scaler.step(optimizer)

@@ -111,3 +111,70 @@ def test_parameters_without_grad_are_left_alone():
 def test_invalid_hyperparameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Lion([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+class LionUnscaledByTheScaler(Lion):
+    """Lion as it was before it took the scaler's tensors: GradScaler unscales, reads found_inf on the host, steps."""
+    _step_supports_amp_scaling = False
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts values read back to the host (on a GPU, each one a sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__)
+        return func(*args, **(kwargs or {}))
+
+
+def fp16_run(optimizer_class, steps=4, overflow=None, unscale_first=False):
+    """`steps` fp16 autocast steps under a GradScaler (with `unscale_first`, GradScaler.unscale_ is called before each
+    step, as for gradient clipping); `overflow` (a float) is written into one gradient of the last step. The initial
+    scale is not a power of 2, so that unscaling by a division would round differently."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    opt = optimizer_class(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3000.0)
+    before, reads = None, HostReads()
+    for step in range(steps):
+        x = torch.randn(8, 6)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().square().mean()
+        scaler.scale(loss).backward()
+        if step == steps - 1:
+            before = copy_state(model, opt)
+            if overflow is not None:
+                model[2].weight.grad[1, 3] = overflow
+        with reads:
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+        scaler.update()
+    return before, copy_state(model, opt), scaler, reads.reads
+
+
+def copy_state(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    return params + [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_an_fp16_step_with_the_scalers_tensors_is_bit_identical_to_unscaling_first_and_reads_nothing(unscale_first):
+    _, new, new_scaler, new_reads = fp16_run(Lion, unscale_first=unscale_first)
+    _, old, old_scaler, old_reads = fp16_run(LionUnscaledByTheScaler, unscale_first=unscale_first)
+    assert all(torch.equal(a, b) for a, b in zip(new, old))
+    assert new_scaler.state_dict() == old_scaler.state_dict() and new_scaler.get_scale() == 3000.0
+    # The old path reads found_inf once per step (GradScaler._maybe_opt_step); the new one never.
+    assert (new_reads, old_reads) == (0, 4)
+
+
+@pytest.mark.parametrize("overflow", [float("inf"), float("-inf"), float("nan")])
+def test_an_overflowed_fp16_step_changes_neither_parameters_nor_moments(overflow):
+    before, after, scaler, reads = fp16_run(Lion, overflow=overflow)
+    assert any(not torch.equal(a, b) for a, b in zip(*fp16_run(Lion)[:2]))  # without the overflow the step moves
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and reads == 0
+    assert scaler.get_scale() == 1500.0  # GradScaler saw the overflow too: it halved the scale

@@ -215,7 +215,7 @@ def test_make_own_images_trains_on_an_image_folder_on_the_cpu_and_prints_the_com
             for i in range(count):  # photos of any size, none square
                 Image.new("RGB", (48 + i, 40), (shade, shade + i, shade)).save(folder / f"{i}.png")
     stdout = fresh_shell(f"make own-images DATA=my_data '{TINY_MODEL}' 2>&1", clone)
-    assert "train.py: start: imagefolder in my_data: 2 classes (dark, light), 40 train / 4 val images" in stdout
+    assert "train.py: start: imagefolder (my_data): 2 classes (dark, light), 40 train / 4 val images" in stdout
     printed = next_steps(stdout)
     (run,) = list((clone / "runs").iterdir())
     assert run.name.startswith("my_data-2") and all(f"runs/{run.name}" in command for command in printed)
@@ -401,3 +401,22 @@ def test_gnu_parallel_runs_the_table_on_a_nodes_gpus_then_the_ddp_runs_then_the_
     assert sorted(job for _, job in ddp_calls) == sorted(ddp_jobs) and all("--nproc_per_node=2" in j for j in ddp_jobs)
     assert {gpus for gpus, _ in ddp_calls} == {"0,1", "2,3"}
     assert calls[-1][1].startswith("report.py runs --seeds 3") and len(calls) == len(jobs) + len(ddp_jobs) + 1
+
+
+def test_gpu_check_installs_nothing_and_runs_the_venvs_python_where_built_else_python3(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    built = dry_run("gpu-check", f"VENV={tmp_path}", "DIR=/collected")
+    absent = dry_run("gpu-check", f"VENV={tmp_path / 'absent'}", "OUT=/o")
+    assert [command[0] for command in built] == [f"{tmp_path}/bin/python"] * 2
+    assert [command[0] for command in absent] == ["python3"] * 2
+    # First a check that it has torch >= 2.11; then the check itself, its files into DIR (default OUT/gpu-check).
+    assert built[-1][1:] == ["bench.py", "--gpu-check", "--output-dir", "/collected"]
+    assert absent[-1][1:] == ["bench.py", "--gpu-check", "--output-dir", "/o/gpu-check"]
+    assert "pip" not in str(built + absent) and not (tmp_path / "installed").exists()
+
+
+def test_gpu_check_without_torch_2_11_is_one_line():
+    result = subprocess.run(["make", "gpu-check", "PY=false"], cwd=ROOT, env=TOP_LEVEL, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "make gpu-check: error: false lacks torch >= 2.11 (PY=...)"

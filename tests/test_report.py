@@ -1,6 +1,7 @@
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,9 @@ def test_table_runs_and_datasets_table_put_each_datasets_runs_in_folders_of_thei
     _, (demo_report,) = make("demo-table", f"OUT={out}")
     key = report.column_key(out / "demo-base-seed0", {"args": {"tag": "demo-base", "dataset": "digits"}})
     assert demo_report[demo_report.index("--baseline") + 1] == report.Column(*key, runs=[]).label
+
+
+def test_docs_training_names_every_flag_of_report():
+    docs = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    flags = re.findall(r"\[(--[a-z-]+)", report.get_args_parser().format_usage())
+    assert "--only-run" in flags and [flag for flag in flags if f"`{flag}" not in docs] == []

@@ -1,6 +1,7 @@
 import contextlib
 import errno
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -74,7 +75,7 @@ def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
     summary = run(tmp_path, "--epochs", "2")
     saved = json.loads((tmp_path / "summary.json").read_text())
     for key in ("final_acc", "best_acc", "best_epoch", "train_seconds", "params", "epochs", "args", "torch",
-                "device_name", "git_commit"):
+                "device_name", "git_commit", "cuda", "cudnn", "triton", "driver"):
         assert key in saved, key
     assert saved["complete"] and saved["final_acc"] == summary["final_acc"] and saved["epochs"] == 2
     assert saved["params"] == sum(p.numel() for p in final_weights(tmp_path).values())
@@ -85,6 +86,23 @@ def test_a_run_writes_metrics_summary_and_a_safe_checkpoint(tmp_path):
     assert {"model", "optimizers", "schedulers", "step", "args", "config"} <= ckpt.keys()
     assert ckpt["step"] == saved["steps"] == 2 * (3 * 1438 // 64)  # two epochs of --ra-reps 3
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_run_records_name_the_gpus_driver_and_the_cuda_cudnn_and_triton_versions(monkeypatch):
+    def nvidia_smi(command, **kwargs):  # one line per GPU
+        assert command[:2] == ["nvidia-smi", "--query-gpu=driver_version"]
+        return subprocess.CompletedProcess(command, 0, stdout="580.82.07\n580.82.07\n")
+
+    monkeypatch.setattr(machinery.subprocess, "run", nvidia_smi)
+    versions = machinery.library_versions(torch.device("cuda"))
+    assert versions == {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                        "triton": importlib.metadata.version("triton"), "driver": "580.82.07"}
+    assert machinery.library_versions(torch.device("cpu"))["driver"] is None  # no nvidia-smi asked
+
+    def missing(command, **kwargs):
+        raise FileNotFoundError(command[0])
+    monkeypatch.setattr(machinery.subprocess, "run", missing)
+    assert machinery.library_versions(torch.device("cuda"))["driver"] is None
 
 
 def test_last_epoch_is_evaluated_even_off_the_eval_interval(tmp_path):
@@ -207,6 +225,40 @@ def test_a_compile_asked_for_that_fails_is_a_one_line_error(tmp_path, monkeypatc
     code, line = error_line(capsys, tmp_path, "--epochs", "1", "--compile")
     assert code == 2 and line == ("train.py: error: --compile: torch.compile failed (RuntimeError: Cannot find a "
                                   "working triton installation); --no-compile trains eager")
+
+
+def compile_failing_at(call):
+    """A torch.compile whose model runs eager, except that its `call`-th call fails, as a CUDA graph capture can."""
+    def fake_compile(model, mode):
+        calls = []
+
+        def compiled(*args):
+            calls.append(mode)
+            if len(calls) == call:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+            return model(*args)
+        return compiled
+    return fake_compile
+
+
+def test_a_capture_that_fails_in_the_warm_up_falls_back_to_eager_and_fails_a_mode_asked_for(tmp_path, monkeypatch,
+                                                                                            capsys):
+    # CUDA graphs warm up at the first call, record at the second, replay at the third: all before training starts.
+    monkeypatch.setattr(torch, "compile", compile_failing_at(3))
+    monkeypatch.setattr(train, "compiles", lambda args, device: True)  # compiling by default, as on CUDA
+    summary = run(tmp_path / "fallback", "--epochs", "1", *NO_AUGMENT)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == ["train.py: note: torch.compile failed (RuntimeError: CUDA error: operation not permitted when "
+                     "stream is capturing): training eager (--no-compile skips the attempt)"]
+    assert summary["complete"] and not summary["compiled"]
+    code, line = error_line(capsys, tmp_path / "asked", "--epochs", "1", "--compile-mode", "reduce-overhead")
+    assert code == 2 and line == ("train.py: error: --compile-mode reduce-overhead: torch.compile failed "
+                                  "(RuntimeError: CUDA error: operation not permitted when stream is capturing); "
+                                  "--no-compile trains eager")
+    assert not (tmp_path / "asked" / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    run(tmp_path / "eager", "--epochs", "1", *NO_AUGMENT)  # the attempt changed nothing: the same run as eager
+    assert_same_run(tmp_path / "eager", tmp_path / "fallback")
 
 
 class HostTraffic(TorchFunctionMode):
@@ -702,10 +754,9 @@ def test_every_run_says_once_before_its_first_step_what_it_does(tmp_path, monkey
     params = sum(p.numel() for p in model.parameters())
     steps = len(dataset.train_labels) // 100
     assert events[0][1] == (
-        f"digits: 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), {len(dataset.train_labels):,} train / "
-        f"{len(dataset.test_labels)} test images; {params:,} parameters; global batch 100 on 1 process(es), "
-        f"{steps} steps per epoch x 1 epochs from step 0; cpu ({machinery.device_name(torch.device('cpu'))}), fp32; "
-        f"into {tmp_path / 'a'}")
+        f"digits (built in): 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), {len(dataset.train_labels):,} train / "
+        f"{len(dataset.test_labels)} test images; {params:,} parameters; global batch 100, {steps} steps per epoch x 1 "
+        f"epochs; cpu ({machinery.device_name(torch.device('cpu'))}), fp32")
     assert summary["images"] == {"train": 1438, "test": 359} and summary["classes"] == [str(c) for c in range(10)]
     assert "warning" not in [kind for kind, _ in events]
 
@@ -1183,6 +1234,22 @@ def test_an_fp16_step_scales_the_loss_and_steps_with_the_unscaled_gradients():
     scaled, plain = (dict(m.named_parameters()) for m in models)
     assert all(torch.allclose(scaled[k], plain[k], atol=1e-4) for k in scaled)
     assert precision.scaler.get_scale() == 65536.0 and precision.scaler.state_dict()["_growth_tracker"] == 1
+
+
+def test_a_step_releases_the_last_steps_gradients_before_its_forward():
+    # Under CUDA graphs the gradients live in the graphs' memory, which the next forward's replay overwrites.
+    model = ViT(ViTConfig(patch_size=8, dim=32, depth=2, heads=4))
+    precision = train.build_precision(train.get_args_parser().parse_args([]), torch.device("cpu"))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)]
+    released = []  # at each forward: whether every gradient is gone
+
+    def before_forward(module, args):
+        released.append(all(p.grad is None for p in module.parameters()))
+    model.register_forward_pre_hook(before_forward)
+    for _ in range(2):
+        train.train_step(model, [sgd], schedulers, torch.randn(4, 3, 32, 32), torch.eye(10)[:4], precision, 0.0)
+    assert released == [True, True] and all(p.grad is not None for p in model.parameters())
 
 
 def test_fp16_with_a_gradient_scaler_resumes_bit_exactly_with_the_scalers_state(tmp_path):
