@@ -76,33 +76,6 @@ class LowRankLinear(nn.Module):
         self.up.bias.copy_(bias)
 
 
-class SharedKVLatent(nn.Module):
-    """DeepSeek-V2's joint compression: c_kv = W_dkv x; k = W_uk c_kv; v = W_uv c_kv."""
-
-    def __init__(self, dim: int, rank: int):
-        super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
-        self.up_k = nn.Linear(rank, dim)
-        self.up_v = nn.Linear(rank, dim)
-
-    def forward(self, x):
-        code = self.down(x)
-        return self.up_k(code), self.up_v(code)
-
-    def dense(self):
-        return (self.up_k.weight @ self.down.weight, self.up_k.bias), (self.up_v.weight @ self.down.weight,
-                                                                         self.up_v.bias)
-
-    @torch.no_grad()
-    def load_dense(self, k, v):
-        """The best joint approximation of the stacked [W_k; W_v] at this rank: one down, two ups."""
-        up, down = svd_factors(torch.cat([k[0], v[0]]), self.down.out_features)
-        self.down.weight.copy_(down)
-        for linear, part, (_, bias) in zip((self.up_k, self.up_v), up.chunk(2), (k, v)):
-            linear.weight.copy_(part)
-            linear.bias.copy_(bias)
-
-
 def projection(in_features: int, out_features: int, rank: int = 0):
     """A full projection (rank 0) or a low-rank one of that rank."""
     return LowRankLinear(in_features, out_features, rank) if rank else FullRankLinear(in_features, out_features)
@@ -120,14 +93,15 @@ class Attention(nn.Module):
         rank = {letter: latent_dim if letter in letters else 0 for letter in LATENT_LETTERS}
         self.to_q = projection(dim, dim, rank["q"])
         if self.shared_kv:
-            self.to_kv = SharedKVLatent(dim, latent_dim)
+            # DeepSeek-V2's joint compression: one down-projection c_kv = W_dkv x, whose up-projection gives [k; v].
+            self.to_kv = LowRankLinear(dim, 2 * dim, latent_dim)
         else:
             self.to_k, self.to_v = projection(dim, dim, rank["k"]), projection(dim, dim, rank["v"])
         self.to_out = projection(dim, dim, rank["o"])
 
     def heads_qkv(self, x):
         """q, k, v of x (b, n, dim), each (b, heads, n, head dim)."""
-        k, v = self.to_kv(x) if self.shared_kv else (self.to_k(x), self.to_v(x))
+        k, v = self.to_kv(x).chunk(2, dim=-1) if self.shared_kv else (self.to_k(x), self.to_v(x))
         return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), k, v)]
 
     def forward(self, x):
@@ -141,14 +115,19 @@ class Attention(nn.Module):
 
     def dense(self) -> dict:
         """{letter: (weight, bias)} of q, k, v, o: the map each applies (a low-rank one as up @ down)."""
-        k, v = self.to_kv.dense() if self.shared_kv else (self.to_k.dense(), self.to_v.dense())
+        if self.shared_kv:
+            # The shared latent's stacked [W_k; W_v] and [b_k; b_v], split into (W_k, b_k) and (W_v, b_v).
+            k, v = zip(*[t.chunk(2) for t in self.to_kv.dense()])
+        else:
+            k, v = self.to_k.dense(), self.to_v.dense()
         return {"q": self.to_q.dense(), "k": k, "v": v, "o": self.to_out.dense()}
 
     def load_dense(self, dense: dict):
         """Takes the maps of `dense` (as `dense()` gives them), each by truncated SVD where it is low-rank."""
         self.to_q.load_dense(*dense["q"])
         if self.shared_kv:
-            self.to_kv.load_dense(dense["k"], dense["v"])
+            # The best joint approximation of the stacked [W_k; W_v] at this rank: one down, one stacked up.
+            self.to_kv.load_dense(*[torch.cat(pair) for pair in zip(dense["k"], dense["v"])])
         else:
             self.to_k.load_dense(*dense["k"])
             self.to_v.load_dense(*dense["v"])

@@ -3,6 +3,7 @@ normalisation and random erasing, each choice per image, each op bit for bit tor
 The choices are drawn on the CPU and reach the device in one copy with the chunk's image indices; nothing is read
 back. Per AutoAugment op slot one gather sorts the images by op kind, and each kind runs once on its images.
 """
+import functools
 import math
 
 import torch
@@ -150,7 +151,6 @@ class BatchAutoAugment:
         self.variant_of = torch.tensor([[[index[v] for v in slot] for slot in sub] for sub in signed])  # (.., 2 signs)
         kinds = ["affine" if op in GEOMETRIC_OPS else op for op, _ in self.variants]
         self.kind_of = torch.tensor([KIND_NAMES.index(kind) for kind in kinds])
-        self.on_device = {}
 
     def signed_variants(self, op, bin_index):
         """The (op, magnitude) that an op slot applies with a positive sign and with a negative one (the same where
@@ -190,13 +190,9 @@ class BatchAutoAugment:
                 "aa_back": position}
         return rows, ends
 
+    @functools.cache
     def tables(self, device):
         """Each variant's parameters on `device`, made there once."""
-        if device not in self.on_device:
-            self.on_device[device] = self.make_tables(device)
-        return self.on_device[device]
-
-    def make_tables(self, device):
         def on_device(values, dtype=torch.float32):
             return data.to_device(torch.tensor(values, dtype=dtype), device)
 

@@ -5,6 +5,7 @@ specification augment.py's batched one is tested against. All randomness derives
 in the run: the same batches on any number of processes.
 """
 import fcntl
+import functools
 import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -89,14 +90,12 @@ class Normalize:
     def __init__(self, mean, std):
         self.mean = mean
         self.std = std
-        self.on_device = {}  # device -> (scale, shift), each (C, 1, 1)
 
+    @functools.cache  # once per device: (scale, shift), each (C, 1, 1)
     def constants(self, device):
-        if device not in self.on_device:
-            mean = torch.tensor(self.mean).view(-1, 1, 1)
-            std = torch.tensor(self.std).view(-1, 1, 1)
-            self.on_device[device] = (to_device(1 / (255 * std), device), to_device(mean / std, device))
-        return self.on_device[device]
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return to_device(1 / (255 * std), device), to_device(mean / std, device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         scale, shift = self.constants(images.device)
@@ -368,18 +367,6 @@ def erase(images, boxes, value):
     return images
 
 
-class RandomErasing:
-    """The seed's random erasing of one normalised (C, H, W) image, as a step of a v2.Compose pipeline."""
-
-    def __init__(self, p, value):
-        self.p = p
-        self.value = value
-
-    def __call__(self, image):
-        _, h, w = image.shape
-        return erase(image[None], erasing_boxes(1, h, w, self.p), self.value)[0]
-
-
 def check_augmentation(crop_padding, auto_augment, random_erase, aa_fill=AA_FILL):
     if auto_augment not in AUTO_AUGMENT_POLICIES:
         raise ValueError(f"auto_augment={auto_augment!r} must be one of {', '.join(AUTO_AUGMENT_POLICIES)}")
@@ -408,7 +395,7 @@ def train_transform(mean, std, hflip=True, crop_padding=4, auto_augment="cifar10
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erase:
         # The seed fills the box with the raw channel means, written after normalisation: its quirk, kept.
-        steps.append(RandomErasing(random_erase, mean))
+        steps.append(v2.Lambda(lambda image: erase(image[None], erasing_boxes(1, size, size, random_erase), mean)[0]))
     return v2.Compose(steps)
 
 

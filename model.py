@@ -153,9 +153,6 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         if self.cfg.patch_init == "pytorch":
             # The seed's patch embedding is a Conv2d its init never touches: PyTorch's default, U(+-1/sqrt(3 p^2)).
             self.to_patch_embedding[1].reset_parameters()

@@ -27,8 +27,8 @@ def test_spectra_equal_svdvals_of_each_map():
     assert set(spectrum) == {(i, name) for i in range(2) for name in analyze.MATRICES}
     attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
     by_hand = {"q": attn.to_q.up.weight @ attn.to_q.down.weight,
-               "k": attn.to_kv.up_k.weight @ attn.to_kv.down.weight,
-               "v": attn.to_kv.up_v.weight @ attn.to_kv.down.weight,
+               "k": attn.to_kv.up.weight[:32] @ attn.to_kv.down.weight,
+               "v": attn.to_kv.up.weight[32:] @ attn.to_kv.down.weight,
                "o": attn.to_out.up.weight @ attn.to_out.down.weight,
                "fc1": mlp.fc1.up.weight @ mlp.fc1.down.weight, "fc2": mlp.fc2.up.weight @ mlp.fc2.down.weight}
     for name, product in by_hand.items():

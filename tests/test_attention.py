@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attention import Attention, LowRankLinear, SharedKVLatent, svd_factors
+from attention import Attention, LowRankLinear, svd_factors
 
 VARIANTS = ["", "q", "k", "v", "o", "kv", "qk", "qkv", "vq", "qkvo"]
 
@@ -37,7 +37,7 @@ def test_every_variant_equals_its_projections_with_the_softmax_written_out(laten
     monkeypatch.setattr(F, "scaled_dot_product_attention", plain_attention)
     reference = attn(x)
     torch.testing.assert_close(attn(x), math_kernel, atol=1e-5, rtol=1e-5)
-    k, v = attn.to_kv(x) if attn.shared_kv else (attn.to_k(x), attn.to_v(x))
+    k, v = attn.to_kv(x).chunk(2, dim=-1) if attn.shared_kv else (attn.to_k(x), attn.to_v(x))
     heads = [t.reshape(3, 7, 4, 8).transpose(1, 2) for t in (attn.to_q(x), k, v)]
     by_hand = attn.to_out(plain_attention(*heads).transpose(1, 2).reshape(3, 7, 32))
     torch.testing.assert_close(reference, by_hand, atol=1e-6, rtol=1e-6)
@@ -138,11 +138,11 @@ def test_low_rank_modules_load_a_dense_map_by_truncated_svd():
     x = torch.randn(3, 12, generator=g)
     torch.testing.assert_close(low(x), x @ dense_weight.T + bias)
     # The shared K/V latent: the best joint approximation of [W_k; W_v], one down-projection for both.
-    shared = SharedKVLatent(12, rank=5)
+    shared = Attention(12, 3, "kv", 5, shared_kv_latent=True)
     k, v = (torch.randn(12, 12, generator=g), torch.randn(12, generator=g)), (torch.randn(12, 12, generator=g),
                                                                               torch.zeros(12))
-    shared.load_dense(k, v)
+    shared.load_dense({**shared.dense(), "k": k, "v": v})
     stacked = torch.matmul(*svd_factors(torch.cat([k[0], v[0]]), 5))
-    (wk, bk), (wv, bv) = shared.dense()
+    (wk, bk), (wv, bv) = shared.dense()["k"], shared.dense()["v"]
     torch.testing.assert_close(torch.cat([wk, wv]), stacked, atol=1e-5, rtol=1e-5)
     assert torch.equal(bk, k[1]) and torch.equal(bv, v[1])

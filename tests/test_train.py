@@ -566,7 +566,7 @@ def test_init_from_at_full_rank_reproduces_the_source_models_logits(trained_run,
     summary = run(tmp_path, *STILL, "--init-from", str(trained_run / "checkpoint.pt"), "--latent", "qkvo",
                   "--latent-dim", "32", "--mlp-latent-dim", "32", "--shared-kv-latent")
     compressed, _ = machinery.load_model(tmp_path / "checkpoint.pt", "compressed")
-    assert "blocks.1.attn.to_kv.up_v.weight" in compressed.state_dict()
+    assert "blocks.1.attn.to_kv.up.weight" in compressed.state_dict()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert (compressed.eval()(x) - source.eval()(x)).abs().max() <= 1e-5
     source_eval = records(trained_run, "eval")[-1]
