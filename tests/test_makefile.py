@@ -147,6 +147,8 @@ def readme_make_commands():
 def test_the_readme_shows_the_set_up_own_images_and_reading_commands():
     assert {"make demo", "make test", "make own-images DATA=my_data", "make baseline PY=python3"} <= set(
         readme_make_commands())
+    # A script run by a bare python: a fresh shell's python has no torch.
+    assert re.findall(r"(?:^|`)python3? \w+\.py", README, re.M) == []
 
 
 @pytest.mark.parametrize("command", readme_make_commands())
@@ -198,10 +200,13 @@ def test_the_readme_commands_work_in_a_fresh_shell_and_make_demo_prints_them_for
     readme = [shlex.split(line.split("  #")[0].replace("$run", f"runs/{run.name}")) for line in block.splitlines()]
     assert printed == readme[1:] and len(printed) == 3  # evaluate, predict, analyze
 
-    # The README's block, pasted as it is: it finds the newest demo run itself.
-    fresh_shell(block, clone)
+    # The README's block, pasted as it is (it finds the newest demo run itself), then the commands its text names
+    # (train.py -h, export.py; bench.py aside: minutes on a CPU).
+    inline = [command for command in re.findall(r"`(\.venv/bin/python [^`]+)`", README) if "bench.py" not in command]
+    fresh_shell(block + "\n".join(inline), clone)
     assert len((run / "predictions.csv").read_text().splitlines()) == 1 + 10  # docs/example/digits: ten images
     assert "## Post-hoc rank truncation" in (run / "analysis" / "report.md").read_text()
+    assert len(inline) == 2 and (clone / "exported" / "poorvit.safetensors").is_file()
 
 
 def test_make_own_images_trains_on_an_image_folder_on_the_cpu_and_prints_the_commands_for_its_run(tmp_path):
