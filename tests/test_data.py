@@ -162,9 +162,8 @@ def test_missing_or_damaged_svhn_file_is_named(tmp_path, monkeypatch):
         data.load_dataset("svhn", tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("sorted_val", [False, True])
-def test_tinyimagenet_reads_its_tree_in_place_and_a_sorted_val(tmp_path, sorted_val):
-    folder, val = write_tiny_imagenet(tmp_path, size=16, sorted_val=sorted_val)
+def test_tinyimagenet_reads_its_tree_in_place(tmp_path):
+    folder, val = write_tiny_imagenet(tmp_path, size=16)
     files = sorted(p for p in tmp_path.rglob("*"))
     for path in files:  # read-only: the loader writes nothing, converts nothing
         path.chmod(0o555 if path.is_dir() else 0o444)
@@ -180,7 +179,7 @@ def test_tinyimagenet_reads_its_tree_in_place_and_a_sorted_val(tmp_path, sorted_
     # Each val image labelled by val_annotations.txt, its pixels the JPEG's as PIL decodes it.
     expected = {}
     for name, wnid in val.items():
-        path = folder / "val" / (f"{wnid}/images" if sorted_val else "images") / name
+        path = folder / "val" / "images" / name
         pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
         expected[name] = (pixels, ["n01443537", "n01629819", "n09999999"].index(wnid))
     assert sorted(ds.test_labels.tolist()) == sorted(label for _, label in expected.values())

@@ -51,23 +51,16 @@ def test_low_rank_mlp_saves_the_difference_of_the_factorisations(rank):
         2 * 36_864 + 12_288)
 
 
-def test_shared_kv_latent_saves_three_projections_worth():
-    count = count_parameters(ViT(ViTConfig(latent="kv", shared_kv_latent=True)))
-    assert plain_vit_params() - count == 3 * 12_288 * 9
-
-
 @pytest.mark.parametrize(
-    "latent, shared, num_cls, pool, pos, mlp_rank",
+    "latent, num_cls, pool, pos, mlp_rank",
     [
-        (latent, shared, num_cls, pool, pos, mlp_rank)
+        (latent, num_cls, pool, pos, mlp_rank)
         for latent, num_cls, pool, pos in itertools.product(LATENTS, [1, 4], ["concat", "mean"], ["learned", "sincos"])
-        for shared in ([False, True] if latent == "kv" else [False])
         for mlp_rank in ([0, 8] if num_cls == 1 and pool == "concat" else [0])
     ],
 )
-def test_sdpa_path_matches_plain_softmax_path(latent, shared, num_cls, pool, pos, mlp_rank, monkeypatch):
-    model = tiny(latent=latent, shared_kv_latent=shared, num_cls=num_cls, cls_pool=pool, pos_embed=pos,
-                 mlp_latent_dim=mlp_rank).eval()
+def test_sdpa_path_matches_plain_softmax_path(latent, num_cls, pool, pos, mlp_rank, monkeypatch):
+    model = tiny(latent=latent, num_cls=num_cls, cls_pool=pool, pos_embed=pos, mlp_latent_dim=mlp_rank).eval()
     x = torch.randn(2, 3, 32, 32)
     fused = model(x)
     assert fused.shape == (2, 10)
@@ -165,12 +158,6 @@ def test_patch_embedding_keeps_the_seeds_conv2d_default_init(patch_size):
     assert model.blocks[3].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
-def test_trunc_normal_patch_init_is_the_other_linears_init():
-    torch.manual_seed(0)
-    linear = ViT(ViTConfig(patch_init="trunc_normal")).to_patch_embedding[1]
-    assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1) and not linear.bias.any()
-
-
 def smooth_images(n=32, seed=0):
     """Normalised-looking images with strongly correlated neighbouring pixels, so whitening has work to do."""
     g = torch.Generator().manual_seed(seed)
@@ -234,9 +221,9 @@ def test_whitening_is_deterministic_and_independent_of_init():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, dict(latent="q"), dict(latent="qkv"), dict(latent="kv", shared_kv_latent=True), dict(num_cls=4),
+    [{}, dict(latent="q"), dict(latent="qkv"), dict(latent="kv"), dict(num_cls=4),
      dict(num_cls=3, cls_pool="mean", latent="k"), dict(latent="o"), dict(mlp_latent_dim=8),
-     dict(latent="qkvo", shared_kv_latent=True, mlp_latent_dim=16)],
+     dict(latent="qkvo", mlp_latent_dim=16)],
 )
 def test_forward_macs_match_torch_flop_counter(overrides):
     model = tiny(**overrides).eval()
@@ -282,8 +269,7 @@ def logits(model, x):
 FULL_RANK = dict(latent="qkvo", latent_dim=32, mlp_latent_dim=32)
 
 
-@pytest.mark.parametrize("target", [FULL_RANK, {**FULL_RANK, "shared_kv_latent": True}, {}],
-                         ids=["every-projection-low-rank", "shared-kv-latent", "full"])
+@pytest.mark.parametrize("target", [FULL_RANK, {}], ids=["every-projection-low-rank", "full"])
 def test_transfer_at_full_rank_reproduces_the_logits(target):
     source, x = tiny(num_cls=2), torch.randn(4, 3, 32, 32)
     compressed = tiny(num_cls=2, **target)

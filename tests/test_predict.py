@@ -67,7 +67,7 @@ def test_predict_writes_top_k_csv_that_agrees_with_evaluation(trained_run, tmp_p
 @pytest.mark.parametrize("content, message", [
     (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
     (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
-    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0}, path),
+    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0, "data": {}}, path),
      "not a model this code can build"),
 ])
 def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, capsys, content, message):

@@ -444,15 +444,14 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
 
 def test_variant_flags_train_end_to_end(tmp_path):
     summary = run(tmp_path, "--epochs", "1", "--patch-size", "4", "--dim", "48", "--opt", "lion", "--lr", "1e-4",
-                  "--weight-decay", "0.5", "--latent", "kv", "--latent-dim", "16", "--shared-kv-latent",
-                  "--num-cls", "2",
+                  "--weight-decay", "0.5", "--latent", "kv", "--latent-dim", "16", "--num-cls", "2",
                   "--cls-pool", "mean", "--pos-embed", "sincos", "--whiten", "--whiten-images", "200", "--ra-reps", "1")
     assert summary["complete"] and summary["config"]["latent"] == "kv"
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     (lion,) = ckpt["optimizers"]
     state = next(iter(lion["state"].values()))
     assert set(state) == {"exp_avg"}  # Lion keeps one moment; AdamW would add exp_avg_sq and step
-    assert "blocks.0.attn.to_kv.down.weight" in ckpt["model"] and "pos_embedding" not in ckpt["model"]
+    assert "blocks.0.attn.to_v.down.weight" in ckpt["model"] and "pos_embedding" not in ckpt["model"]
 
 
 # ---- faults: preemption, kills, untrusted files, bad input, failing ranks
@@ -561,12 +560,28 @@ def test_untrusted_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch, cap
 STILL = ["--epochs", "1", "--num-cls", "2", *NO_AUGMENT, "--lr", "1e-30", "--warmup-epochs", "0", "--min-lr", "0"]
 
 
+def test_a_checkpoint_with_retired_config_fields_loads_at_their_one_value_and_is_refused_at_another(trained_run,
+                                                                                                   tmp_path):
+    # Checkpoints of older versions hold patch_init and shared_kv_latent: at the values this code builds, they load.
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    ckpt["config"] |= {"patch_init": "pytorch", "shared_kv_latent": False}
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _ = machinery.load_model(tmp_path / "old.pt", "--init-from")
+    new, _ = machinery.load_model(trained_run / "checkpoint.pt", "--init-from")
+    assert old.cfg == new.cfg and all(torch.equal(a, b) for a, b in zip(old.state_dict().values(),
+                                                                        new.state_dict().values()))
+    ckpt["config"]["shared_kv_latent"] = True
+    torch.save(ckpt, tmp_path / "shared.pt")
+    with pytest.raises(ValueError, match="not a model this code can build .*shared_kv_latent"):
+        machinery.load_model(tmp_path / "shared.pt", "--init-from")
+
+
 def test_init_from_at_full_rank_reproduces_the_source_models_logits(trained_run, tmp_path):
     source, _ = machinery.load_model(trained_run / "checkpoint.pt", "source")
     summary = run(tmp_path, *STILL, "--init-from", str(trained_run / "checkpoint.pt"), "--latent", "qkvo",
-                  "--latent-dim", "32", "--mlp-latent-dim", "32", "--shared-kv-latent")
+                  "--latent-dim", "32", "--mlp-latent-dim", "32")
     compressed, _ = machinery.load_model(tmp_path / "checkpoint.pt", "compressed")
-    assert "blocks.1.attn.to_kv.up.weight" in compressed.state_dict()
+    assert "blocks.1.attn.to_k.up.weight" in compressed.state_dict()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert (compressed.eval()(x) - source.eval()(x)).abs().max() <= 1e-5
     source_eval = records(trained_run, "eval")[-1]
@@ -993,10 +1008,9 @@ def test_out_of_memory_names_the_batch_and_the_flags_and_resume_continues(half_r
     monkeypatch.setattr(train.ViT, "forward", forward)
     code, line = error_line(capsys, half_run, *FAULT_RUN, "--resume", "auto", "--save-every", "8")
     assert code == 7 and line == (
-        f"train.py: error: out of memory after 33 steps, with 64 images per process (--batch-size 64 over 1 process); "
-        f"the last good checkpoint is {half_run / 'checkpoint.pt'} (step 32): free the device's memory, then "
-        f"--resume auto continues the run; or start a new run that needs less: a smaller --batch-size, more "
-        f"processes (torchrun --nproc_per_node), --amp")
+        f"train.py: error: out of memory after 33 steps at --batch-size 64 over 1 process(es); the last good "
+        f"checkpoint is {half_run / 'checkpoint.pt'} (step 32): free the device's memory, then --resume auto "
+        f"continues the run; or start a new run that needs less: a smaller --batch-size, more processes, --amp")
     assert torch.load(half_run / "checkpoint.pt", weights_only=True)["step"] == 32
     assert summary_failed(half_run) == line.removeprefix("train.py: error: ")
     monkeypatch.undo()  # memory freed
