@@ -36,7 +36,7 @@ import run as machinery
 import train
 from conftest import RunsCode, accept_cifar, md5, write_cifar
 from conftest import images as conftest_images
-from model import ViT, ViTConfig, transfer_weights
+from model import ViT, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "4",
@@ -544,6 +544,27 @@ def wait_for_step(out, at_least, process, timeout=120):
     raise TimeoutError(f"no step {at_least} in {out}")
 
 
+def main_thread_waits_for_a_thread():
+    """Whether the main thread is blocked on another thread's work: in a Future's result or a thread's join."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        code = frame.f_code
+        if (Path(code.co_filename).name, code.co_name) in {("_base.py", "result"), ("threading.py", "join")}:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def wait_until(condition, timeout=60):
+    """Polls `condition` until it holds (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 LONG = ["--epochs", "5", "--eval-every", "2", "--log-every", "3"]
 
 
@@ -588,9 +609,8 @@ def test_kill_9_inside_a_checkpoint_write_and_at_random_moments_then_resume_auto
     # First inside the second checkpoint write (step 8): tests/held_write_train.py writes part of it to the
     # temporary file, says how much in `marker`, and waits there for the kill.
     process = start(out, *flags, script="tests/held_write_train.py", env={"HELD_WRITE_MARKER": str(marker)})
-    while not marker.exists():
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
+    assert wait_until(lambda: marker.exists() or process.poll() is not None, timeout=300)
+    assert marker.exists(), process.communicate()
     process.kill()
     process.communicate()
     written, size = (int(n) for n in marker.read_text().split())
@@ -1097,27 +1117,6 @@ def test_a_failure_on_rank_0_stops_every_ddp_rank_and_is_said_once(tmp_path, fau
 
 
 # ---- checkpoints written in the background
-def main_thread_waits_for_a_thread():
-    """Whether the main thread is blocked on another thread's work: in a Future's result or a thread's join."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
-    while frame is not None:
-        code = frame.f_code
-        if (Path(code.co_filename).name, code.co_name) in {("_base.py", "result"), ("threading.py", "join")}:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def wait_until(condition, timeout=60):
-    """Polls `condition` until it holds (True) or `timeout` seconds have passed (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_training_goes_on_while_a_checkpoint_is_written_and_the_file_holds_the_saved_step(tmp_path, monkeypatch):
     real_write, real_step = machinery.atomic_write, train.train_step
     weights = {}  # the model's, after each step
