@@ -199,7 +199,7 @@ def test_a_short_run_on_digits_learns(tmp_path):
     with --seed 0..5 on a 2-core AMD EPYC: 58.2, 47.1, 53.5, 52.6, 43.5, 46.2% (mean 50.2, standard deviation 5.4,
     range 43.5-58.2). The bound 30% lies 13.5 points (2.5 of those deviations) below the worst seed, which leaves room
     for another CPU's rounding, and 20 points above chance; a run whose learning rate never left the warm-up's 1e-6
-    (scheduler.step() removed) ends at ACC."""
+    (scheduler.step() removed) ends at 11.1%, chance."""
     summary = run(tmp_path, "--epochs", "8", *NO_AUGMENT)
     assert summary["final_acc"] > 30
 
