@@ -51,15 +51,19 @@ def test_predict_writes_the_top_k_labels_and_probabilities_of_each_image_as_csv(
     big = np.asarray(Image.fromarray(dataset.test_images[5].permute(1, 2, 0).numpy()).resize((70, 50)))
     Image.fromarray(big).save(folder / "sub" / "wide.jpg")
     (folder / "notes.txt").write_text("not an image")
+    # The run's checkpoint with class names that are not their indices' text (digits' are "0".."9").
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    ckpt["data"]["classes"] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    torch.save(ckpt, tmp_path / "named.pt")
     out = tmp_path / "predictions.csv"
-    probs, indices = predict.main(parse("predict", trained_run, folder, "--top-k", "3", "--out", out,
+    probs, indices = predict.main(parse("predict", tmp_path / "named.pt", folder, "--top-k", "3", "--out", out,
                                         "--device", "cpu"))
     rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["file", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
     files = [folder / f"{i}.png" for i in range(5)] + [folder / "sub" / "wide.jpg"]
     assert [r["file"] for r in rows] == [str(f) for f in files]
     # The reference: the pixels as written (the JPEG decoded and resized to 32x32 by PIL's bilinear filter),
     # normalised the textbook way with the run's statistics, through the checkpoint's model.
-    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
     model = ViT(ViTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     wide = np.asarray(Image.open(files[5]).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))

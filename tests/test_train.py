@@ -601,7 +601,8 @@ def test_sigterm_stops_after_the_step_it_arrives_in_and_resume_auto_finishes_the
         train.cli([*TINY, "--output-dir", str(out), *LONG])
     assert exit_info.value.code == 128 + signal.SIGTERM
     # One process stops at the next step boundary: after step 7, which is neither a log point (every 3) nor a save.
-    assert "stopped at step 7 of 335" in capsys.readouterr().out and len(calls) == 7
+    said = capsys.readouterr().out
+    assert "stopped at step 7 of 335" in said and "--resume auto" in said and len(calls) == 7
     summary = json.loads((out / "summary.json").read_text())
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert summary["stopped_by_signal"] == signal.SIGTERM and not summary["complete"]
