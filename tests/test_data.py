@@ -251,13 +251,21 @@ def test_digits_are_real_images_split_deterministically():
 
 
 # ---- imagefolder
-def test_imagefolder_resizes_any_size_to_the_size_asked_rgb(tmp_path):
+def test_imagefolder_resizes_any_size_bilinearly_to_the_size_asked_rgb(tmp_path):
     write_folder(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2})
+    # A greyscale image of another size, read as RGB.
+    grey = np.random.default_rng(1).integers(0, 256, size=(45, 60), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "train/dog/grey.png")
     (tmp_path / "train/cat/notes.txt").write_text("not an image")
     ds = data.load_dataset("imagefolder", tmp_path, size=32)
     assert ds.classes == ["cat", "dog"]
-    assert ds.train_images.shape == (5, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1]
+    assert ds.train_images.shape == (6, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert ds.test_labels.tolist() == [0, 1, 1]
+    # The reference: PIL's bilinear filter on each file (in ImageFolder's order); nearest or a crop would differ.
+    for split, images in (("train", ds.train_images), ("val", ds.test_images)):
+        files = sorted(tmp_path.glob(f"{split}/*/*.png"))
+        expected = [np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)) for f in files]
+        assert torch.equal(images, torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2))
     assert ds.mean == pytest.approx(tuple(ds.train_images.double().div(255).mean((0, 2, 3)).tolist()))
 
 
@@ -482,12 +490,12 @@ def test_cutmix_weights_the_partner_by_the_pixels_it_gave():
 
 
 # ---- repeated-augmentation sampler
-def epoch_slots(num_images, batch, reps, world_size, epoch=0, start_step=0, mode="shuffles"):
+def epoch_slots(num_images, batch, reps, world_size, epoch=0, mode="shuffles"):
     per_rank = []
     for rank in range(world_size):
         sampler = data.RepeatedAugmentationSampler(num_images, batch, reps, rank, world_size, seed=3, mode=mode)
-        sampler.set_epoch(epoch, start_step)
-        per_rank.append(sampler.epoch_order()[start_step * sampler.batch:].tolist())
+        sampler.set_epoch(epoch)
+        per_rank.append(sampler.epoch_order().tolist())
     return per_rank
 
 
@@ -538,11 +546,14 @@ def test_ranks_split_each_global_batch_of_the_single_process_order(mode):
     assert global_batches(ranks, 4) == global_batches([single], 8)  # the same samples at the same steps
 
 
-def test_epochs_differ_and_start_step_skips_whole_batches():
+def test_epochs_differ_and_the_order_is_the_whole_epochs_whatever_the_start_step():
     (e0,), (e1,) = epoch_slots(40, 8, 2, 1, epoch=0), epoch_slots(40, 8, 2, 1, epoch=1)
     assert e0 != e1
-    (resumed,) = epoch_slots(40, 8, 2, 1, epoch=1, start_step=3)
-    assert resumed == e1[24:]
+    # The sampler's order always starts at step 0; the loader skips the first start_step batches of it
+    # (test_batch_augment.py::test_device_loader_resumes_mid_chunk_with_the_same_batches).
+    sampler = data.RepeatedAugmentationSampler(40, 8, 2, seed=3)
+    sampler.set_epoch(1, start_step=3)
+    assert sampler.epoch_order().tolist() == e1
 
 
 def test_incomplete_last_batch_is_dropped():
