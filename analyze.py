@@ -1,14 +1,15 @@
 """What a trained PoorViT holds (arXiv 2501.06220's "redundancy among ViTs", measured): singular-value spectra and
 effective ranks of every block's q, k, v, o, fc1, fc2 (a low-rank layer as up @ down), accuracy after post-hoc rank
-truncation of each family, CLS attention and similarity, per-class accuracy (docs/analysis.md).
+truncation of each family, CLS attention, per-class accuracy (docs/analysis.md).
 
     python analyze.py runs/demo --device cpu           # -> runs/demo/analysis/report.md and PNGs
 """
 import argparse
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import torch
@@ -27,11 +28,12 @@ MATRICES = ("q", "k", "v", "o", "fc1", "fc2")
 FAMILIES = {"q": ("q",), "k": ("k",), "v": ("v",), "qk": ("q", "k"), "kv": ("k", "v"), "qkv": ("q", "k", "v"),
             "o": ("o",), "mlp": ("fc1", "fc2")}
 ENERGIES = (0.90, 0.95, 0.99)
+PLOTS = ("spectra", "truncation", "cls_attention", "confusion")  # the figures written, each <name>.png
 
 
 def full_rank_copy(model: ViT) -> ViT:
     """The same function as a model whose every projection is one full matrix (a low-rank one: up @ down)."""
-    dense = ViT(replace(model.cfg, latent="", shared_kv_latent=False, mlp_latent_dim=0))
+    dense = ViT(replace(model.cfg, latent="", mlp_latent_dim=0))
     transfer_weights(model, dense)
     return dense.to(next(model.parameters()).device).eval()
 
@@ -107,16 +109,6 @@ def cls_attention(model: ViT, images) -> torch.Tensor:
     return last.attn.attention_probs(last.norm1(x)).mean(1)[:, : model.cfg.num_cls]
 
 
-@torch.no_grad()
-def cls_similarity(model: ViT, images, normalize, device) -> torch.Tensor:
-    """(k, k): the cosine similarity between the final outputs of CLS tokens i and j, averaged over `images`."""
-    total = torch.zeros(model.cfg.num_cls, model.cfg.num_cls, dtype=torch.float64)
-    for chunk in images.split(512):
-        cls = F.normalize(model.cls_outputs(normalize(chunk.to(device))).float(), dim=-1)
-        total += torch.einsum("b i d, b j d -> i j", cls, cls).double().cpu()
-    return total / len(images)
-
-
 def plot_spectra(spectrum, depth, out: Path):
     """One panel per matrix family, a curve per block."""
     fig, axes = plt.subplots(2, 3, figsize=(9, 5.2))
@@ -169,54 +161,27 @@ def plot_cls_attention(maps, images, captions, grid, out: Path):
     save(fig, out / "cls_attention.png")
 
 
-def plot_matrix(matrix, labels, title, vmin, vmax, fmt="{:.0f}"):
-    """A heat map on a fixed colour range, with the values written in the cells (up to 20 labels)."""
-    size = max(3.5, 0.45 * len(labels) + 1.5)
+def plot_confusion(confusion, classes, out: Path):
+    """The confusion matrix as a heat map (rows: the true class), named by class where there are at most 20."""
+    size = max(3.5, 0.45 * len(classes) + 1.5)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    ax.imshow(matrix.numpy(), cmap="Blues", vmin=vmin, vmax=vmax)
-    if len(labels) <= 20:
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        for (i, j), value in zip(((i, j) for i in range(len(labels)) for j in range(len(labels))),
-                                 matrix.flatten().tolist()):
-            dark = (value - vmin) / (vmax - vmin) > 0.5
-            ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")
-    ax.set_title(title, fontsize=9)
-    return fig, ax
+    ax.imshow(confusion.numpy(), cmap="Blues", vmin=0)
+    if len(classes) <= 20:
+        ax.set_xticks(range(len(classes)), classes, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(title="confusion matrix (test set)", xlabel="predicted", ylabel="true")
+    save(fig, out / "confusion.png")
 
 
-def stable_rank(curve, ranks, full_acc, tolerance=1.0):
-    """The smallest rank from which on every larger rank keeps accuracy within `tolerance` points of full_acc."""
-    stable = None
-    for rank, acc in zip(reversed(ranks), reversed(curve)):
-        if acc < full_acc - tolerance:
-            break
-        stable = rank
-    return stable
-
-
-@dataclass
-class Analysis:
-    """Every number that the report and the plots show."""
-
-    result: dict  # predict.evaluate on the whole test set: accuracy, loss, per-class accuracy, confusion matrix
-    spectrum: dict  # {(block, matrix): singular values}
-    effective: dict  # {(block, matrix): {energy: effective rank}}
-    width: int  # the widest projection's side: the truncation curves' full rank
-    ranks: list  # the ranks of the truncation curves
-    curves: dict  # {family: [test accuracy % at each rank]}
-    subset_acc: float  # untruncated accuracy on the images of the curves
-    subset: int  # how many test images the curves and the CLS similarity use
-    maps: torch.Tensor  # CLS attention of the images shown, (images, k, tokens)
-    shown: torch.Tensor  # the images shown with their CLS attention: the first test image of each class
-    shown_index: torch.Tensor  # their places in the test set
-    shown_labels: torch.Tensor
-    similarity: torch.Tensor  # (k, k) cosine similarity of the CLS outputs
-
-
-def analyse(model, dataset, device, args) -> Analysis:
-    """Every number the report and plots show, with a progress bar."""
+def analyse(model, dataset, device, args) -> SimpleNamespace:
+    """Every number the report and plots show, with a progress bar, by name: `result` (predict.evaluate on the
+    whole test set: accuracy, loss, per-class accuracy, confusion matrix); `spectrum` ({(block, matrix): singular
+    values}); `effective` ({(block, matrix): {energy: effective rank}}); `width` (the widest projection's side: the
+    truncation curves' full rank); `ranks` (the ranks of the truncation curves); `curves` ({family: [test accuracy %
+    at each rank]}); `subset_acc` (untruncated accuracy on the images of the curves) and `subset` (how many test
+    images they use); `shown` (the images shown with their CLS attention: the first test image of each class),
+    `shown_index` (their places in the test set), `shown_labels`; `maps` (their CLS attention, (images, k,
+    tokens))."""
     dense = full_rank_copy(model)
     normalize = data.Normalize(dataset.mean, dataset.std)
     count = args.images or len(dataset.test_labels)
@@ -234,13 +199,12 @@ def analyse(model, dataset, device, args) -> Analysis:
         shown_index = torch.tensor([labels_in_order.index(c) for c in sorted(set(labels_in_order))][: args.cls_images])
         shown = dataset.test_images[shown_index]
         maps = cls_attention(dense, normalize(shown.to(device))).cpu()
-        similarity = cls_similarity(dense, images, normalize, device)
         progress.update()
         subset_acc = accuracy(dense, images, labels, normalize, device)
         curves = truncation_curves(dense, images, labels, normalize, device, ranks, subset_acc, progress)
-    return Analysis(result=result, spectrum=spectrum, effective=effective, width=width, ranks=ranks, curves=curves,
-                    subset_acc=subset_acc, subset=len(labels), maps=maps, shown=shown, shown_index=shown_index,
-                    shown_labels=dataset.test_labels[shown_index], similarity=similarity)
+    return SimpleNamespace(result=result, spectrum=spectrum, effective=effective, width=width, ranks=ranks,
+                           curves=curves, subset_acc=subset_acc, subset=len(labels), maps=maps, shown=shown,
+                           shown_index=shown_index, shown_labels=dataset.test_labels[shown_index])
 
 
 def markdown_table(header, rows) -> str:
@@ -248,24 +212,15 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
-def report(path, cfg, dataset_name, classes, analysis: Analysis) -> str:
+def report(path, cfg, dataset_name, classes, analysis) -> str:
     depth = cfg.depth
     result = analysis.result
     effective = analysis.effective
     effective_rows = [[i] + [" / ".join(str(effective[i, n][e]) for e in ENERGIES) for n in MATRICES]
                       for i in range(depth)]
-    means = [" / ".join(f"{sum(effective[i, n][e] for i in range(depth)) / depth:.1f}" for e in ENERGIES)
-             for n in MATRICES]
-    effective_rows.append(["mean", *means])
-    curve_rows = [[family] + [f"{acc:.2f}" for acc in accs]
-                  + [stable_rank(accs, analysis.ranks, analysis.subset_acc) or "—"]
-                  for family, accs in analysis.curves.items()]
+    curve_rows = [[family] + [f"{acc:.2f}" for acc in accs] for family, accs in analysis.curves.items()]
     k = cfg.num_cls
     on_patches = analysis.maps[:, :, k:].sum(-1).mean(0).tolist()
-    similarity_rows = [[i] + [f"{v:.3f}" for v in row] for i, row in enumerate(analysis.similarity.tolist())]
-    similarity = "One CLS token: no similarity between CLS outputs to show."
-    if k > 1:
-        similarity = markdown_table(["cosine similarity", *map(str, range(k))], similarity_rows)
     per_class = zip(classes, result["confusion"].sum(1).tolist(), result["per_class"])
     sections = [
         f"# Analysis of {path}\n\nModel: {cfg}. Test set: {dataset_name}, {len(result['confusion'].sum(1))} "
@@ -276,40 +231,26 @@ def report(path, cfg, dataset_name, classes, analysis: Analysis) -> str:
         + markdown_table(["block", *MATRICES], effective_rows),
         f"## Post-hoc rank truncation\n\nTest accuracy % on {analysis.subset} test images ({analysis.subset_acc:.2f}% "
         f"untruncated) when every matrix of the family, in every block, is replaced by its best rank-r approximation "
-        f"(truncated SVD, biases kept, no retraining). Last column: the smallest rank from which on accuracy stays "
-        f"within 1 point.\n\n" + markdown_table(["family", *map(str, analysis.ranks), "within 1 point from"],
-                                                 curve_rows),
+        f"(truncated SVD, biases kept, no retraining).\n\n"
+        + markdown_table(["family", *map(str, analysis.ranks)], curve_rows),
         f"## CLS tokens\n\nLast block, mean over heads, on {len(analysis.maps)} test images (one per class): the "
         f"share of each CLS token's attention on the patches (the rest is on the CLS tokens): "
-        + ", ".join(f"CLS {j} {share:.0%}" for j, share in enumerate(on_patches)) + ".\n\n" + similarity,
+        + ", ".join(f"CLS {j} {share:.0%}" for j, share in enumerate(on_patches)) + ".",
         "## Per-class accuracy\n\n" + markdown_table(["class", "images", "accuracy %"],
                                                      [[c, n, f"{acc:.2f}"] for c, n, acc in per_class]),
-        "## Plots\n\n" + "\n".join(f"![{name}]({name}.png)" for name in plot_names(k)),
+        "## Plots\n\n" + "\n".join(f"![{name}]({name}.png)" for name in PLOTS),
     ]
     return "\n\n".join(sections) + "\n"
 
 
-def plot_names(num_cls):
-    names = ["spectra", "truncation", "cls_attention"]
-    return names + (["cls_similarity"] if num_cls > 1 else []) + ["confusion"]
-
-
-def write_plots(analysis: Analysis, cfg, classes, out: Path):
+def write_plots(analysis, cfg, classes, out: Path):
     plot_spectra(analysis.spectrum, cfg.depth, out)
     plot_truncation(analysis.curves, analysis.ranks, analysis.subset_acc, 100 / len(classes), out)
     predicted = analysis.result["predicted"][analysis.shown_index].tolist()
     labels = analysis.shown_labels.tolist()
     captions = [f"label {classes[t]}, predicted {classes[p]}" for t, p in zip(labels, predicted)]
     plot_cls_attention(analysis.maps, analysis.shown, captions, cfg.grid, out)
-    if cfg.num_cls > 1:
-        names = [f"CLS {j}" for j in range(cfg.num_cls)]
-        fig, _ = plot_matrix(analysis.similarity, names, "cosine similarity of CLS outputs (test mean)", -1, 1,
-                             fmt="{:.2f}")
-        save(fig, out / "cls_similarity.png")
-    confusion = analysis.result["confusion"]
-    fig, ax = plot_matrix(confusion, classes, "confusion matrix (test set)", 0, max(1, confusion.max().item()))
-    ax.set(xlabel="predicted", ylabel="true")
-    save(fig, out / "confusion.png")
+    plot_confusion(analysis.result["confusion"], classes, out)
 
 
 def get_args_parser():
@@ -318,7 +259,7 @@ def get_args_parser():
     predict.add_source_arguments(parser)
     add = parser.add_argument
     add("--out", help="output folder (unset: <run folder>/analysis)")
-    add("--images", default=0, type=int, help="test images for the truncation curves and CLS similarity (0: all)")
+    add("--images", default=0, type=int, help="test images for the truncation curves (0: all)")
     add("--min-rank", default=4, type=int, help="smallest rank of the truncation curves")
     add("--rank-steps", default=10, type=int, help="ranks per truncation curve, --min-rank to full width, log scale")
     add("--cls-images", default=4, type=int, help="test images in cls_attention.png, each of another class")
@@ -326,16 +267,13 @@ def get_args_parser():
 
 
 def main(args):
-    try:
+    with predict.user_errors("analyze.py"):
         if args.images < 0 or min(args.min_rank, args.rank_steps, args.cls_images) <= 0:
             raise ValueError("--images must be >= 0; --min-rank, --rank-steps and --cls-images positive")
         device = run.device_of(args.device)
         path = predict.checkpoint_path(args.checkpoint)
         model, ckpt = predict.load(path, device)
         dataset = predict.test_data(ckpt, args.dataset, args.data_dir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     out = Path(args.out) if args.out else path.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     analysis = analyse(model, dataset, device, args)

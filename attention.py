@@ -85,24 +85,19 @@ class Attention(nn.Module):
     """Multi-head self-attention; `latent` names the projections (q, k, v, o) that are low-rank with rank
     `latent_dim`. The softmax runs in F.scaled_dot_product_attention (tests compare it with attention_probs)."""
 
-    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64, shared_kv_latent: bool = False):
+    def __init__(self, dim: int, heads: int, latent: str = "", latent_dim: int = 64):
         super().__init__()
         letters = check_shape(dim, heads, latent, latent_dim)
         self.heads = heads
-        self.shared_kv = shared_kv_latent and {"k", "v"} <= letters
         rank = {letter: latent_dim if letter in letters else 0 for letter in LATENT_LETTERS}
         self.to_q = projection(dim, dim, rank["q"])
-        if self.shared_kv:
-            # DeepSeek-V2's joint compression: one down-projection c_kv = W_dkv x, whose up-projection gives [k; v].
-            self.to_kv = LowRankLinear(dim, 2 * dim, latent_dim)
-        else:
-            self.to_k, self.to_v = projection(dim, dim, rank["k"]), projection(dim, dim, rank["v"])
+        self.to_k = projection(dim, dim, rank["k"])
+        self.to_v = projection(dim, dim, rank["v"])
         self.to_out = projection(dim, dim, rank["o"])
 
     def heads_qkv(self, x):
         """q, k, v of x (b, n, dim), each (b, heads, n, head dim)."""
-        k, v = self.to_kv(x).chunk(2, dim=-1) if self.shared_kv else (self.to_k(x), self.to_v(x))
-        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), k, v)]
+        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), self.to_k(x), self.to_v(x))]
 
     def forward(self, x):
         out = F.scaled_dot_product_attention(*self.heads_qkv(x))  # scale 1/sqrt(head dim), as attention_probs
@@ -115,20 +110,11 @@ class Attention(nn.Module):
 
     def dense(self) -> dict:
         """{letter: (weight, bias)} of q, k, v, o: the map each applies (a low-rank one as up @ down)."""
-        if self.shared_kv:
-            # The shared latent's stacked [W_k; W_v] and [b_k; b_v], split into (W_k, b_k) and (W_v, b_v).
-            k, v = zip(*[t.chunk(2) for t in self.to_kv.dense()])
-        else:
-            k, v = self.to_k.dense(), self.to_v.dense()
-        return {"q": self.to_q.dense(), "k": k, "v": v, "o": self.to_out.dense()}
+        return {"q": self.to_q.dense(), "k": self.to_k.dense(), "v": self.to_v.dense(), "o": self.to_out.dense()}
 
     def load_dense(self, dense: dict):
         """Takes the maps of `dense` (as `dense()` gives them), each by truncated SVD where it is low-rank."""
         self.to_q.load_dense(*dense["q"])
-        if self.shared_kv:
-            # The best joint approximation of the stacked [W_k; W_v] at this rank: one down, one stacked up.
-            self.to_kv.load_dense(*[torch.cat(pair) for pair in zip(dense["k"], dense["v"])])
-        else:
-            self.to_k.load_dense(*dense["k"])
-            self.to_v.load_dense(*dense["v"])
+        self.to_k.load_dense(*dense["k"])
+        self.to_v.load_dense(*dense["v"])
         self.to_out.load_dense(*dense["o"])

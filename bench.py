@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity
 
 import augment
 import data
+import predict
 import run
 import train
 from model import ViT, ViTConfig, count_parameters, forward_macs
@@ -519,13 +520,10 @@ def main(opts):
         opts.time_limit = GPU_CHECK_SECONDS if opts.time_limit is None else opts.time_limit
     vars(opts).update(SMOKE if opts.smoke else {})
     unknown = [s for s in opts.sections.split(",") if s not in SECTIONS]
-    try:
+    with predict.user_errors("bench.py"):
         if unknown:
             raise ValueError(f"--sections {','.join(unknown)}: choose from {', '.join(SECTIONS)}")
         device = run.device_of(opts.device)
-    except ValueError as e:  # one line, exit 2, as every script's bad input
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
     # Sizes: a GPU step takes milliseconds, a CPU step seconds.
     gpu = device.type == "cuda"

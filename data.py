@@ -286,18 +286,14 @@ def read_lines(path: Path) -> list:
 
 def load_tiny_imagenet(root, size=None, max_bytes=None) -> ImageData:
     """Tiny-ImageNet-200 as its archive unpacks, read in place: train/<wnid>/images/*.JPEG through ImageFolder, and
-    val/images/*.JPEG labelled by val/val_annotations.txt, or val/<wnid>/ where a script has sorted them so; each
-    class named by words.txt. Its test split has no labels."""
+    val/images/*.JPEG labelled by val/val_annotations.txt; each class named by words.txt. Its test split has no
+    labels."""
     folder = Path(root) / TINY_FOLDER
     if not (folder / "train").is_dir():
         raise FileNotFoundError(f"tinyimagenet not found in {folder}")
     train = ImageFolder(folder / "train")
     val = folder / "val"
-    if (val / "images").is_dir():
-        val_samples = [(str(val / "images" / file), wnid) for file, wnid, *_ in read_lines(val / "val_annotations.txt")]
-    else:
-        sorted_val = ImageFolder(val)
-        val_samples = [(path, sorted_val.classes[label]) for path, label in sorted_val.samples]
+    val_samples = [(str(val / "images" / file), wnid) for file, wnid, *_ in read_lines(val / "val_annotations.txt")]
     unknown = sorted({wnid for _, wnid in val_samples} - set(train.classes))
     if unknown:
         raise ValueError(f"{val} has classes not in train/: {', '.join(unknown)}")

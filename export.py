@@ -170,12 +170,9 @@ def get_args_parser():
 
 
 def main(args):
-    try:
+    with predict.user_errors("export.py"):
         # The source, read as predict.py reads it.
         model, ckpt = predict.load(args.source, "cpu")
-        if "data" not in ckpt:
-            raise ValueError(f"checkpoint {args.source}: no class names and normalisation (written before train.py "
-                             f"stored them)")
 
         # The formats asked for; unset, those the model can take.
         reasons = {fmt: why_not(fmt, model) for fmt in args.format or FORMATS}
@@ -215,9 +212,6 @@ def main(args):
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"{out} is not a writable folder ({e.strerror or e})") from None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
     # Each file under a temporary name, then renamed: whole or absent, with the user's umask.
     for name, payload in outputs.items():

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_map
 
 
 class DiskFull(OSError):
-    pass
+    """No space left for a file of the run; the message names the file and the bytes it needed."""
 
 
 @contextlib.contextmanager

@@ -54,8 +54,6 @@ class Lion(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("Lion does not support sparse gradients")
             for p in params:
                 if not self.state[p]:
                     self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

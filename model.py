@@ -18,7 +18,8 @@ from attention import Attention, check_shape, parse_latent, projection
 
 CLS_POOLS = ("concat", "mean")
 POS_EMBEDS = ("learned", "sincos")
-PATCH_INITS = ("pytorch", "trunc_normal")
+# Config fields that older checkpoints hold, at the one value this code builds: read as absent.
+RETIRED_FIELDS = {("patch_init", "pytorch"), ("shared_kv_latent", False)}
 
 
 @dataclass
@@ -34,10 +35,8 @@ class ViTConfig:
     num_cls: int = 1
     cls_pool: str = "concat"
     pos_embed: str = "learned"
-    patch_init: str = "pytorch"
     latent: str = ""
     latent_dim: int = 64
-    shared_kv_latent: bool = False
     mlp_latent_dim: int = 0
     drop_path: float = 0.1
 
@@ -48,7 +47,7 @@ class ViTConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide img_size={self.img_size}")
-        for name, choices in (("cls_pool", CLS_POOLS), ("pos_embed", POS_EMBEDS), ("patch_init", PATCH_INITS)):
+        for name, choices in (("cls_pool", CLS_POOLS), ("pos_embed", POS_EMBEDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(choices)}")
         if self.pos_embed == "sincos" and self.dim % 4:
@@ -102,7 +101,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.latent, cfg.latent_dim, cfg.shared_kv_latent)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.latent, cfg.latent_dim)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.mlp = FeedForward(cfg.dim, cfg.mlp_dim, cfg.mlp_latent_dim)
         self.drop_path = StochasticDepth(drop_path, mode="row")
@@ -153,9 +152,8 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        if self.cfg.patch_init == "pytorch":
-            # The seed's patch embedding is a Conv2d its init never touches: PyTorch's default, U(+-1/sqrt(3 p^2)).
-            self.to_patch_embedding[1].reset_parameters()
+        # The seed's patch embedding is a Conv2d its init never touches: PyTorch's default, U(+-1/sqrt(3 p^2)).
+        self.to_patch_embedding[1].reset_parameters()
         nn.init.trunc_normal_(self.cls_tokens, std=0.02)
         if isinstance(self.pos_embedding, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embedding, std=0.02)
@@ -213,7 +211,7 @@ class ViT(nn.Module):
 
 # The config fields a model may change when it takes another model's weights (transfer_weights): its ranks, and
 # what only matters for training from scratch.
-TRANSFER_FREE_FIELDS = {"latent", "latent_dim", "shared_kv_latent", "mlp_latent_dim", "drop_path", "patch_init"}
+TRANSFER_FREE_FIELDS = {"latent", "latent_dim", "mlp_latent_dim", "drop_path"}
 
 
 @torch.no_grad()
@@ -247,8 +245,6 @@ def forward_macs(cfg: ViTConfig) -> int:
         return n * (rank * (in_features + out_features) if rank else in_features * out_features)
 
     projections = sum(linear(d, d, r if letter in letters else 0) for letter in "qkvo")
-    if cfg.shared_kv_latent and {"k", "v"} <= letters:
-        projections -= n * d * r  # K and V share one down-projection
     mlp = linear(d, cfg.mlp_dim, cfg.mlp_latent_dim) + linear(cfg.mlp_dim, d, cfg.mlp_latent_dim)
     per_block = projections + 2 * n * n * d + mlp
     head_in = cfg.num_cls * d if cfg.cls_pool == "concat" else d

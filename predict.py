@@ -6,6 +6,7 @@ checkpoint.pt.
     python predict.py predict runs/demo my_images/ --top-k 3 --out predictions.csv   # or one image file
 """
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -15,6 +16,17 @@ import torch.nn.functional as F
 
 import data
 import run
+
+
+@contextlib.contextmanager
+def user_errors(script: str):
+    """Inside: bad input (a ValueError or FileNotFoundError) ends the script with one line, `script: error: ...`, and
+    exit code 2, as every script of PoorViTs says it."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def checkpoint_path(path) -> Path:
@@ -114,9 +126,6 @@ def run_evaluate(args, model, ckpt, device):
 def run_predict(args, model, ckpt, device):
     if args.top_k <= 0:
         raise ValueError(f"--top-k {args.top_k} must be positive")
-    if "data" not in ckpt:
-        raise ValueError(f"checkpoint {args.checkpoint}: no class names and normalisation (written before "
-                         f"train.py stored them)")
     path = Path(args.images)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (an image file or a folder of them)")
@@ -133,13 +142,10 @@ def run_predict(args, model, ckpt, device):
 
 
 def main(args):
-    try:
+    with user_errors("predict.py"):
         device = run.device_of(args.device)
         model, ckpt = load(args.checkpoint, device)
         return (run_evaluate if args.command == "evaluate" else run_predict)(args, model, ckpt, device)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

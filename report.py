@@ -8,6 +8,7 @@ paper column read otherwise than our default (depth, RA mode, precision, lr...) 
 so does a run on another dataset than CIFAR-10, shown next to that dataset's reference, never the paper's figure.
 """
 import argparse
+import csv
 import errno
 import fcntl
 import json
@@ -22,42 +23,16 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-# arXiv 2501.06220, Table 1 (CIFAR-10 top-1 %, one seed each; runtime in seconds, GPU not stated), in its layout.
-PAPER = [
-    ("Baseline", "baseline", "baseline", 4658, 93.65),
-    ("Augmentation", "-AutoAugment", "no-aa", 4684, 92.14),
-    ("Augmentation", "-Mixup", "no-mixup", 4656, 93.68),
-    ("Augmentation", "-CutMix", "no-cutmix", 4651, 92.77),
-    ("Patch", "sin-cos positions", "sin", 4687, 93.43),
-    ("Patch", "whitening init", "whiten", 4676, 93.28),
-    ("MLA", "qkv", "mla-qkv", 4805, 91.80),
-    ("MLA", "kv", "mla-kv", 4756, 92.43),
-    ("MLA", "qk", "mla-qk", 4785, 92.42),
-    ("MLA", "q", "mla-q", 4716, 93.32),
-    ("MLA", "k", "mla-k", 4711, 92.50),
-    ("DDP", "global batch 256", "ddp-bs256", 3582, 93.44),
-    ("DDP", "global batch 1024", "ddp-bs1024", 1371, 92.09),
-    ("DDP", "Lion, batch 1024", "lion-bs1024", 1545, 92.38),
-    ("Multi-CLS", "2 CLS tokens", "cls-2", None, None),
-    ("Multi-CLS", "4 CLS tokens", "cls-4", None, None),
-]
+# arXiv 2501.06220, Table 1 (CIFAR-10 top-1 %, one seed each; runtime in seconds, GPU not stated), in its layout, one
+# row per column: group, name, make target, runtime and accuracy (empty: no number published).
+with open(Path(__file__).with_name("paper_table.csv"), newline="") as table:
+    PAPER = [(group, name, target, int(time) if time else None, float(acc) if acc else None)
+             for group, name, target, time, acc in list(csv.reader(table))[1:]]
 PAPER_TARGETS = {row[2] for row in PAPER}
 DDP_TARGETS = ("ddp-bs256", "ddp-bs1024", "lion-bs1024")
 # The same ViT (dim 192, depth 9, 12 heads, MLP x2), 100 epochs of this recipe at batch 128, on other datasets.
 REFERENCE = {"cifar100": 73.81, "svhn": 97.82, "tinyimagenet": 57.07}
-REFERENCE_SOURCE = ("the SPT/LSA paper's ViT (Lee et al. 2021, github.com/aanna0701/SPT_LSA_ViT README, \"Small-Size "
-                    "Dataset Classification\"; SVHN with flips and its AutoAugment policy; Tiny-ImageNet at 64 px, "
-                    "patch 8)")
-
-
-def precision_of(summary: dict) -> str:
-    """The precision a run trained in. Runs from before --amp-dtype have no "precision": their --amp was bf16, and
-    a run whose args do not say "amp" is taken to have passed it, as every table target does."""
-    if summary.get("precision"):
-        return summary["precision"]
-    if summary.get("args", {}).get("amp") is False:
-        return "fp32"
-    return "bf16"
+REFERENCE_SOURCE = "the SPT/LSA paper's ViT (Lee et al. 2021, aanna0701/SPT_LSA_ViT): its settings in docs/datasets.md"
 
 
 def reading(summary: dict, target: str) -> str:
@@ -73,8 +48,10 @@ def reading(summary: dict, target: str) -> str:
         value = args.get(key, default)
         if value != default:
             other.append(label if default is False else f"{label} {value}")
-    if precision_of(summary) != "bf16":
-        other.append(precision_of(summary))
+    # Every table target passes --amp: bf16 is our default reading.
+    precision = summary.get("precision", "bf16")
+    if precision != "bf16":
+        other.append(precision)
     return ", ".join(other)
 
 
@@ -124,17 +101,6 @@ def column_key(folder: Path, summary: dict):
     return target, ", ".join(filter(None, readings))
 
 
-def read_metrics(path: Path, problems) -> list:
-    """The records of a metrics.jsonl; a line that is not JSON is skipped and named in `problems`."""
-    records = []
-    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            problems.append(f"{path}: line {number} is not JSON (skipped)")
-    return records
-
-
 def holder_of(folder: Path):
     """Who trains in `folder` now ("pid N on host", from its .lock), or None: a train.py holds an OS lock on its
     .lock for its whole life, so a shared lock is refused to us (and granted, then dropped at once, when none runs)."""
@@ -179,7 +145,10 @@ def load_runs(root: Path, with_metrics: bool = False):
             problems.append(f"{folder}: incomplete ({summary.get('epochs_done')} of {summary.get('epochs')} epochs); "
                             f"continue it with --resume {folder / 'checkpoint.pt'}")
             continue
-        metrics = read_metrics(folder / "metrics.jsonl", problems) if with_metrics else []
+        metrics = []
+        if with_metrics:
+            # A complete run's records are whole lines (train.py drops a partial one when it resumes).
+            metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         runs.append(RunResult(folder, column_key(folder, summary), seed, summary, metrics))
     return runs, problems
 

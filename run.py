@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import files
-from model import ViT, ViTConfig
+from model import RETIRED_FIELDS, ViT, ViTConfig
 
 
 # ---- what can go wrong: each cause a job scheduler can act on has its exit code (docs/reliability.md)
@@ -37,7 +37,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class OutputDirInUse(RuntimeError):
-    pass
+    """Another process holds the run's output folder (its .lock)."""
 
 
 class FailedOnRank0(Exception):
@@ -281,7 +281,7 @@ def read_checkpoint(path, flag):
             raise ValueError(f"{flag} {path}: refused: it holds objects that would run code when loaded; only "
                              f"tensors and plain values are loaded (weights_only=True)") from None
         raise ValueError(f"{flag} {path}: not a readable checkpoint ({first_line(e)})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "args", "step"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"model", "config", "args", "step", "data"} <= ckpt.keys():
         raise ValueError(f"{flag} {path}: not a checkpoint written by train.py")
     return ckpt
 
@@ -290,7 +290,8 @@ def load_model(path, flag):
     """The trained ViT of a checkpoint, on the CPU, and the checkpoint; or a one-line ValueError naming `flag`."""
     ckpt = read_checkpoint(path, flag)
     try:
-        model = ViT(ViTConfig(**ckpt["config"]))
+        config = {key: value for key, value in ckpt["config"].items() if (key, value) not in RETIRED_FIELDS}
+        model = ViT(ViTConfig(**config))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{flag} {path}: not a model this code can build ({first_line(e)})") from None
@@ -513,13 +514,10 @@ class Session:
         if isinstance(error, files.DiskFull):
             return files.DiskFull(f"{error}; {last_good}: free space, then --resume auto continues the run")
         if isinstance(error, torch.OutOfMemoryError):
-            world_size = self.ranks.world_size
-            processes = f"{world_size} processes" if world_size > 1 else "1 process"
             return torch.OutOfMemoryError(
-                f"out of memory after {self.state.step} steps, with {self.args.batch_size // world_size} images per "
-                f"process (--batch-size {self.args.batch_size} over {processes}); {last_good}: free the device's "
-                f"memory, then --resume auto continues the run; or start a new run that needs less: a smaller "
-                f"--batch-size, more processes (torchrun --nproc_per_node), --amp")
+                f"out of memory after {self.state.step} steps at --batch-size {self.args.batch_size} over "
+                f"{self.ranks.world_size} process(es); {last_good}: free the device's memory, then --resume auto "
+                f"continues the run; or start a new run that needs less: a smaller --batch-size, more processes, --amp")
         return error
 
     def summary(self, failure, seconds) -> dict:

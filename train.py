@@ -44,7 +44,7 @@ import files
 import run
 from augment import BatchAugment, DeviceLoader
 from lion import Lion
-from model import CLS_POOLS, PATCH_INITS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs, transfer_weights
+from model import CLS_POOLS, POS_EMBEDS, ViT, ViTConfig, count_parameters, forward_macs, transfer_weights
 
 OPTIMIZERS = ("adamw", "lion", "muon")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -116,10 +116,8 @@ def get_args_parser():
     add("--num-cls", default=1, type=POSITIVE_INT, help="CLS tokens")
     add("--cls-pool", default="concat", choices=CLS_POOLS, help="how the CLS outputs reach the head")
     add("--pos-embed", default="learned", choices=POS_EMBEDS, help="position embedding")
-    add("--patch-init", default="pytorch", choices=PATCH_INITS, help="pytorch: the seed's (Conv2d's default init)")
     add("--latent", default="", help="low-rank attention projections, any of q, k, v, o (o: the output; e.g. kv)")
     add("--latent-dim", default=64, type=POSITIVE_INT, help="rank of the low-rank attention projections")
-    add("--shared-kv-latent", action="store_true", help="K and V share one latent (DeepSeek-V2)")
     add("--mlp-latent-dim", default=0, type=COUNT, help="rank of both MLP layers (down, no bias -> up); 0: full")
     add("--drop-path", default=0.1, type=FRACTION, help="stochastic depth rate of the last block")
     add("--whiten", action="store_true", help="whitening init of the patch embedding")
@@ -461,10 +459,9 @@ def train_epochs(model, model_without_ddp, optimizers, schedulers, loader, mix, 
 
 def restore(ckpt, model, optimizers, schedulers, scaler, state):
     model.load_state_dict(ckpt["model"])
-    for optimizer, saved in zip(optimizers, ckpt["optimizers"], strict=True):
-        optimizer.load_state_dict(saved)
-    for scheduler, saved in zip(schedulers, ckpt["schedulers"], strict=True):
-        scheduler.load_state_dict(saved)
+    # Each optimizer and its scheduler, in the order the checkpoint lists them.
+    for part, saved in zip([*optimizers, *schedulers], [*ckpt["optimizers"], *ckpt["schedulers"]], strict=True):
+        part.load_state_dict(saved)
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     state.load(ckpt)

@@ -98,10 +98,10 @@ def write_folder(root, spec, size=(40, 24)):
 TINY_WNIDS = ["n01443537", "n01629819", "n09999999"]
 
 
-def write_tiny_imagenet(root, per_class=3, val_per_class=2, size=64, sorted_val=False, seed=0):
+def write_tiny_imagenet(root, per_class=3, val_per_class=2, size=64, seed=0):
     """A Tiny-ImageNet-200 tree as its archive unpacks (JPEGs at `size`, boxes files, wnids.txt, words.txt with more
-    wnids than the classes, val/images + val/val_annotations.txt, an unlabelled test/), 3 classes. sorted_val: val
-    as a conversion script leaves it, val/<wnid>/images/*.JPEG. Returns the folder and {val file: wnid}."""
+    wnids than the classes, val/images + val/val_annotations.txt, an unlabelled test/), 3 classes. Returns the folder
+    and {val file: wnid}."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "tiny-imagenet-200"
 
@@ -116,7 +116,7 @@ def write_tiny_imagenet(root, per_class=3, val_per_class=2, size=64, sorted_val=
             "".join(f"{wnid}_{i}.JPEG\t0\t1\t20\t30\n" for i in range(per_class)))
     val = {f"val_{i}.JPEG": TINY_WNIDS[(i * 2) % len(TINY_WNIDS)] for i in range(val_per_class * len(TINY_WNIDS))}
     for name, wnid in val.items():
-        jpeg(folder / "val" / (f"{wnid}/images" if sorted_val else "images") / name)
+        jpeg(folder / "val" / "images" / name)
     (folder / "val" / "val_annotations.txt").write_text(
         "".join(f"{name}\t{wnid}\t0\t1\t20\t30\n" for name, wnid in val.items()))
     jpeg(folder / "test" / "images" / "test_0.JPEG")

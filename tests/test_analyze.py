@@ -22,13 +22,12 @@ def images(n=6, seed=0):
 
 
 def test_spectra_equal_svdvals_of_each_map():
-    model = tiny(latent="qkvo", latent_dim=5, shared_kv_latent=True, mlp_latent_dim=7)
+    model = tiny(latent="qkvo", latent_dim=5, mlp_latent_dim=7)
     spectrum = analyze.spectra(model)
     assert set(spectrum) == {(i, name) for i in range(2) for name in analyze.MATRICES}
     attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
     by_hand = {"q": attn.to_q.up.weight @ attn.to_q.down.weight,
-               "k": attn.to_kv.up.weight[:32] @ attn.to_kv.down.weight,
-               "v": attn.to_kv.up.weight[32:] @ attn.to_kv.down.weight,
+               "k": attn.to_k.up.weight @ attn.to_k.down.weight, "v": attn.to_v.up.weight @ attn.to_v.down.weight,
                "o": attn.to_out.up.weight @ attn.to_out.down.weight,
                "fc1": mlp.fc1.up.weight @ mlp.fc1.down.weight, "fc2": mlp.fc2.up.weight @ mlp.fc2.down.weight}
     for name, product in by_hand.items():
@@ -95,18 +94,6 @@ def test_cls_attention_maps_are_distributions_over_the_tokens():
     torch.testing.assert_close(maps, weights[:, :3], atol=1e-6, rtol=1e-5)
 
 
-def test_cls_similarity_is_the_mean_cosine_between_cls_outputs():
-    model, x = tiny(num_cls=3), torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    similarity = analyze.cls_similarity(model, x, data.Normalize(*stats), "cpu")
-    cls = model.cls_outputs((x.float() / 255 - 0.5) / 0.25).detach()
-    for i in range(3):
-        for j in range(3):
-            expected = F.cosine_similarity(cls[:, i], cls[:, j], dim=-1).mean().item()
-            assert similarity[i, j].item() == pytest.approx(expected, abs=1e-5)
-    assert not torch.allclose(similarity, torch.ones(3, 3, dtype=similarity.dtype))
-
-
 def test_analyze_writes_the_report_and_every_plot(trained_run, tmp_path):
     args = analyze.get_args_parser().parse_args([str(trained_run), "--out", str(tmp_path), "--device", "cpu",
                                                  "--images", "120", "--rank-steps", "3", "--cls-images", "3"])
@@ -123,7 +110,7 @@ def test_analyze_writes_the_report_and_every_plot(trained_run, tmp_path):
     for heading in ("## Effective rank", "## Post-hoc rank truncation", "## CLS tokens", "## Per-class accuracy"):
         assert heading in text
     assert f"accuracy {result.result['acc']:.2f}%" in text
-    for name in analyze.plot_names(2):
+    for name in analyze.PLOTS:
         assert f"({name}.png)" in text
         with Image.open(tmp_path / f"{name}.png") as png:
             assert png.size[0] > 200 and png.size[1] > 100

@@ -8,9 +8,9 @@ from attention import Attention, LowRankLinear, svd_factors
 VARIANTS = ["", "q", "k", "v", "o", "kv", "qk", "qkv", "vq", "qkvo"]
 
 
-def make_attention(latent="", shared=False, dim=32, heads=4, rank=8):
+def make_attention(latent="", dim=32, heads=4, rank=8):
     torch.manual_seed(0)
-    return Attention(dim, heads, latent=latent, latent_dim=rank, shared_kv_latent=shared)
+    return Attention(dim, heads, latent=latent, latent_dim=rank)
 
 
 def n_params(module):
@@ -27,18 +27,16 @@ def test_sdpa_matches_softmax_written_out():
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), plain_attention(q, k, v))
 
 
-@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("latent", VARIANTS)
-def test_every_variant_equals_its_projections_with_the_softmax_written_out(latent, shared, monkeypatch):
+def test_every_variant_equals_its_projections_with_the_softmax_written_out(latent, monkeypatch):
     """The reference: each projection module called on its own, then plain_attention."""
-    attn, x = make_attention(latent, shared), torch.randn(3, 7, 32)
+    attn, x = make_attention(latent), torch.randn(3, 7, 32)
     with sdpa_kernel(SDPBackend.MATH):
         math_kernel = attn(x)
     monkeypatch.setattr(F, "scaled_dot_product_attention", plain_attention)
     reference = attn(x)
     torch.testing.assert_close(attn(x), math_kernel, atol=1e-5, rtol=1e-5)
-    k, v = attn.to_kv(x).chunk(2, dim=-1) if attn.shared_kv else (attn.to_k(x), attn.to_v(x))
-    heads = [t.reshape(3, 7, 4, 8).transpose(1, 2) for t in (attn.to_q(x), k, v)]
+    heads = [t.reshape(3, 7, 4, 8).transpose(1, 2) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x))]
     by_hand = attn.to_out(plain_attention(*heads).transpose(1, 2).reshape(3, 7, 32))
     torch.testing.assert_close(reference, by_hand, atol=1e-6, rtol=1e-6)
     monkeypatch.undo()
@@ -49,17 +47,6 @@ def test_every_variant_equals_its_projections_with_the_softmax_written_out(laten
 def test_each_compressed_projection_saves_12288_at_rank_64(latent):
     full = n_params(Attention(192, 12))
     assert full - n_params(Attention(192, 12, latent=latent, latent_dim=64)) == 12_288 * len(latent)
-
-
-def test_shared_kv_latent_saves_one_more_down_projection():
-    separate = n_params(Attention(192, 12, latent="kv", latent_dim=64))
-    shared = n_params(Attention(192, 12, latent="kv", latent_dim=64, shared_kv_latent=True))
-    assert separate - shared == 192 * 64
-    assert n_params(Attention(192, 12)) - shared == 3 * 12_288
-
-
-def test_shared_kv_latent_needs_both_k_and_v():
-    assert n_params(make_attention("k", shared=True)) == n_params(make_attention("k"))
 
 
 @pytest.mark.parametrize("latent", ["q", "kv", "qkv", "o"])
@@ -98,7 +85,7 @@ def test_invalid_settings_raise_clear_value_error(kwargs, message):
 
 
 def test_attention_probs_are_distributions_and_give_the_output():
-    attn, x = make_attention("kv", shared=True), torch.randn(2, 6, 32)
+    attn, x = make_attention("kv"), torch.randn(2, 6, 32)
     probs = attn.attention_probs(x)
     assert probs.shape == (2, 4, 6, 6) and (probs >= 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 6))
@@ -137,12 +124,3 @@ def test_low_rank_modules_load_a_dense_map_by_truncated_svd():
     assert torch.equal(dense_bias, bias) and low.down.bias is None
     x = torch.randn(3, 12, generator=g)
     torch.testing.assert_close(low(x), x @ dense_weight.T + bias)
-    # The shared K/V latent: the best joint approximation of [W_k; W_v], one down-projection for both.
-    shared = Attention(12, 3, "kv", 5, shared_kv_latent=True)
-    k, v = (torch.randn(12, 12, generator=g), torch.randn(12, generator=g)), (torch.randn(12, 12, generator=g),
-                                                                              torch.zeros(12))
-    shared.load_dense({**shared.dense(), "k": k, "v": v})
-    stacked = torch.matmul(*svd_factors(torch.cat([k[0], v[0]]), 5))
-    (wk, bk), (wv, bv) = shared.dense()["k"], shared.dense()["v"]
-    torch.testing.assert_close(torch.cat([wk, wv]), stacked, atol=1e-5, rtol=1e-5)
-    assert torch.equal(bk, k[1]) and torch.equal(bv, v[1])

@@ -162,9 +162,8 @@ def test_missing_or_damaged_svhn_file_is_named(tmp_path, monkeypatch):
         data.load_dataset("svhn", tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("sorted_val", [False, True])
-def test_tinyimagenet_reads_its_tree_in_place_and_a_sorted_val(tmp_path, sorted_val):
-    folder, val = write_tiny_imagenet(tmp_path, size=16, sorted_val=sorted_val)
+def test_tinyimagenet_reads_its_tree_in_place(tmp_path):
+    folder, val = write_tiny_imagenet(tmp_path, size=16)
     files = sorted(p for p in tmp_path.rglob("*"))
     for path in files:  # read-only: the loader writes nothing, converts nothing
         path.chmod(0o555 if path.is_dir() else 0o444)
@@ -180,7 +179,7 @@ def test_tinyimagenet_reads_its_tree_in_place_and_a_sorted_val(tmp_path, sorted_
     # Each val image labelled by val_annotations.txt, its pixels the JPEG's as PIL decodes it.
     expected = {}
     for name, wnid in val.items():
-        path = folder / "val" / (f"{wnid}/images" if sorted_val else "images") / name
+        path = folder / "val" / "images" / name
         pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
         expected[name] = (pixels, ["n01443537", "n01629819", "n09999999"].index(wnid))
     assert sorted(ds.test_labels.tolist()) == sorted(label for _, label in expected.values())
@@ -252,13 +251,21 @@ def test_digits_are_real_images_split_deterministically():
 
 
 # ---- imagefolder
-def test_imagefolder_resizes_any_size_to_the_size_asked_rgb(tmp_path):
+def test_imagefolder_resizes_any_size_bilinearly_to_the_size_asked_rgb(tmp_path):
     write_folder(tmp_path, {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 2})
+    # A greyscale image of another size, read as RGB.
+    grey = np.random.default_rng(1).integers(0, 256, size=(45, 60), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "train/dog/grey.png")
     (tmp_path / "train/cat/notes.txt").write_text("not an image")
     ds = data.load_dataset("imagefolder", tmp_path, size=32)
     assert ds.classes == ["cat", "dog"]
-    assert ds.train_images.shape == (5, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1]
+    assert ds.train_images.shape == (6, 3, 32, 32) and ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert ds.test_labels.tolist() == [0, 1, 1]
+    # The reference: PIL's bilinear filter on each file (in ImageFolder's order); nearest or a crop would differ.
+    for split, images in (("train", ds.train_images), ("val", ds.test_images)):
+        files = sorted(tmp_path.glob(f"{split}/*/*.png"))
+        expected = [np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)) for f in files]
+        assert torch.equal(images, torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2))
     assert ds.mean == pytest.approx(tuple(ds.train_images.double().div(255).mean((0, 2, 3)).tolist()))
 
 
@@ -483,12 +490,12 @@ def test_cutmix_weights_the_partner_by_the_pixels_it_gave():
 
 
 # ---- repeated-augmentation sampler
-def epoch_slots(num_images, batch, reps, world_size, epoch=0, start_step=0, mode="shuffles"):
+def epoch_slots(num_images, batch, reps, world_size, epoch=0, mode="shuffles"):
     per_rank = []
     for rank in range(world_size):
         sampler = data.RepeatedAugmentationSampler(num_images, batch, reps, rank, world_size, seed=3, mode=mode)
-        sampler.set_epoch(epoch, start_step)
-        per_rank.append(sampler.epoch_order()[start_step * sampler.batch:].tolist())
+        sampler.set_epoch(epoch)
+        per_rank.append(sampler.epoch_order().tolist())
     return per_rank
 
 
@@ -539,11 +546,14 @@ def test_ranks_split_each_global_batch_of_the_single_process_order(mode):
     assert global_batches(ranks, 4) == global_batches([single], 8)  # the same samples at the same steps
 
 
-def test_epochs_differ_and_start_step_skips_whole_batches():
+def test_epochs_differ_and_the_order_is_the_whole_epochs_whatever_the_start_step():
     (e0,), (e1,) = epoch_slots(40, 8, 2, 1, epoch=0), epoch_slots(40, 8, 2, 1, epoch=1)
     assert e0 != e1
-    (resumed,) = epoch_slots(40, 8, 2, 1, epoch=1, start_step=3)
-    assert resumed == e1[24:]
+    # The sampler's order always starts at step 0; the loader skips the first start_step batches of it
+    # (test_batch_augment.py::test_device_loader_resumes_mid_chunk_with_the_same_batches).
+    sampler = data.RepeatedAugmentationSampler(40, 8, 2, seed=3)
+    sampler.set_epoch(1, start_step=3)
+    assert sampler.epoch_order().tolist() == e1
 
 
 def test_incomplete_last_batch_is_dropped():

@@ -133,16 +133,16 @@ def check_onnx(path, model, stats):
 
 
 def test_onnx_of_a_low_rank_sincos_model(tmp_path):
-    model = tiny_checkpoint(tmp_path / "ckpt.pt", latent="qkvo", latent_dim=8, shared_kv_latent=True, mlp_latent_dim=8,
+    model = tiny_checkpoint(tmp_path / "ckpt.pt", latent="qkvo", latent_dim=8, mlp_latent_dim=8,
                             pos_embed="sincos", num_cls=3, cls_pool="mean")
     export_main(tmp_path / "ckpt.pt", tmp_path / "out", "--format", "onnx")
     check_onnx(tmp_path / "out" / "model.onnx", model, DATA)
 
 
 TIMM_CONFIGS = [dict(), dict(pos_embed="sincos"), dict(latent="q"), dict(latent="k"), dict(latent="v"),
-                dict(latent="o"), dict(latent="kv", shared_kv_latent=True), dict(mlp_latent_dim=6),
+                dict(latent="o"), dict(latent="kv"), dict(mlp_latent_dim=6),
                 dict(cls_pool="mean"),
-                dict(latent="qkvo", latent_dim=5, shared_kv_latent=True, mlp_latent_dim=7, pos_embed="sincos")]
+                dict(latent="qkvo", latent_dim=5, mlp_latent_dim=7, pos_embed="sincos")]
 
 
 @pytest.mark.parametrize("config", TIMM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "base")
@@ -228,9 +228,9 @@ def write_safetensors(path, metadata):
 @pytest.mark.parametrize("name, content, message", [
     ("bad.pt", lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
     ("bad.pt", lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
-    ("bad.pt", lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0}, path),
+    ("bad.pt", lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0, "data": {}}, path),
      "not a model this code can build"),
-    ("bad.pt", lambda path: without_data(path), "no class names and normalisation"),
+    ("bad.pt", lambda path: without_data(path), "not a checkpoint written by train.py"),
     ("bad.safetensors", lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable safetensors file"),
     ("bad.safetensors", lambda path: write_safetensors(path, {"format": "pt"}), "not a model written by export.py"),
 ])

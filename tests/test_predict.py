@@ -8,6 +8,7 @@ from PIL import Image
 
 import data
 import predict
+from model import ViT, ViTConfig
 
 
 def parse(*argv):
@@ -41,7 +42,7 @@ def write_png(path, image_chw):
     Image.fromarray(image_chw.permute(1, 2, 0).numpy()).save(path)
 
 
-def test_predict_writes_top_k_csv_that_agrees_with_evaluation(trained_run, tmp_path):
+def test_predict_writes_the_top_k_labels_and_probabilities_of_each_image_as_csv(trained_run, tmp_path):
     dataset = data.load_digits()
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
@@ -50,24 +51,38 @@ def test_predict_writes_top_k_csv_that_agrees_with_evaluation(trained_run, tmp_p
     big = np.asarray(Image.fromarray(dataset.test_images[5].permute(1, 2, 0).numpy()).resize((70, 50)))
     Image.fromarray(big).save(folder / "sub" / "wide.jpg")
     (folder / "notes.txt").write_text("not an image")
+    # The run's checkpoint with class names that are not their indices' text (digits' are "0".."9").
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    ckpt["data"]["classes"] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    torch.save(ckpt, tmp_path / "named.pt")
     out = tmp_path / "predictions.csv"
-    probs, indices = predict.main(parse("predict", trained_run, folder, "--top-k", "3", "--out", out,
+    probs, indices = predict.main(parse("predict", tmp_path / "named.pt", folder, "--top-k", "3", "--out", out,
                                         "--device", "cpu"))
     rows = list(csv.DictReader(out.open()))
-    assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["0.png", "1.png", "2.png", "3.png", "4.png", "wide.jpg"]
-    model, _ = predict.load(trained_run, "cpu")
-    expected = predict.logits_of(model, dataset.test_images[:5], data.Normalize(dataset.mean, dataset.std), "cpu").softmax(1)
-    for row, p in zip(rows, expected):
-        top = p.topk(3)
-        assert [row[f"label_{i}"] for i in (1, 2, 3)] == [str(c) for c in top.indices.tolist()]
-        assert [float(row[f"prob_{i}"]) for i in (1, 2, 3)] == pytest.approx(top.values.tolist(), abs=1e-6)
-    assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(1) <= 1 + 1e-6).all()
+    assert list(rows[0]) == ["file", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
+    files = [folder / f"{i}.png" for i in range(5)] + [folder / "sub" / "wide.jpg"]
+    assert [r["file"] for r in rows] == [str(f) for f in files]
+    # The reference: the pixels as written (the JPEG decoded and resized to 32x32 by PIL's bilinear filter),
+    # normalised the textbook way with the run's statistics, through the checkpoint's model.
+    model = ViT(ViTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    wide = np.asarray(Image.open(files[5]).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    pixels = torch.cat([dataset.test_images[:5], torch.from_numpy(wide.copy()).permute(2, 0, 1)[None]])
+    mean, std = (torch.tensor(ckpt["data"][key]).view(3, 1, 1) for key in ("mean", "std"))
+    with torch.no_grad():
+        expected = model.eval()((pixels / 255 - mean) / std).softmax(1).topk(3)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(probs, expected.values, atol=1e-6, rtol=1e-5)
+    for row, top_probs, top_classes in zip(rows, expected.values.tolist(), expected.indices.tolist()):
+        assert [row[f"label_{i}"] for i in (1, 2, 3)] == [ckpt["data"]["classes"][c] for c in top_classes]
+        assert [float(row[f"prob_{i}"]) for i in (1, 2, 3)] == pytest.approx(top_probs, abs=1e-6)
+    assert len({tuple(top) for top in expected.indices.tolist()}) > 1  # not one row repeated
 
 
 @pytest.mark.parametrize("content, message", [
     (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
     (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
-    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0}, path),
+    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0, "data": {}}, path),
      "not a model this code can build"),
 ])
 def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, capsys, content, message):

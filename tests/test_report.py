@@ -228,6 +228,7 @@ def test_runs_of_other_readings_of_the_seed_get_columns_of_their_own(tmp_path):
                            90.0 + i, 91.0 + i)
         summary = json.loads((folder / "summary.json").read_text())
         summary["args"].update({"depth": 9, "ra_mode": "shuffles", "amp": True, **args})
+        summary["precision"] = "bf16" if summary["args"]["amp"] else "fp32"
         (folder / "summary.json").write_text(json.dumps(summary))
     fp16 = write_run(tmp_path, "baseline-fp16-seed0", "baseline", 0, 99.0, 99.0)
     summary = json.loads((fp16 / "summary.json").read_text())
