@@ -161,8 +161,9 @@ def test_each_make_command_of_the_readme_names_a_target_that_runs(command):
 
 def fresh_clone(folder):
     """The project's files in `folder`, as after `git clone` and `make test` (its .venv: this Python, installed)."""
-    for path in [*ROOT.glob("*.py"), ROOT / "Makefile", ROOT / "requirements.txt"]:
-        shutil.copy(path, folder)
+    for path in ROOT.iterdir():  # the top-level files a clone has (paper_table.csv, ...), no .git or .venv
+        if path.is_file() and not path.name.startswith("."):
+            shutil.copy(path, folder)
     shutil.copytree(ROOT / "docs", folder / "docs")
     python = folder / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
