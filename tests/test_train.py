@@ -454,7 +454,11 @@ def per_rank_draws_on_one_process(monkeypatch, world_size, same_seed_on_ranks):
     def step(model, optimizers, schedulers, images, labels, precision, label_smoothing):
         losses = []
         for rank, (x, y) in enumerate(zip(images.chunk(world_size), labels.chunk(world_size))):
-            rng = train.seed_step(0, 0 if same_seed_on_ranks else rank, len(steps), images.device)
+            # Seeded as train.seed_step says it seeds (not by calling it): the CPU generator draws the permutation
+            # and drop-path, the host generator the mixing choices.
+            seed = data.derive_seed(0, "step", 0 if same_seed_on_ranks else rank, len(steps))
+            torch.manual_seed(seed)
+            rng = random.Random(seed)
             x, targets = real_mix(data.BatchMix(10), x, y, rng)
             losses.append(F.cross_entropy(model(x), targets, label_smoothing=label_smoothing))
         steps.append(len(steps))
