@@ -81,7 +81,8 @@ def test_native_file_holds_the_checkpoint_and_gives_bitwise_its_logits(trained_r
     expected = predict.logits_of(model, digits.test_images, data.Normalize(digits.mean, digits.std), "cpu")
     for source in (exported, exported / "poorvit.safetensors"):
         loaded, _ = predict.load(source, "cpu")
-        assert torch.equal(predict.logits_of(loaded, digits.test_images, data.Normalize(digits.mean, digits.std), "cpu"), expected)
+        normalize = data.Normalize(digits.mean, digits.std)
+        assert torch.equal(predict.logits_of(loaded, digits.test_images, normalize, "cpu"), expected)
     result = predict.main(predict.get_args_parser().parse_args(["evaluate", str(exported), "--device", "cpu"]))
     assert result["acc"] == json.loads((trained_run / "summary.json").read_text())["final_acc"]
 
@@ -228,7 +229,8 @@ def write_safetensors(path, metadata):
 @pytest.mark.parametrize("name, content, message", [
     ("bad.pt", lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
     ("bad.pt", lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
-    ("bad.pt", lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0, "data": {}}, path),
+    ("bad.pt", lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0,
+                                        "data": {}}, path),
      "not a model this code can build"),
     ("bad.pt", lambda path: without_data(path), "not a checkpoint written by train.py"),
     ("bad.safetensors", lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable safetensors file"),

@@ -32,7 +32,8 @@ def test_evaluate_agrees_with_train_py_evaluation(trained_run):
     assert torch.equal(confusion.sum(1), torch.bincount(dataset.test_labels, minlength=10))
     assert 100 * confusion.diag().sum().item() / confusion.sum().item() == pytest.approx(result["acc"])
     model, _ = predict.load(trained_run, "cpu")
-    predicted = predict.logits_of(model, dataset.test_images, data.Normalize(dataset.mean, dataset.std), "cpu").argmax(1)
+    normalize = data.Normalize(dataset.mean, dataset.std)
+    predicted = predict.logits_of(model, dataset.test_images, normalize, "cpu").argmax(1)
     for c in range(10):
         mine = dataset.test_labels == c
         assert result["per_class"][c] == pytest.approx(100 * (predicted[mine] == c).float().mean().item())
@@ -82,7 +83,8 @@ def test_predict_writes_the_top_k_labels_and_probabilities_of_each_image_as_csv(
 @pytest.mark.parametrize("content, message", [
     (lambda path: path.write_bytes(b"\x00garbage" * 10), "not a readable checkpoint"),
     (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint written by train.py"),
-    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0, "data": {}}, path),
+    (lambda path: torch.save({"model": {}, "config": {"dim": 32, "colour": 1}, "args": {}, "step": 0, "data": {}},
+                             path),
      "not a model this code can build"),
 ])
 def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, capsys, content, message):
