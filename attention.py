@@ -97,7 +97,9 @@ class Attention(nn.Module):
 
     def heads_qkv(self, x):
         """q, k, v of x (b, n, dim), each (b, heads, n, head dim)."""
-        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), self.to_k(x), self.to_v(x))]
+        # k and v before q: autograd sums x's gradient over the three in reverse order, and a run's last bits follow it.
+        k, v = self.to_k(x), self.to_v(x)
+        return [rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (self.to_q(x), k, v)]
 
     def forward(self, x):
         out = F.scaled_dot_product_attention(*self.heads_qkv(x))  # scale 1/sqrt(head dim), as attention_probs
